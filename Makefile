@@ -1,0 +1,43 @@
+# reflservd: `make demo` runs a first fit end to end; `make test` runs the tests.
+# Tested with CPython 3.11 on Debian 12.
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Debian packages the tests use: AppArmor's compiler, Chromium for the pages.
+DEBS   := apparmor chromium chromium-driver util-linux iproute2
+
+.PHONY: venv sysdeps test demo bench clean
+
+$(STAMP): setup.py
+	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is needed (CPython 3.11)"; exit 2; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+sysdeps:
+	@missing=""; for p in $(DEBS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "not root: the tests that need these Debian packages will be skipped:$$missing"; \
+	  fi; \
+	fi
+
+test: venv sysdeps
+	$(BIN)/python -m pytest -q test
+
+demo: venv
+	$(BIN)/python -m reflservd.demo
+
+bench: venv
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) var demo-results build *.egg-info

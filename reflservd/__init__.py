@@ -1,0 +1,1 @@
+"""reflservd: the refl1d remote fitting queue server."""

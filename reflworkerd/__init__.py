@@ -1,0 +1,1 @@
+"""reflworkerd: a pull worker that runs refl1d fits for reflservd."""

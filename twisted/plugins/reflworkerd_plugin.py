@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+reflworkerd = ServiceMaker(
+    "reflworkerd",
+    "reflworkerd.tap",
+    "A reflservd worker: pulls fits and runs them confined",
+    "reflworkerd",
+)
