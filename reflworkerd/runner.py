@@ -1,0 +1,537 @@
+"""The fit itself: what runs inside the forked, confined child of the fork server.
+
+``runJob(jobDir, request, progress)`` runs one job's service and returns its
+result summary; ``outcomeOf`` wraps it into the outcome record the parent reads
+(``{"status", "result", "error", "trace"}``), turning exceptions into an
+``ERROR`` with the model's own traceback; ``writeOutcome``/``readOutcome`` move
+that record through ``jobDir/.outcome.json`` (written by the child when it ends,
+read by the worker when the child's process group is gone).
+
+The ``refl1d`` service is the batch path of ``refl1d --batch MODEL --fit=…
+--export=results --session=results/session.h5`` (``bumps.webview.server.cli.main``
+with ``mode="batch"``, after refl1d's plugin is installed), run in this process,
+so the files in ``results/`` are the ones the command line writes. On top of it:
+options checked before anything runs, a recorded seed that also seeds numba's
+own random state in the fit thread (DREAM draws from it), progress from bumps'
+fit events, and the fit thread's exception surfaced as the job's error.
+
+This module imports nothing heavy at import time: the fork server preloads
+bumps and refl1d (``preload``) so that each forked child finds them in memory.
+"""
+
+import json
+import math
+import os
+import secrets
+import sys
+import threading
+import time
+import traceback
+
+OUTCOME_NAME = ".outcome.json"
+"""The child's outcome record, in the job directory (not among the results)."""
+
+RESULTS_DIR = "results"
+SESSION_NAME = "session.h5"
+STDOUT_NAME = "stdout.txt"
+STDERR_NAME = "stderr.txt"
+
+PROGRESS_INTERVAL = 1.0
+"""Seconds between progress reports from bumps' fit monitor (the worker rate-limits further)."""
+
+MAX_SEED = 2**32 - 1
+
+RUNNER_OPTIONS = ("seed", "parallel", "resume")
+"""Request options that are not bumps fit options but refl1d command-line ones."""
+
+
+class JobError(Exception):
+    """The request cannot be run as given; the message says why (no traceback is useful)."""
+
+
+class _FitThreadError(Exception):
+    """The fit thread raised: ``exc`` is the original exception, with its traceback."""
+
+    def __init__(self, exc):
+        Exception.__init__(self, str(exc))
+        self.exc = exc
+
+
+def runCount(jobDir, data, progress, **kw):
+    """The old jobqueue test service: count to ``int(data)`` and return the count."""
+    try:
+        target = int(data)
+    except (TypeError, ValueError):
+        raise JobError("count: data must be an integer, not %r" % (data,))
+    if target < 0:
+        raise JobError("count: data must not be negative (%d)" % (target,))
+    count = 0
+    for _ in range(target):
+        count += 1
+    progress({"step": count, "chisq": None, "parameters": {}, "elapsed": 0.0})
+    return count
+
+
+def drawSeed():
+    """A fresh seed for a job that did not ask for one (recorded in its result)."""
+    return 1 + secrets.randbelow(MAX_SEED)
+
+
+def checkOptions(options):
+    """Check refl1d fit options by bumps' own names and types; return them cleaned.
+
+    Unknown names, options the chosen fitter does not use, values of the wrong
+    type or out of range are refused with a `JobError` naming the problem
+    (where the command line would warn and carry on, a queued job would
+    silently run something else than asked).
+    """
+    from bumps.fitters import FIT_AVAILABLE_IDS
+    from bumps.webview.server import fit_options
+
+    if options is None:
+        options = {}
+    if not isinstance(options, dict):
+        raise JobError("options must be an object of refl1d fit options, not %s" % (type(options).__name__,))
+    fitterId = options.get("fit", fit_options.DEFAULT_FITTER_ID)
+    if fitterId not in FIT_AVAILABLE_IDS:
+        raise JobError("unknown fitter fit=%r (one of %s)" % (fitterId, ", ".join(FIT_AVAILABLE_IDS)))
+    fitter = fit_options.lookup_fitter(fitterId)
+    usable = ["fit", "time"] + [name for name, _ in fitter.settings]
+    cleaned = {"fit": fitterId}
+    for name, value in options.items():
+        if name == "fit":
+            continue
+        if name in RUNNER_OPTIONS:
+            cleaned[name] = _checkRunnerOption(name, value)
+            continue
+        if name not in fit_options.FIT_OPTIONS:
+            raise JobError(
+                "unknown fit option %r (refl1d's options for fit=%s: %s)"
+                % (name, fitterId, ", ".join(sorted(usable[1:] + list(RUNNER_OPTIONS))))
+            )
+        if name not in usable:
+            raise JobError(
+                "fit option %r does not apply to fit=%s (its options: %s)"
+                % (name, fitterId, ", ".join(sorted(usable[1:] + list(RUNNER_OPTIONS))))
+            )
+        cleaned[name] = _checkFitValue(name, value, fit_options.FIT_OPTIONS[name].stype, fit_options.Range)
+    return cleaned
+
+
+def _checkRunnerOption(name, value):
+    if name == "resume":
+        if not isinstance(value, bool):
+            raise JobError("option resume must be true or false, not %r" % (value,))
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise JobError("option %s must be an integer, not %r" % (name, value))
+    if name == "seed" and not 1 <= value <= MAX_SEED:
+        raise JobError("option seed must be in 1..%d, not %d" % (MAX_SEED, value))
+    if name == "parallel" and value < 0:
+        raise JobError("option parallel must be 0 (all CPUs) or a number of processes, not %d" % (value,))
+    return value
+
+
+def _checkFitValue(name, value, stype, Range):
+    if isinstance(stype, list):
+        if value not in stype:
+            raise JobError("option %s=%r is not one of %s" % (name, value, ", ".join(stype)))
+        return value
+    if stype is bool:
+        if not isinstance(value, bool):
+            raise JobError("option %s must be true or false, not %r" % (name, value))
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise JobError("option %s must be a number, not %r" % (name, value))
+    if not math.isfinite(value):
+        raise JobError("option %s must be finite, not %r" % (name, value))
+    if stype is int:
+        if isinstance(value, float) and not value.is_integer():
+            raise JobError("option %s must be an integer, not %r" % (name, value))
+        value = int(value)
+        if value < 0:
+            raise JobError("option %s must not be negative (%d)" % (name, value))
+        return value
+    value = float(value)
+    if isinstance(stype, Range) and not stype.min <= value <= stype.max:
+        raise JobError("option %s=%g is outside [%g, %g]" % (name, value, stype.min, stype.max))
+    if name == "time" and value < 0:
+        raise JobError("option time (hours) must not be negative (%g)" % (value,))
+    return value
+
+
+def _modelPath(jobDir, data):
+    if not isinstance(data, dict):
+        raise JobError('refl1d: data must be {"model": NAME, "options": {...}}, not %s' % (type(data).__name__,))
+    unknown = sorted(set(data) - {"model", "options"})
+    if unknown:
+        raise JobError("refl1d: unknown data field(s) %s (expected model, options)" % (", ".join(unknown),))
+    model = data.get("model")
+    if not isinstance(model, str) or not model or "/" in model or "\\" in model or model.startswith("."):
+        raise JobError("refl1d: model must be the name of an uploaded .py or .json file, not %r" % (model,))
+    if not model.endswith((".py", ".json")):
+        raise JobError("refl1d: model %r must be a .py script or a .json serialized FitProblem" % (model,))
+    path = os.path.join(jobDir, model)
+    if not os.path.isfile(path):
+        raise JobError("refl1d: model file %r was not uploaded" % (model,))
+    return path
+
+
+def _seedNumbaSource():
+    """numba's random state is its own (and per thread): DREAM's steps draw from it."""
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def seedNumba(seed):
+        np.random.seed(seed)
+
+    return seedNumba
+
+
+_seedNumba = None
+
+
+def seedAll(seed):
+    """Seed numpy's global generator and numba's generator of the calling thread."""
+    import numpy as np
+
+    global _seedNumba
+    if _seedNumba is None:
+        _seedNumba = _seedNumbaSource()
+    np.random.seed(seed)
+    _seedNumba(seed)
+
+
+class _FitEvents:
+    """Receives bumps' fit-thread events; turns them into job progress; keeps the fit's error.
+
+    bumps announces progress and completion through blinker signals
+    (``fit_thread.EVT_FIT_PROGRESS``/``EVT_FIT_COMPLETE``) sent from the fit thread;
+    the completion signal of a failed fit is sent while its exception is being
+    handled, so ``sys.exc_info()`` still holds the exception with its traceback.
+    """
+
+    def __init__(self, progress, started):
+        self.progress = progress
+        self.started = started
+        self.labels = None
+        self.problem = None
+        self.lastStep = 0
+        self.error = None
+        self.complete = None
+
+    def onProgress(self, event):
+        message = event.get("message")
+        if message not in ("progress", "improvement"):
+            return
+        self.lastStep = max(self.lastStep, int(event.get("step", 0)))
+        self._report(event["step"], event["value"], event["point"])
+
+    def onComplete(self, event):
+        if event.get("message") == "error":
+            exc = sys.exc_info()[1]
+            self.error = exc if exc is not None else RuntimeError(event.get("error_string", "fit failed"))
+            self.errorTrace = event.get("traceback")
+            return
+        self.complete = event
+
+    def _report(self, step, nllf, point):
+        try:
+            chisq = float(self.problem.chisq(nllf=nllf)) if self.problem is not None else None
+        except Exception:
+            chisq = None
+        labels = self.labels or []
+        self.progress(
+            {
+                "step": int(step),
+                "chisq": chisq,
+                "parameters": {label: float(v) for label, v in zip(labels, point)},
+                "elapsed": time.monotonic() - self.started,
+            }
+        )
+
+
+def runRefl1d(jobDir, data, progress, checkpointEvery=300):
+    """Run ``refl1d --batch`` on the job's model, in this process; return the result summary."""
+    modelPath = _modelPath(jobDir, data)
+    options = checkOptions(data.get("options"))
+    seed = options.pop("seed", None) or drawSeed()
+    parallel = options.pop("parallel", 1)
+    resume = options.pop("resume", False)
+    fitterId = options["fit"]
+
+    preload()
+    from bumps.webview.server import api, cli, fit_thread
+
+    resultsDir = os.path.join(jobDir, RESULTS_DIR)
+    os.makedirs(resultsDir, exist_ok=True)
+    sessionPath = os.path.join(resultsDir, SESSION_NAME)
+    if resume and not os.path.exists(sessionPath):
+        raise JobError("resume: there is no session file %s/%s to resume from" % (RESULTS_DIR, SESSION_NAME))
+
+    started = time.monotonic()
+    events = _FitEvents(progress, started)
+    fit_thread.PROGRESS_DELAY = PROGRESS_INTERVAL
+    fit_thread.IMPROVEMENT_DELAY = PROGRESS_INTERVAL
+    fit_thread.EVT_FIT_PROGRESS.connect(events.onProgress, weak=False)
+    fit_thread.EVT_FIT_COMPLETE.connect(events.onComplete, weak=False)
+
+    class SeededFitThread(fit_thread.FitThread):
+        """bumps' fit thread, with numba's per-thread random state seeded as numpy's was."""
+
+        def run(self):
+            seedAll(seed)
+            events.problem = self.problem
+            events.labels = self.problem.labels()
+            fit_thread.FitThread.run(self)
+
+    api.FitThread = SeededFitThread
+
+    batch = cli.BumpsOptions(
+        filename=modelPath,
+        fit_options=dict(options),
+        session=sessionPath,
+        export=resultsDir,
+        seed=seed,
+        parallel=parallel,
+        checkpoint=checkpointEvery,
+        resume=resume,
+        mode="batch",
+    )
+    seedAll(seed)
+    cli.main(batch)
+
+    if events.error is not None:
+        raise _FitThreadError(events.error)
+    if events.complete is None:
+        raise JobError("the fit ended without a result (see %s/%s)" % (RESULTS_DIR, STDERR_NAME))
+    summary = _summary(api.state, fitterId, seed, events, started)
+    progress(
+        {
+            "step": summary["steps"],
+            "chisq": summary["chisq"],
+            "parameters": {label: p["value"] for label, p in summary["parameters"].items()},
+            "elapsed": summary["elapsed"],
+        }
+    )
+    return summary
+
+
+def _summary(state, fitterId, seed, events, started):
+    import numpy as np
+
+    problem = state.problem.fitProblem
+    x = np.array(problem.getp())
+    labels = problem.labels()
+    chisq = float(problem.chisq())
+    uncertainties = [None] * len(labels)
+    fitState = state.fitting.fit_state
+    if fitState is not None and hasattr(fitState, "draw"):
+        from bumps.dream.stats import var_stats
+
+        uncertainties = [float(v.std) for v in var_stats(fitState.draw())]
+    else:
+        try:
+            from bumps.lsqerror import stderr
+
+            uncertainties = [float(u) if np.isfinite(u) else None for u in stderr(problem.cov(x))]
+        except Exception:
+            pass
+        finally:
+            problem.setp(x)
+    convergence = state.fitting.convergence
+    steps = max(events.lastStep, len(convergence) if convergence is not None else 0)
+    return {
+        "fitter": fitterId,
+        "steps": int(steps),
+        "chisq": chisq,
+        "seed": seed,
+        "elapsed": time.monotonic() - started,
+        "parameters": {
+            label: {"value": float(value), "uncertainty": u} for label, value, u in zip(labels, x, uncertainties)
+        },
+    }
+
+
+SERVICES = {"refl1d": runRefl1d, "count": runCount}
+"""The services a worker offers, by the name a job asks for."""
+
+
+def runJob(jobDir, request, progress, checkpointEvery=300):
+    """Run the service a job asks for in ``jobDir``; return its result summary.
+
+    ``request`` is ``{"service": NAME, "data": ...}``; ``progress(dict)`` is
+    called with ``{"step", "chisq", "parameters", "elapsed"}`` as the fit goes.
+    """
+    if not isinstance(request, dict):
+        raise JobError("the request must be an object with service and data")
+    service = request.get("service")
+    if service not in SERVICES:
+        raise JobError("unknown service %r: this worker offers %s" % (service, ", ".join(sorted(SERVICES))))
+    return SERVICES[service](jobDir, request.get("data"), progress, checkpointEvery=checkpointEvery)
+
+
+def outcomeOf(jobDir, request, progress, checkpointEvery=300):
+    """Run the job and return its outcome record; never raises for the job's own failures."""
+    try:
+        result = runJob(jobDir, request, progress, checkpointEvery=checkpointEvery)
+    except JobError as exc:
+        return {"status": "ERROR", "result": None, "error": str(exc), "trace": None}
+    except _FitThreadError as exc:
+        return _errorOutcome(exc.exc, jobDir)
+    except Exception as exc:
+        return _errorOutcome(exc, jobDir)
+    return {"status": "COMPLETE", "result": result, "error": None, "trace": None}
+
+
+_PLUMBING = (
+    os.sep + "reflworkerd" + os.sep,
+    os.sep + "asyncio" + os.sep,
+    os.sep + "threading.py",
+    os.sep + os.path.join("bumps", "webview", "server") + os.sep,
+)
+
+
+def _errorOutcome(exc, jobDir):
+    message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
+    return {"status": "ERROR", "result": None, "error": message, "trace": modelTraceback(exc, jobDir)}
+
+
+def modelTraceback(exc, jobDir):
+    """The traceback of ``exc`` as the model's author needs it.
+
+    Frames before the first one in the job's own files (the worker, asyncio,
+    bumps' batch plumbing) are dropped; where no frame is in the job directory
+    (the model made refl1d or bumps fail), only the plumbing frames are dropped.
+    Paths in the job directory are shown relative to it.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    prefix = os.path.realpath(jobDir) + os.sep
+    inJob = [i for i, f in enumerate(frames) if os.path.realpath(f.filename).startswith(prefix)]
+    if inJob:
+        kept = frames[inJob[0]:]
+    else:
+        kept = [f for f in frames if not any(p in f.filename for p in _PLUMBING)]
+    for frame in kept:
+        real = os.path.realpath(frame.filename)
+        if real.startswith(prefix):
+            frame.filename = real[len(prefix):]
+    lines = ["Traceback (most recent call last):\n"]
+    lines.extend(traceback.StackSummary.from_list(kept).format())
+    lines.extend(traceback.format_exception_only(type(exc), exc))
+    return "".join(lines)
+
+
+def writeOutcome(jobDir, outcome):
+    """Write the outcome record where the worker looks for it, whole or not at all."""
+    path = os.path.join(jobDir, OUTCOME_NAME)
+    temporary = path + ".tmp"
+    with open(temporary, "w") as f:
+        json.dump(outcome, f, allow_nan=False, default=_jsonDefault)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(temporary, path)
+
+
+def _jsonDefault(value):
+    try:
+        return float(value)
+    except Exception:
+        return repr(value)
+
+
+MAX_OUTCOME_BYTES = 16 * 1024 * 1024
+
+
+def readOutcome(jobDir):
+    """The outcome the child wrote, or None when there is none or it is not a valid record.
+
+    The file was written by a process running a model nobody vetted: it is
+    data, checked for shape and size, never trusted further.
+    """
+    path = os.path.join(jobDir, OUTCOME_NAME)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_OUTCOME_BYTES + 1)
+    except OSError:
+        return None
+    if len(raw) > MAX_OUTCOME_BYTES:
+        return None
+    try:
+        outcome = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(outcome, dict) or outcome.get("status") not in ("COMPLETE", "ERROR"):
+        return None
+    for key in ("error", "trace", "confinement"):
+        if outcome.get(key) is not None and not isinstance(outcome[key], str):
+            return None
+    return outcome
+
+
+def removeOutcome(jobDir):
+    """Remove a stale outcome (an earlier attempt's) before a new run."""
+    for name in (OUTCOME_NAME, OUTCOME_NAME + ".tmp"):
+        try:
+            os.unlink(os.path.join(jobDir, name))
+        except FileNotFoundError:
+            pass
+
+
+_preloaded = False
+
+
+def preload(warm=False):
+    """Import what fits need, once, and (``warm``) compile numba's kernels.
+
+    Run in the fork server so that every fork inherits it all: numpy, matplotlib
+    with the Agg backend, bumps and refl1d with refl1d's plugin installed the
+    way the ``refl1d`` command installs it. ``warm`` runs a tiny refl1d DREAM fit
+    in memory so that the numba-compiled reflectivity and DREAM kernels, and the
+    numba seeding function, are compiled before the first fork.
+    """
+    global _preloaded
+    if not _preloaded:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+        import numpy  # noqa: F401
+        import h5py  # noqa: F401
+        import refl1d
+        from refl1d.webview.server import cli as refl1dCli  # installs refl1d's model loader
+        from bumps.webview.server import api
+
+        api.state.app_name = "refl1d"
+        api.state.app_version = refl1d.__version__
+        api.state.client_path = refl1dCli.CLIENT_PATH
+        _preloaded = True
+    if warm:
+        _warm()
+
+
+def _warm():
+    import contextlib
+    import io
+
+    import numpy as np
+    from bumps.fitters import fit
+    from refl1d.names import Experiment, FitProblem, Material, NeutronProbe, air, silicon
+
+    state = np.random.get_state()
+    try:
+        T = np.linspace(0.2, 2.0, 20)
+        probe = NeutronProbe(T=T, dT=0.01, L=4.75, dL=0.0475, data=(np.ones_like(T) * 0.5, np.ones_like(T) * 0.05))
+        sample = silicon(0, 5) | Material("Ni")(100, 5) | air
+        sample[1].thickness.range(50, 150)
+        sample[1].interface.range(0, 10)
+        problem = FitProblem(Experiment(probe=probe, sample=sample))
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            fit(problem, method="dream", samples=200, burn=1, pop=4, steps=0)
+            fit(problem, method="lm", steps=2)
+        seedAll(1)
+    finally:
+        np.random.set_state(state)
