@@ -8,6 +8,7 @@ REQUIRES = [
     "klein==24.8.0",
     "treq==26.7.0",
     "prometheus-client==0.26.0",
+    "multipart==2.0.1",
     "numpy==2.4.6",
     "bumps==1.0.4",
     "refl1d==1.0.1",

@@ -1,0 +1,184 @@
+"""The legacy jobqueue wire protocol (../shared/LEGACY_PROTOCOL.md, docs/legacy.md).
+
+The old clients and workers keep working unchanged; the old server's bugs do
+not come along: a job is journaled before any worker can see it, a deleted job
+is never handed out, results are taken only from the worker that holds an
+ACTIVE job, and a dead worker's job goes back to the queue when its lease runs
+out. The old worker sends no heartbeat; it reads ``status.json`` every few
+seconds while it runs a job, so a status read from the address that holds the
+lease renews it.
+"""
+
+import base64
+import binascii
+import json
+
+from twisted.internet import defer
+
+from reflservd import queue as Q
+from reflservd.api import _origin, selectJobs
+from reflservd.store import baseName, checkName
+from reflservd.web import APIError, Routes, downloadable, formParts, jsonBody, readJSON
+
+app = Routes.app
+STATUS_NAMES = "any(pending,active,error,complete,cancel)"
+
+
+def checkFormat(fmt):
+    if fmt != "json":
+        raise APIError(404, "only .json is offered here (never pickle, which would run code)")
+
+
+class LegacyAPI(Routes):
+    """``/jobs.json`` and the rest, answering 200 wherever the old server did."""
+
+    @app.route("/jobs.<string:fmt>", methods=["GET"])
+    def allJobs(self, request, fmt):
+        checkFormat(fmt)
+        jobs = sorted(self.server.queue.jobs.values(), key=lambda job: (job.priority, job.id))
+        return jsonBody(request, {"jobs": [job.id for job in jobs]})
+
+    @app.route("/jobs/<%s:status>.<string:fmt>" % (STATUS_NAMES,), methods=["GET"])
+    def jobsByStatus(self, request, status, fmt):
+        checkFormat(fmt)
+        jobs = sorted(selectJobs(self.server.queue, status), key=lambda job: (job.priority, job.id))
+        return jsonBody(request, {"jobs": [job.id for job in jobs]})
+
+    @app.route("/jobs.<string:fmt>", methods=["POST"])
+    @defer.inlineCallbacks
+    def legacySubmit(self, request, fmt):
+        checkFormat(fmt)
+        jobRequest = readJSON(request, limit=self.maxUpload)
+        jobRequest, files = inlineFiles(jobRequest)
+        job = yield self.server.submit(jobRequest, files, _origin(request))
+        return jsonBody(request, {"id": job.id, "job": self.server.store.readRequest(job.id)})
+
+    @app.route("/jobs/<int:jobId>.<string:fmt>", methods=["GET"])
+    def legacyJob(self, request, jobId, fmt):
+        checkFormat(fmt)
+        self.server.queue.get(jobId)
+        return jsonBody(request, {"id": jobId, "job": self.server.store.readRequest(jobId)})
+
+    @app.route("/jobs/<int:jobId>/status.<string:fmt>", methods=["GET"])
+    def legacyStatus(self, request, jobId, fmt):
+        checkFormat(fmt)
+        queue = self.server.queue
+        job = queue.jobs.get(jobId)
+        if job is not None and job.legacy and job.status == Q.ACTIVE and job.worker == _origin(request):
+            self.server.heartbeat(jobId, job.lease)
+        return jsonBody(request, {"id": jobId, "status": queue.status(jobId)})
+
+    @app.route("/jobs/<int:jobId>/results.<string:fmt>", methods=["GET"])
+    def legacyResults(self, request, jobId, fmt):
+        checkFormat(fmt)
+        job = self.server.queue.get(jobId)
+        if not job.resultPosted:
+            return jsonBody(request, {"id": jobId, "status": job.status})
+        return jsonBody(request, dict(legacyResultsOf(job), id=jobId))
+
+    @app.route("/jobs/<int:jobId>.<string:fmt>", methods=["DELETE"])
+    @defer.inlineCallbacks
+    def legacyDelete(self, request, jobId, fmt):
+        checkFormat(fmt)
+        yield self.server.delete(jobId)
+        return jsonBody(request, {"jobs": sorted(self.server.queue.jobs)})
+
+    @app.route("/jobs/nextjob.<string:fmt>", methods=["POST"])
+    @defer.inlineCallbacks
+    def nextJob(self, request, fmt):
+        checkFormat(fmt)
+        self.checkWorker(request)
+        body = readJSON(request, required=False)
+        queueName = body.get("queue") or "default"
+        job = yield self.server.lease(queueName, _origin(request), 0, legacy=True)
+        if job is None:
+            return jsonBody(request, {"request": None})
+        return jsonBody(request, {"id": job.id, "request": self.server.store.readRequest(job.id)})
+
+    @app.route("/jobs/<int:jobId>/postjob", methods=["POST"])
+    @defer.inlineCallbacks
+    def postJob(self, request, jobId):
+        self.checkWorker(request)
+        job = self.server.queue.get(jobId)
+        if not job.legacy or job.worker != _origin(request):
+            raise APIError(409, "job %d is not held by a legacy worker at this address" % (jobId,))
+        lease = job.lease
+        self.server.queue.checkLease(jobId, lease)
+        fields, files = {}, []
+        for name, fileName, f in formParts(request, self.maxUpload):
+            if name == "file":
+                files.append((checkName(baseName(fileName)), f))
+            else:
+                fields[name] = f.read().decode("utf-8", "replace")
+        results = parseResults(fields.get("results"))
+        for fileName, f in files:
+            yield self.server.putFile(jobId, lease, fileName, 0, f, True)
+        status = results.get("status") if results.get("status") in Q.FINISHED else Q.ERROR
+        error = results.get("error") if status == Q.ERROR else results.get("message")
+        if status == Q.ERROR and error is None:
+            error = "the worker sent no error message"
+        yield self.server.complete(jobId, lease, status, results.get("result"),
+                                   None if error is None else str(error),
+                                   results.get("trace") and str(results["trace"]))
+        return jsonBody(request, {})
+
+    @app.route("/jobs/<int:jobId>/data/index.<string:fmt>", methods=["GET"])
+    def dataIndex(self, request, jobId, fmt):
+        checkFormat(fmt)
+        self.server.queue.get(jobId)
+        files = self.server.store.files(jobId, "result")
+        return jsonBody(request, {"id": jobId, "files": [[n, s] for n, s in files]})
+
+    @app.route("/jobs/<int:jobId>/data/<string:name>", methods=["GET"])
+    def dataFile(self, request, jobId, name):
+        self.server.queue.get(jobId)
+        path = self.server.store.path(jobId, "result", name)
+        import os
+        if not os.path.isfile(path):
+            raise APIError(404, "job %d has no file %r" % (jobId, name))
+        return downloadable(path, {".json": "application/json"}, attachment=False)
+
+
+def legacyResultsOf(job):
+    """The results as the old worker posted them."""
+    if job.status == Q.COMPLETE:
+        return {"status": job.status, "result": job.result}
+    if job.status == Q.CANCEL:
+        return {"status": job.status, "message": job.error or "cancelled"}
+    return {"status": job.status, "error": job.error, "trace": job.trace}
+
+
+def parseResults(text):
+    """The ``results`` field of a postjob; not JSON → the original's ERROR."""
+    try:
+        results = json.loads(text) if text is not None else None
+    except ValueError:
+        results = None
+    if not isinstance(results, dict):
+        return {"status": Q.ERROR, "error": "No results returned from the server", "trace": text}
+    return results
+
+
+def inlineFiles(jobRequest):
+    """Take the files sent inline in a legacy request's ``data.files``
+    (text, or ``{"base64": …}``) out of it: ``(request, [(name, bytes)])``."""
+    data = jobRequest.get("data")
+    if not isinstance(data, dict) or "files" not in data:
+        return jobRequest, []
+    inline = data["files"]
+    if not isinstance(inline, dict):
+        raise APIError(400, "data.files must map file names to their contents")
+    files = []
+    for name, content in inline.items():
+        checkName(name)
+        if isinstance(content, str):
+            files.append((name, content.encode("utf-8")))
+        elif isinstance(content, dict) and isinstance(content.get("base64"), str):
+            try:
+                files.append((name, base64.b64decode(content["base64"], validate=True)))
+            except (binascii.Error, ValueError):
+                raise APIError(400, "file %r is not valid base64" % (name,))
+        else:
+            raise APIError(400, "file %r must be text or {\"base64\": …}" % (name,))
+    stored = dict(jobRequest, data=dict(data, files=sorted(inline)))
+    return stored, files

@@ -1,0 +1,428 @@
+"""The job queue: a pure state machine, fed by journal records.
+
+Every change to the queue is a record (a JSON-able dict with ``type`` and
+``time``). The ``make*`` methods check a request against the current state and
+return the record that carries the decision; ``apply`` is the only code that
+changes state, and it is the same code whether the record was just made or is
+being replayed from the journal, so a replay gives exactly the live state.
+
+This module knows nothing of HTTP, of the disk or of the reactor: time comes in
+through the records and through the ``now`` arguments.
+"""
+
+import heapq
+from collections import deque
+
+PENDING, ACTIVE, COMPLETE, ERROR, CANCEL = "PENDING", "ACTIVE", "COMPLETE", "ERROR", "CANCEL"
+STATUSES = (PENDING, ACTIVE, COMPLETE, ERROR, CANCEL)
+FINISHED = (COMPLETE, ERROR, CANCEL)
+FAIR_SHARE_WINDOW = 30 * 24 * 3600.0
+EVENTS_KEPT = 200
+MAX_TEXT = 64 * 1024
+
+
+class QueueError(Exception):
+    """A request the queue refuses; ``code`` is the HTTP status that says so."""
+
+    code = 400
+
+    def __init__(self, message):
+        Exception.__init__(self, message)
+        self.message = message
+
+
+class UnknownJob(QueueError):
+    code = 404
+
+
+class Conflict(QueueError):
+    """The request does not fit the job's state, or carries a stale lease."""
+
+    code = 409
+
+
+class Job:
+    """One job as the queue sees it. The request itself lives in the store."""
+
+    __slots__ = (
+        "id", "name", "owner", "notify", "origin", "service", "version",
+        "status", "priority", "queue", "attempts", "lease", "leaseExpires",
+        "legacy", "worker", "submitted", "started", "finished", "progress",
+        "confinement", "cancelRequested", "result", "error", "trace",
+        "uploads", "files", "resultPosted", "events", "eventSeq",
+    )
+
+    def toJSON(self):
+        """The job record of the API (docs/api.md), without the request."""
+        return {
+            "id": self.id, "name": self.name, "owner": self.owner,
+            "notify": self.notify, "origin": self.origin,
+            "service": self.service, "version": self.version,
+            "status": self.status, "priority": self.priority,
+            "queue": self.queue, "attempts": self.attempts, "lease": self.lease,
+            "submitted": self.submitted, "started": self.started,
+            "finished": self.finished, "progress": self.progress,
+            "confinement": self.confinement,
+            "cancelRequested": self.cancelRequested,
+            "result": self.result, "error": self.error,
+        }
+
+    def snapshot(self):
+        state = {name: getattr(self, name) for name in self.__slots__
+                 if name not in ("events", "eventSeq", "leaseExpires")}
+        return state
+
+
+class Queue:
+    """Jobs in memory, the fair-share pending heap and the leases."""
+
+    def __init__(self, leaseTimeout=60.0, maxAttempts=3):
+        self.leaseTimeout = leaseTimeout
+        self.maxAttempts = maxAttempts
+        self.jobs = {}
+        self.deleted = set()
+        self.nextId = 1
+        self._pending = []          # heap of (priority, id); stale entries skipped
+        self._pendingCount = 0
+        self._leaseDeadlines = []   # heap of (expires, id, lease); stale entries skipped
+        self._owners = {}           # owner -> deque of submit times within the window
+        self._counts = dict.fromkeys(STATUSES, 0)
+        self.onEvent = None         # called (job, event) after each job event
+
+    # ---- reading
+
+    def get(self, jobId):
+        job = self.jobs.get(jobId)
+        if job is None:
+            if jobId in self.deleted:
+                raise UnknownJob("job %d was deleted" % (jobId,))
+            raise UnknownJob("no job %d" % (jobId,))
+        return job
+
+    def status(self, jobId):
+        """The status of a job, or ``UNKNOWN`` (the legacy protocol's word)."""
+        job = self.jobs.get(jobId)
+        return job.status if job is not None else "UNKNOWN"
+
+    def counts(self):
+        return dict(self._counts)
+
+    def pendingCount(self):
+        return self._counts[PENDING]
+
+    def pendingOrder(self):
+        """The ids of the pending jobs in the order they will be leased."""
+        return [jobId for priority, jobId in sorted(self._pending)
+                if self._isPendingEntry(priority, jobId)]
+
+    def fairShare(self, owner, now):
+        """The owner's number of submissions in the window before ``now``."""
+        times = self._owners.get(owner)
+        if not times:
+            return 0
+        _forget(times, now)
+        return len(times)
+
+    # ---- making records (checks only; no change)
+
+    def reserveId(self):
+        """An id for a job about to be submitted (its files are stored first)."""
+        jobId = self.nextId
+        self.nextId += 1
+        return jobId
+
+    def makeSubmit(self, jobId, now, name, notify, origin, service, version, uploads):
+        owner = notify or origin or "anonymous"
+        return {
+            "type": "submit", "time": now, "id": jobId, "name": name,
+            "notify": notify, "origin": origin, "owner": owner,
+            "service": service, "version": version,
+            "priority": self.fairShare(owner, now),
+            "uploads": dict(uploads),
+        }
+
+    def makeLease(self, now, queue, worker=None, legacy=False):
+        """The record leasing the next pending job, or None when none is pending."""
+        while self._pending:
+            priority, jobId = heapq.heappop(self._pending)
+            if self._isPendingEntry(priority, jobId):
+                job = self.jobs[jobId]
+                return {"type": "lease", "time": now, "id": jobId, "queue": queue,
+                        "lease": job.lease + 1, "worker": worker, "legacy": legacy}
+        return None
+
+    def checkLease(self, jobId, lease):
+        """The job, if ``lease`` is its current lease; else Conflict."""
+        job = self.get(jobId)
+        if job.lease != lease or job.lease == 0:
+            raise Conflict("lease %r of job %d is not current" % (lease, jobId))
+        if not self._leaseOpen(job):
+            raise Conflict("job %d is %s, not ACTIVE" % (jobId, job.status))
+        return job
+
+    @staticmethod
+    def _leaseOpen(job):
+        """Whether a worker holds the job: ACTIVE, or cancelled while ACTIVE
+        and not yet given back (the worker still sends its logs)."""
+        return not job.resultPosted and (
+            job.status == ACTIVE or (job.status == CANCEL and job.cancelRequested))
+
+    def heartbeat(self, jobId, lease, now, progress=None, confinement=None):
+        """Extend a lease and keep the latest progress. Not journaled: progress
+        is a view, and a lease is renewed by the next heartbeat after a restart.
+        Returns whether the worker should cancel the fit."""
+        job = self.checkLease(jobId, lease)
+        job.leaseExpires = now + self.leaseTimeout
+        if confinement:
+            job.confinement = confinement
+        if progress is not None:
+            job.progress = progress
+            self._event(job, now, "progress", progress)
+        return job.cancelRequested
+
+    def makeFile(self, jobId, lease, now, name, size):
+        self.checkLease(jobId, lease)
+        return {"type": "file", "time": now, "id": jobId, "name": name, "size": size}
+
+    def makeComplete(self, jobId, lease, now, status, result=None, error=None,
+                     trace=None, confinement=None, files=None):
+        job = self.checkLease(jobId, lease)
+        if status not in FINISHED:
+            raise QueueError("status must be one of %s, not %r" % (", ".join(FINISHED), status))
+        if job.status == CANCEL:
+            status = CANCEL
+        record = {"type": "complete", "time": now, "id": jobId, "status": status,
+                  "result": result, "error": _clip(error), "trace": _clip(trace)}
+        if confinement:
+            record["confinement"] = confinement
+        if files:
+            record["files"] = dict(files)
+        return record
+
+    def makeRelease(self, jobId, lease, now):
+        job = self.checkLease(jobId, lease)
+        if job.status != ACTIVE:
+            raise Conflict("job %d is %s, not ACTIVE" % (jobId, job.status))
+        return {"type": "release", "time": now, "id": jobId}
+
+    def makeCancel(self, jobId, now):
+        job = self.get(jobId)
+        if job.status in FINISHED:
+            raise Conflict("job %d has already ended %s" % (jobId, job.status))
+        return {"type": "cancel", "time": now, "id": jobId}
+
+    def makeDelete(self, jobId, now):
+        self.get(jobId)
+        return {"type": "delete", "time": now, "id": jobId}
+
+    def makeExpiries(self, now):
+        """Records for the leases that have run out by ``now``."""
+        records, seen = [], set()
+        while self._leaseDeadlines and self._leaseDeadlines[0][0] <= now:
+            expires, jobId, lease = heapq.heappop(self._leaseDeadlines)
+            job = self.jobs.get(jobId)
+            if job is None or job.lease != lease or not self._leaseOpen(job) or jobId in seen:
+                continue
+            seen.add(jobId)
+            if job.leaseExpires > now:
+                heapq.heappush(self._leaseDeadlines, (job.leaseExpires, jobId, lease))
+                continue
+            if job.status == CANCEL:
+                status = CANCEL
+            elif job.attempts < self.maxAttempts:
+                status = PENDING
+            else:
+                status = ERROR
+            records.append({"type": "expire", "time": now, "id": jobId, "lease": lease,
+                            "status": status})
+        return records
+
+    def nextDeadline(self):
+        return self._leaseDeadlines[0][0] if self._leaseDeadlines else None
+
+    # ---- applying records (the only mutations)
+
+    def apply(self, record):
+        getattr(self, "_apply_" + record["type"])(record)
+
+    def _apply_submit(self, r):
+        job = Job()
+        job.id = r["id"]
+        job.name, job.owner, job.notify, job.origin = r["name"], r["owner"], r["notify"], r["origin"]
+        job.service, job.version, job.priority = r["service"], r["version"], r["priority"]
+        job.status = PENDING
+        job.queue = job.worker = job.started = job.finished = None
+        job.progress = job.confinement = job.result = job.error = job.trace = None
+        job.attempts = job.lease = 0
+        job.leaseExpires = 0.0
+        job.legacy = job.cancelRequested = job.resultPosted = False
+        job.submitted = r["time"]
+        job.uploads = r.get("uploads") or {}
+        job.files = {}
+        job.events = None
+        job.eventSeq = 0
+        self.jobs[job.id] = job
+        self.nextId = max(self.nextId, job.id + 1)
+        self._counts[PENDING] += 1
+        heapq.heappush(self._pending, (job.priority, job.id))
+        times = self._owners.setdefault(job.owner, deque())
+        times.append(r["time"])
+        _forget(times, r["time"])
+        self._event(job, r["time"], "status")
+
+    def _apply_lease(self, r):
+        job = self.jobs[r["id"]]
+        self._setStatus(job, ACTIVE)
+        job.lease = r["lease"]
+        job.attempts += 1
+        job.queue = r["queue"]
+        job.worker = r.get("worker")
+        job.legacy = bool(r.get("legacy"))
+        job.started = r["time"]
+        job.progress = None
+        job.leaseExpires = r["time"] + self.leaseTimeout
+        heapq.heappush(self._leaseDeadlines, (job.leaseExpires, job.id, job.lease))
+        self._event(job, r["time"], "status")
+
+    def _apply_file(self, r):
+        self.jobs[r["id"]].files[r["name"]] = r["size"]
+
+    def _apply_complete(self, r):
+        job = self.jobs[r["id"]]
+        job.files.update(r.get("files") or {})
+        job.result, job.error, job.trace = r.get("result"), r.get("error"), r.get("trace")
+        if r.get("confinement"):
+            job.confinement = r["confinement"]
+        job.resultPosted = True
+        job.finished = r["time"]
+        if job.status != r["status"]:
+            self._setStatus(job, r["status"])
+        self._event(job, r["time"], "status")
+
+    def _apply_release(self, r):
+        job = self.jobs[r["id"]]
+        job.attempts -= 1
+        self._requeue(job, r["time"])
+
+    def _apply_expire(self, r):
+        job = self.jobs[r["id"]]
+        if r["status"] == PENDING:
+            self._requeue(job, r["time"])
+        elif r["status"] == CANCEL:
+            job.resultPosted = True
+            job.finished = r["time"]
+        else:
+            job.error = "worker lost: the lease ran out %d times" % (job.attempts,)
+            job.finished = r["time"]
+            self._setStatus(job, ERROR)
+            self._event(job, r["time"], "status")
+
+    def _apply_cancel(self, r):
+        job = self.jobs[r["id"]]
+        if job.status == ACTIVE:
+            job.cancelRequested = True
+        else:
+            job.finished = r["time"]
+        job.error = "cancelled"
+        self._setStatus(job, CANCEL)
+        self._event(job, r["time"], "status")
+
+    def _apply_delete(self, r):
+        job = self.jobs.pop(r["id"])
+        self._counts[job.status] -= 1
+        self.deleted.add(job.id)
+
+    def _requeue(self, job, now):
+        self._setStatus(job, PENDING)
+        job.queue = job.worker = job.started = None
+        job.legacy = False
+        heapq.heappush(self._pending, (job.priority, job.id))
+        self._event(job, now, "status")
+
+    def _setStatus(self, job, status):
+        self._counts[job.status] -= 1
+        self._counts[status] += 1
+        job.status = status
+
+    def _isPendingEntry(self, priority, jobId):
+        job = self.jobs.get(jobId)
+        return job is not None and job.status == PENDING and job.priority == priority
+
+    # ---- events (in memory only: what the events long-poll serves)
+
+    def _event(self, job, now, kind, progress=None):
+        job.eventSeq += 1
+        event = (job.eventSeq, now, kind, job.status, progress)
+        if job.events is None:
+            job.events = deque(maxlen=EVENTS_KEPT)
+        job.events.append(event)
+        if self.onEvent is not None:
+            self.onEvent(job, event)
+
+    def eventsAfter(self, jobId, after):
+        job = self.get(jobId)
+        return [{"seq": seq, "time": t, "type": kind, "status": status, "progress": progress}
+                for seq, t, kind, status, progress in (job.events or ()) if seq > after]
+
+    # ---- snapshots
+
+    def snapshot(self):
+        """A JSON-able dict of the whole state (what the journal's snapshot holds)."""
+        return {
+            "version": 1,
+            "nextId": self.nextId,
+            "jobs": [job.snapshot() for job in self.jobs.values()],
+            "deleted": sorted(self.deleted),
+            "owners": {owner: list(times) for owner, times in self._owners.items()},
+        }
+
+    @classmethod
+    def fromSnapshot(cls, state, leaseTimeout=60.0, maxAttempts=3):
+        """The queue a snapshot describes. After replaying the records that
+        follow it, a server calls ``restartLeases(now)``."""
+        queue = cls(leaseTimeout=leaseTimeout, maxAttempts=maxAttempts)
+        if state is None:
+            return queue
+        queue.nextId = state["nextId"]
+        queue.deleted = set(state["deleted"])
+        queue._owners = {owner: deque(times) for owner, times in state["owners"].items()}
+        for fields in state["jobs"]:
+            job = Job()
+            for name, value in fields.items():
+                setattr(job, name, value)
+            job.events = None
+            job.eventSeq = 0
+            job.leaseExpires = 0.0
+            queue.jobs[job.id] = job
+            queue._counts[job.status] += 1
+            if job.status == PENDING:
+                queue._pending.append((job.priority, job.id))
+            elif queue._leaseOpen(job):
+                queue.restartLease(job, job.started)
+            queue._event(job, job.finished or job.started or job.submitted, "status")
+        heapq.heapify(queue._pending)
+        return queue
+
+    def restartLease(self, job, now):
+        job.leaseExpires = now + self.leaseTimeout
+        heapq.heappush(self._leaseDeadlines, (job.leaseExpires, job.id, job.lease))
+
+    def restartLeases(self, now):
+        """After a replay: give every held lease a full term from ``now``."""
+        for job in self.jobs.values():
+            if self._leaseOpen(job):
+                self.restartLease(job, now)
+
+
+def _forget(times, now):
+    """Drop the submit times that have left the fair-share window."""
+    horizon = now - FAIR_SHARE_WINDOW
+    while times and times[0] <= horizon:
+        times.popleft()
+
+
+def _clip(text):
+    if text is None:
+        return None
+    text = str(text)
+    return text if len(text) <= MAX_TEXT else text[:MAX_TEXT] + "\n[clipped]"

@@ -1,0 +1,19 @@
+"""The whole HTTP site of a server: the API, the legacy routes, the pages."""
+
+from reflservd.api import JobAPI
+from reflservd.legacy import LegacyAPI
+from reflservd.web import Site
+
+
+class SiteRoutes(JobAPI, LegacyAPI):
+    """Every route of the site, on the one Klein app (see ``web.Routes``)."""
+
+
+def makeSite(server, maxUpload, workerToken=None, metrics=None):
+    """The twisted.web site serving ``server``; bodies past ``maxUpload`` plus
+    a little room for the multipart framing are refused before reading."""
+    routes = SiteRoutes(server, maxUpload=maxUpload, workerToken=workerToken, metrics=metrics)
+    site = Site(routes.app.resource(), maxBody=maxUpload + (1 << 20))
+    site.metrics = metrics
+    site.routes = routes
+    return site

@@ -1,0 +1,152 @@
+"""Job files on disk: the request, the uploaded files, the result files.
+
+Every file is written under a temporary name, fsynced and renamed into place
+(and its directory fsynced) before the journal record that names it is
+written, so a record never names a file that a crash could have lost.
+
+The methods block; the API runs them in a thread pool.
+"""
+
+import json
+import os
+import shutil
+
+MAX_NAME = 255
+
+
+class BadName(ValueError):
+    """A file name that could escape the job's directory or confuse a shell."""
+
+
+def checkName(name):
+    """``name`` if it is a safe plain file name, else ``BadName`` saying why."""
+    if not isinstance(name, str) or not name:
+        raise BadName("a file name must be a non-empty string")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
+        raise BadName("file name longer than %d bytes" % (MAX_NAME,))
+    if "/" in name or "\\" in name:
+        raise BadName("file name %r contains a path separator" % (name,))
+    if name in (".", ".."):
+        raise BadName("file name %r is not a file" % (name,))
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise BadName("file name %r contains a control character" % (name,))
+    return name
+
+
+def baseName(name):
+    """The last part of a path sent by the old worker (it sends full paths)."""
+    return (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+
+
+class Store:
+    """``root/<id>/request.json``, ``uploads/<name>``, ``results/<name>``."""
+
+    def __init__(self, root):
+        self.root = root
+        os.makedirs(root, exist_ok=True)
+
+    def jobDir(self, jobId):
+        return os.path.join(self.root, str(int(jobId)))
+
+    def prepare(self, jobId):
+        """A fresh directory for a job about to be submitted (a leftover of a
+        submit that crashed before its record was written is removed)."""
+        path = self.jobDir(jobId)
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(os.path.join(path, "uploads"))
+        os.makedirs(os.path.join(path, "results"))
+        _syncDir(self.root)
+
+    def writeRequest(self, jobId, request):
+        _writeAtomic(os.path.join(self.jobDir(jobId), "request.json"),
+                     json.dumps(request, sort_keys=True).encode("utf-8"))
+
+    def readRequest(self, jobId):
+        with open(os.path.join(self.jobDir(jobId), "request.json"), "rb") as f:
+            return json.loads(f.read())
+
+    def writeUpload(self, jobId, name, source):
+        """Store an uploaded file; ``source`` is bytes or a readable file."""
+        return _writeAtomic(self.path(jobId, "upload", name), source)
+
+    def path(self, jobId, kind, name):
+        folder = {"upload": "uploads", "result": "results"}[kind]
+        return os.path.join(self.jobDir(jobId), folder, checkName(name))
+
+    def writeResultPart(self, jobId, name, offset, source, last):
+        """Write one part of a result file at ``offset``. With ``last`` the file
+        is fsynced and renamed into place and its size returned; else the bytes
+        received so far. A part must start where the previous one ended."""
+        final = self.path(jobId, "result", name)
+        partial = os.path.join(self.jobDir(jobId), "results", ".part-" + name)
+        have = os.path.getsize(partial) if os.path.exists(partial) else 0
+        if offset == 0:
+            have = 0
+        elif offset != have:
+            raise BadName("part at offset %d, but %d bytes were received" % (offset, have))
+        with open(partial, "r+b" if offset else "wb") as f:
+            f.truncate(offset)
+            f.seek(offset)
+            received = offset + _copy(source, f)
+            if last:
+                f.flush()
+                os.fsync(f.fileno())
+        if not last:
+            return received
+        os.rename(partial, final)
+        _syncDir(os.path.dirname(final))
+        return received
+
+    def files(self, jobId, kind):
+        """``[(name, size), …]`` of a job's uploads or results, by name."""
+        folder = os.path.join(self.jobDir(jobId), {"upload": "uploads", "result": "results"}[kind])
+        try:
+            names = sorted(n for n in os.listdir(folder) if not n.startswith(".part-"))
+        except FileNotFoundError:
+            return []
+        return [(n, os.path.getsize(os.path.join(folder, n))) for n in names]
+
+    def remove(self, jobId):
+        shutil.rmtree(self.jobDir(jobId), ignore_errors=True)
+
+    def removeOthers(self, known):
+        """Remove directories of jobs the journal does not know (submits that
+        crashed before their record); returns how many."""
+        removed = 0
+        for entry in os.listdir(self.root):
+            if entry.isdigit() and int(entry) not in known:
+                shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
+                removed += 1
+        return removed
+
+
+def _copy(source, f):
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        f.write(source)
+        return len(source)
+    n = 0
+    while True:
+        chunk = source.read(1 << 20)
+        if not chunk:
+            return n
+        f.write(chunk)
+        n += len(chunk)
+
+
+def _writeAtomic(path, source):
+    tmp = os.path.join(os.path.dirname(path), ".tmp-" + os.path.basename(path))
+    with open(tmp, "wb") as f:
+        size = _copy(source, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    _syncDir(os.path.dirname(path))
+    return size
+
+
+def _syncDir(path):
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
