@@ -1,0 +1,959 @@
+"""The journal: an append-only, checksummed record of every change to the
+queue, so that a restarted server finds exactly the state it acknowledged.
+
+Layout, in ``STATE_DIR/journal/``::
+
+    lock                    flock'ed by the one server that owns the directory
+    segment-000042.log      records, each framed as length, crc32, payload
+    snapshot-000042.json    the state after every record in segments < 42
+
+A frame is a 4-byte big-endian payload length, the 4-byte big-endian crc32 of
+the payload, then the payload: compact JSON (UTF-8) of a dict that always has
+``"type"`` and ``"time"``.
+
+The promise: the Deferred that ``Journal.append`` returns fires only once the
+record is on disk (fsync). Records that arrive while a write is in progress
+wait and go together in the next write (group commit), on a dedicated writer
+thread, so the reactor never waits for the disk and a burst of N appends costs
+far fewer than N fsyncs.
+
+A crash in the middle of a write leaves a torn tail: ``load`` keeps every whole
+record, moves the torn bytes aside (``segment-000042.torn-<offset>``) and
+truncates, so new records follow the last whole one. A tail can only be torn by
+the last, unacknowledged write, and one write is at most ``MAX_BATCH_BYTES``:
+bad bytes anywhere else are corruption of acknowledged records, and ``load``
+refuses (``JournalCorrupt``) rather than quietly drop them.
+
+Snapshots bound replay time and disk use. Every ``snapshotEvery`` records the
+writer starts a new segment and the state at that boundary is written (under a
+temporary name, fsynced, renamed) as a snapshot with its own checksum; then
+snapshots and segments older than the previous snapshot are deleted. One
+previous generation stays, so a damaged newest snapshot falls back to the one
+before it and the records after that.
+"""
+
+import errno
+import fcntl
+import json
+import os
+import re
+import struct
+import time
+import zlib
+from collections import deque
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+HEADER = struct.Struct(">II")
+MAX_RECORD_BYTES = 8 * 1024 * 1024
+MAX_BATCH_BYTES = 16 * 1024 * 1024
+SNAPSHOT_FORMAT = "reflservd-snapshot"
+SNAPSHOT_VERSION = 1
+
+_SEGMENT = re.compile(r"^segment-(\d+)\.log$")
+_SNAPSHOT = re.compile(r"^snapshot-(\d+)\.json$")
+
+
+class JournalWriteError(Exception):
+    """The disk refused a write; nothing in the batch is durable."""
+
+
+class JournalLocked(Exception):
+    """Another process holds the state directory."""
+
+
+class JournalCorrupt(Exception):
+    """Acknowledged records cannot be read back: a damaged segment, a missing
+    segment, or no readable snapshot where the early segments were trimmed.
+    ``reflservd-journal STATE_DIR verify`` shows where."""
+
+
+class SnapshotError(Exception):
+    """A snapshot file is not whole (bad header, length or checksum)."""
+
+
+# ---- names and files
+
+
+def journalDirectory(stateDir):
+    return os.path.join(stateDir, "journal")
+
+
+def segmentName(number):
+    return "segment-%06d.log" % (number,)
+
+
+def snapshotName(number):
+    return "snapshot-%06d.json" % (number,)
+
+
+def listJournal(journalDir):
+    """The segment numbers and snapshot numbers in ``journalDir``, ascending."""
+    segments, snapshots = [], []
+    try:
+        names = os.listdir(journalDir)
+    except FileNotFoundError:
+        return segments, snapshots
+    for name in names:
+        match = _SEGMENT.match(name)
+        if match:
+            segments.append(int(match.group(1)))
+            continue
+        match = _SNAPSHOT.match(name)
+        if match:
+            snapshots.append(int(match.group(1)))
+    return sorted(segments), sorted(snapshots)
+
+
+def fsyncDirectory(path):
+    """Make a file creation, rename or removal in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def readAll(fd, size=None):
+    """The first ``size`` bytes of an open file (all of it when None)."""
+    if size is None:
+        size = os.fstat(fd).st_size
+    chunks, offset = [], 0
+    while offset < size:
+        chunk = os.pread(fd, min(size - offset, 1 << 30), offset)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        offset += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def lockHolder(stateDir):
+    """The pid of a live process that holds ``stateDir``, else None.
+
+    It reads the pid the holder wrote and asks whether that process lives; it
+    never touches the lock itself, so a server starting at the same instant
+    is never refused because a read-only tool looked.
+    """
+    try:
+        with open(os.path.join(journalDirectory(stateDir), "lock")) as f:
+            pid = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return pid
+
+
+# ---- framing
+
+
+def encodeRecord(record):
+    """The frame of one record: length, crc32, compact JSON."""
+    payload = json.dumps(record, separators=(",", ":")).encode("utf-8")
+    if len(payload) > MAX_RECORD_BYTES:
+        raise ValueError("a journal record is limited to %d bytes, not %d"
+                         % (MAX_RECORD_BYTES, len(payload)))
+    return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+class SegmentScan:
+    """What a scan of one segment found: ``count`` whole records that end at
+    ``end``; ``error`` says why the bytes after ``end`` are not a record
+    (None when the segment is whole)."""
+
+    __slots__ = ("count", "end", "error")
+
+    def __init__(self, count, end, error):
+        self.count, self.end, self.error = count, end, error
+
+
+def checkFrame(data, offset):
+    """None if a whole frame starts at ``offset``; otherwise why not."""
+    if len(data) - offset < HEADER.size:
+        return "incomplete frame header"
+    length, crc = HEADER.unpack_from(data, offset)
+    if length == 0 or length > MAX_RECORD_BYTES:
+        return "impossible record length %d" % (length,)
+    end = offset + HEADER.size + length
+    if end > len(data):
+        return "incomplete record (%d of %d bytes)" % (len(data) - offset - HEADER.size, length)
+    if zlib.crc32(memoryview(data)[offset + HEADER.size:end]) != crc:
+        return "checksum mismatch"
+    return None
+
+
+def scanSegment(data):
+    """Check every frame's length and checksum (no JSON decoding: fast)."""
+    view = memoryview(data)
+    size = len(data)
+    unpack = HEADER.unpack_from
+    crc32 = zlib.crc32
+    offset = count = 0
+    while offset < size:
+        if size - offset < 8:
+            return SegmentScan(count, offset, "incomplete frame header")
+        length, crc = unpack(data, offset)
+        end = offset + 8 + length
+        if length == 0 or length > MAX_RECORD_BYTES or end > size or crc32(view[offset + 8:end]) != crc:
+            return SegmentScan(count, offset, checkFrame(data, offset))
+        offset = end
+        count += 1
+    return SegmentScan(count, offset, None)
+
+
+def iterFrames(data, end):
+    """(offset, payload bytes) of each frame before ``end``, which a scan
+    has already checked."""
+    unpack = HEADER.unpack_from
+    offset = 0
+    while offset < end:
+        length, _ = unpack(data, offset)
+        start = offset + 8
+        yield offset, data[start:start + length]
+        offset = start + length
+
+
+def decodePayload(payload):
+    """The record a checked payload holds."""
+    record = json.loads(payload)
+    if not isinstance(record, dict) or "type" not in record:
+        raise ValueError("not a journal record: %r" % (payload[:80],))
+    return record
+
+
+def findWholeFrames(data, start):
+    """How many whole frames lie in ``data`` past the bad spot at ``start``:
+    what a torn tail that is set aside may still hold, for the operator to
+    judge. A payload is a JSON object, so only the places where ``{"``
+    follows a header are tried."""
+    found = 0
+    search = start + 1
+    while True:
+        brace = data.find(b'{"', search + HEADER.size)
+        if brace < 0:
+            return found
+        offset = brace - HEADER.size
+        if checkFrame(data, offset) is None:
+            while offset < len(data) and checkFrame(data, offset) is None:
+                found += 1
+                offset += HEADER.size + HEADER.unpack_from(data, offset)[0]
+            search = offset
+        else:
+            search = offset + 1
+
+
+# ---- snapshots
+
+
+def encodeSnapshot(number, body, created, lastTime):
+    """The bytes of a snapshot file: one JSON header line, then the state."""
+    header = {"format": SNAPSHOT_FORMAT, "version": SNAPSHOT_VERSION, "segment": number,
+              "length": len(body), "crc32": zlib.crc32(body), "created": created,
+              "lastTime": lastTime}
+    return json.dumps(header, separators=(",", ":")).encode("utf-8") + b"\n" + body
+
+
+def readSnapshotFile(path, decode=True):
+    """(header, state) of a snapshot file; SnapshotError if it is not whole.
+    With ``decode=False`` the state is returned as the checked JSON bytes."""
+    with open(path, "rb") as f:
+        data = f.read()
+    newline = data.find(b"\n")
+    if newline < 0:
+        raise SnapshotError("no header line")
+    try:
+        header = json.loads(data[:newline])
+    except ValueError:
+        raise SnapshotError("unreadable header") from None
+    if not isinstance(header, dict) or header.get("format") != SNAPSHOT_FORMAT:
+        raise SnapshotError("not a reflservd snapshot")
+    body = data[newline + 1:]
+    if len(body) != header.get("length"):
+        raise SnapshotError("%d bytes of state where the header says %r"
+                            % (len(body), header.get("length")))
+    if zlib.crc32(body) != header.get("crc32"):
+        raise SnapshotError("checksum mismatch")
+    match = _SNAPSHOT.match(os.path.basename(path))
+    if match and int(match.group(1)) != header.get("segment"):
+        raise SnapshotError("the header names segment %r" % (header.get("segment"),))
+    if not decode:
+        return header, body
+    try:
+        return header, json.loads(body)
+    except ValueError:
+        raise SnapshotError("unreadable state") from None
+
+
+def writeSnapshotFile(journalDir, number, data, keep):
+    """Write a snapshot durably (temporary name, fsync, rename, fsync the
+    directory), then trim. Runs on a thread; returns the names removed."""
+    final = os.path.join(journalDir, snapshotName(number))
+    temporary = final + ".tmp"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, final)
+        fsyncDirectory(journalDir)
+    except OSError as e:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise JournalWriteError("cannot write %s: %s" % (final, e.strerror or e)) from e
+    return trimJournal(journalDir, keep)
+
+
+def trimJournal(journalDir, keep):
+    """Delete the snapshots older than the ``keep`` newest, and the segments
+    that only they need. Nothing is deleted while fewer snapshots exist."""
+    segments, snapshots = listJournal(journalDir)
+    if len(snapshots) < keep:
+        return []
+    oldest = snapshots[-keep]
+    removed = []
+    for number in snapshots:
+        if number < oldest:
+            removed.append(snapshotName(number))
+    for number in segments:
+        if number < oldest:
+            removed.append(segmentName(number))
+    for name in removed:
+        try:
+            os.unlink(os.path.join(journalDir, name))
+        except FileNotFoundError:
+            pass
+    if removed:
+        fsyncDirectory(journalDir)
+    return removed
+
+
+# ---- what load() found
+
+
+class Recovery:
+    """What ``Journal.load`` found.
+
+    @ivar snapshot: the state dict of the newest readable snapshot, or None.
+    @ivar records: every whole record after it, in order (an iterator of
+        dicts, read lazily: consume it before the first append).
+    @ivar torn: descriptions of torn tails set aside (empty when clean).
+    @ivar recordCount: how many records ``records`` yields.
+    @ivar snapshotNumber: the segment the snapshot precedes, or None.
+    @ivar skippedSnapshots: descriptions of snapshots that were not whole.
+    """
+
+    def __init__(self, snapshot, records, torn, recordCount=0, snapshotNumber=None,
+                 skippedSnapshots=()):
+        self.snapshot = snapshot
+        self.records = records
+        self.torn = list(torn)
+        self.recordCount = recordCount
+        self.snapshotNumber = snapshotNumber
+        self.skippedSnapshots = list(skippedSnapshots)
+
+
+# ---- the writer thread's side
+
+
+class _SegmentWriter:
+    """The open segment. Only the writer thread touches it after ``load``.
+
+    ``length`` is the size of the whole, fsynced records; after a failed
+    write the file is truncated back to it (and again before the next write
+    if that truncation failed too), so the file only ever holds whole,
+    acknowledged records."""
+
+    def __init__(self, journalDir, number, fd, length, pwrite, fsync):
+        self.journalDir = journalDir
+        self.number = number
+        self.fd = fd
+        self.length = length
+        self.dirty = False
+        self._pwrite = pwrite
+        self._fsync = fsync
+
+    def _path(self, number=None):
+        return os.path.join(self.journalDir, segmentName(self.number if number is None else number))
+
+    def _truncate(self):
+        os.ftruncate(self.fd, self.length)
+        self._fsync(self.fd)
+        self.dirty = False
+
+    def _error(self, e, what):
+        return JournalWriteError("cannot %s %s: %s" % (what, self._path(), e.strerror or e))
+
+    def writeBatch(self, frames):
+        """Write and fsync the frames; the fsync's duration in seconds."""
+        try:
+            if self.dirty:
+                self._truncate()
+            view = memoryview(b"".join(frames))
+            offset = self.length
+            self.dirty = True
+            while view:
+                written = self._pwrite(self.fd, view, offset)
+                if written <= 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                offset += written
+                view = view[written:]
+            started = time.monotonic()
+            self._fsync(self.fd)
+            seconds = time.monotonic() - started
+        except OSError as e:
+            error = self._error(e, "write")
+            try:
+                self._truncate()
+            except OSError:
+                pass
+            raise error from e
+        self.length = offset
+        self.dirty = False
+        return seconds
+
+    def rotate(self):
+        """Start the next segment; its number."""
+        number = self.number + 1
+        path = self._path(number)
+        try:
+            if self.dirty:
+                self._truncate()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                if os.fstat(fd).st_size:
+                    raise OSError(errno.EEXIST, "a new segment already holds data")
+                fsyncDirectory(self.journalDir)
+            except BaseException:
+                os.close(fd)
+                raise
+        except OSError as e:
+            raise JournalWriteError("cannot start %s: %s" % (path, e.strerror or e)) from e
+        os.close(self.fd)
+        self.fd, self.number, self.length = fd, number, 0
+        return number
+
+    def close(self):
+        os.close(self.fd)
+
+
+# ---- the journal
+
+
+class _Pending:
+    __slots__ = ("frame", "deferred")
+
+    def __init__(self, frame, deferred):
+        self.frame, self.deferred = frame, deferred
+
+
+class _SnapshotMarker:
+    """A snapshot's place in the record stream: the state it carries is the
+    state after every record queued before it."""
+
+    __slots__ = ("data", "deferred")
+
+    def __init__(self, data, deferred):
+        self.data, self.deferred = data, deferred
+
+
+class Journal:
+    """The journal of one state directory.
+
+    ``append`` may be called from the reactor thread only; the disk work
+    happens on a writer thread (and snapshots on a second one, so a big
+    snapshot does not hold back the acknowledgements of new records).
+
+    @ivar onBatch: if set, called ``(batchSize, fsyncSeconds)`` in the reactor
+        thread after each batch reaches the disk.
+    @ivar recordsSinceSnapshot: records appended (or replayed) since the
+        boundary of the newest snapshot.
+    """
+
+    _log = Logger()
+
+    def __init__(self, stateDir, reactor, snapshotEvery=100_000, snapshotState=None, lock=True,
+                 *, keepSnapshots=2, runInThread=None, fsync=os.fsync, pwrite=os.pwrite):
+        """
+        @param stateDir: the server's state directory; files live in
+            C{stateDir/journal/} (created if missing, unless read-only).
+        @param snapshotState: a zero-argument callable returning a JSON-able
+            dict of the live state. It is called in the reactor thread right
+            after the append that reaches C{snapshotEvery} records since the
+            last snapshot, so the caller must apply a record to its state
+            before appending it. The dict is encoded at once, then written
+            off-thread.
+        @param lock: take an exclusive flock on C{stateDir/journal/lock} for
+            the journal's lifetime (JournalLocked if another process holds
+            it). With C{lock=False} the journal only reads: it never repairs,
+            creates or appends, and tolerates a tail being written.
+        @param keepSnapshots: how many snapshots (and the segments after the
+            oldest of them) a trim keeps; 2 keeps a fallback generation.
+        @param runInThread: C{f(callable, *args) -> Deferred} that runs the
+            disk work; by default two 1-thread pools. Tools and tests may run
+            it inline (C{defer.maybeDeferred}).
+        @param fsync: C{fsync(fd)} of segment writes (tests observe it).
+        @param pwrite: C{pwrite(fd, data, offset)} of segment writes (tests
+            make it fail).
+        """
+        self.stateDir = stateDir
+        self.journalDir = journalDirectory(stateDir)
+        self.reactor = reactor
+        self.snapshotEvery = snapshotEvery
+        self.snapshotState = snapshotState
+        self.keepSnapshots = keepSnapshots
+        self.writable = lock
+        self.onBatch = None
+        self.recordsSinceSnapshot = 0
+        self._runInThread = runInThread
+        self._fsync = fsync
+        self._pwrite = pwrite
+        self._lockFD = None
+        self._writer = None
+        self._pools = []
+        self._shutdownTrigger = None
+        self._pending = deque()
+        self._flushing = False
+        self._snapshotsInFlight = 0
+        self._idleWaiters = []
+        self._lastTime = None
+        self._loaded = False
+        self._closeState = None     # None, "closing", "closed"
+        self._closeWaiters = []
+        if lock:
+            os.makedirs(self.journalDir, exist_ok=True)
+            self._lock()
+
+    # ---- the lock
+
+    def _lock(self):
+        path = os.path.join(self.journalDir, "lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = readAll(fd).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise JournalLocked("%s is in use by another process (pid %s)"
+                                % (self.stateDir, holder)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, b"%d\n" % (os.getpid(),), 0)
+        self._lockFD = fd
+
+    def _unlock(self):
+        if self._lockFD is not None:
+            try:
+                os.ftruncate(self._lockFD, 0)
+            except OSError:
+                pass
+            os.close(self._lockFD)
+            self._lockFD = None
+
+    # ---- start-up
+
+    def load(self):
+        """Read the newest whole snapshot and check the records after it,
+        setting aside a torn tail; blocking (start-up only). Call once,
+        before the first append.
+
+        @rtype: L{Recovery}
+        @raise JournalCorrupt: acknowledged records cannot be read back.
+        """
+        if self._loaded:
+            raise RuntimeError("Journal.load() is called once")
+        if self._closeState is not None:
+            raise RuntimeError("the journal is closed")
+        attempts = 1 if self.writable else 5
+        for attempt in range(attempts):
+            try:
+                recovery = self._load()
+                break
+            except FileNotFoundError:
+                # A running server trimmed the files we listed: look again.
+                if attempt == attempts - 1:
+                    raise
+        self._loaded = True
+        return recovery
+
+    def _load(self):
+        segments, snapshots = listJournal(self.journalDir)
+        state = header = chosen = None
+        skipped = []
+        for number in reversed(snapshots):
+            path = os.path.join(self.journalDir, snapshotName(number))
+            try:
+                header, state = readSnapshotFile(path)
+            except SnapshotError as e:
+                skipped.append(self._skipSnapshot(path, e))
+                continue
+            chosen = number
+            break
+        start = 0 if chosen is None else chosen
+        replay = [n for n in segments if n >= start]
+        self._checkContiguous(replay, start, chosen, skipped)
+
+        sources, torn, count = [], [], 0
+        try:
+            for index, number in enumerate(replay):
+                path = os.path.join(self.journalDir, segmentName(number))
+                fd = os.open(path, os.O_RDONLY)
+                sources.append([fd, 0])
+                data = readAll(fd)
+                scan = scanSegment(data)
+                if scan.error is not None:
+                    if index < len(replay) - 1:
+                        raise JournalCorrupt(
+                            "%s:%d: %s, in a segment that was complete; run "
+                            "reflservd-journal %s verify"
+                            % (path, scan.end, scan.error, self.stateDir))
+                    torn.append(self._tornTail(path, data, scan))
+                sources[-1][1] = scan.end
+                count += scan.count
+            if self.writable:
+                self._openWriter(replay[-1] if replay else start,
+                                 sources[-1][1] if replay else 0)
+        except BaseException:
+            for fd, _ in sources:
+                os.close(fd)
+            raise
+
+        self.recordsSinceSnapshot = count
+        if header is not None:
+            self._lastTime = header.get("lastTime")
+        self._log.info(
+            "journal {journalDir}: snapshot {snapshot}, {count} records after it in "
+            "{segments} segments", journalDir=self.journalDir,
+            snapshot=snapshotName(chosen) if chosen is not None else "none",
+            count=count, segments=len(replay))
+        return Recovery(state, self._records(sources), torn, recordCount=count,
+                        snapshotNumber=chosen, skippedSnapshots=skipped)
+
+    def _skipSnapshot(self, path, error):
+        description = "%s is not whole (%s)" % (path, error)
+        if self.writable:
+            os.replace(path, path + ".corrupt")
+            fsyncDirectory(self.journalDir)
+            description += "; moved aside to %s.corrupt" % (os.path.basename(path),)
+        self._log.warn("journal: snapshot {description}; falling back to an older one",
+                       description=description)
+        return description
+
+    def _checkContiguous(self, replay, start, chosen, skipped):
+        expected = list(range(start, start + len(replay)))
+        if replay == expected:
+            return
+        missing = sorted(set(range(start, replay[-1] + 1)) - set(replay))
+        if chosen is None and skipped:
+            why = "no snapshot is readable and %s is gone" % (segmentName(missing[0]),)
+        elif chosen is None:
+            why = "%s is gone and there is no snapshot" % (segmentName(missing[0]),)
+        else:
+            why = "%s is gone (replay starts at %s)" % (segmentName(missing[0]), snapshotName(chosen))
+        raise JournalCorrupt("journal %s: %s" % (self.journalDir, why))
+
+    def _tornTail(self, path, data, scan):
+        size = len(data) - scan.end
+        if size > MAX_BATCH_BYTES:
+            raise JournalCorrupt(
+                "%s:%d: %s, with %d bytes after it: more than one write could "
+                "tear; run reflservd-journal %s verify"
+                % (path, scan.end, scan.error, size, self.stateDir))
+        whole = findWholeFrames(data, scan.end)
+        description = "%s: %d bytes from offset %d are not a whole record (%s)" % (
+            path, size, scan.end, scan.error)
+        if whole:
+            description += "; %d whole records follow the tear" % (whole,)
+        if not self.writable:
+            return description + "; left in place (read-only)"
+        aside = self._setAside(path, data[scan.end:], scan.end)
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, scan.end)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        description += "; set aside in %s" % (aside,)
+        self._log.warn("journal: torn tail: {description}", description=description)
+        return description
+
+    def _setAside(self, path, data, offset):
+        base = "%s.torn-%d" % (path[:-len(".log")], offset)
+        aside, suffix = base, 0
+        while True:
+            try:
+                fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                break
+            except FileExistsError:
+                suffix += 1
+                aside = "%s.%d" % (base, suffix)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsyncDirectory(self.journalDir)
+        return aside
+
+    def _openWriter(self, number, length):
+        for name in os.listdir(self.journalDir):
+            if name.endswith(".tmp"):
+                os.unlink(os.path.join(self.journalDir, name))
+        path = os.path.join(self.journalDir, segmentName(number))
+        created = not os.path.exists(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+        if created:
+            fsyncDirectory(self.journalDir)
+        self._writer = _SegmentWriter(self.journalDir, number, fd, length, self._pwrite, self._fsync)
+        if self._runInThread is None:
+            writerPool = ThreadPool(minthreads=1, maxthreads=1, name="journal-writer")
+            snapshotPool = ThreadPool(minthreads=1, maxthreads=1, name="journal-snapshot")
+            self._pools = [writerPool, snapshotPool]
+            for pool in self._pools:
+                pool.start()
+            self._runWriter = lambda f, *a: deferToThreadPool(self.reactor, writerPool, f, *a)
+            self._runSnapshot = lambda f, *a: deferToThreadPool(self.reactor, snapshotPool, f, *a)
+            self._shutdownTrigger = self.reactor.addSystemEventTrigger(
+                "before", "shutdown", self._closeAtShutdown)
+        else:
+            self._runWriter = self._runSnapshot = self._runInThread
+
+    def _records(self, sources):
+        """Yield the checked records, reading each segment again (the
+        reading of the first pass is not kept: a long journal would not fit
+        in memory twice)."""
+        try:
+            while sources:
+                fd, end = sources[0]
+                data = readAll(fd, end)
+                record = None
+                for _, payload in iterFrames(data, end):
+                    record = decodePayload(payload)
+                    yield record
+                if record is not None:
+                    self._lastTime = record.get("time", self._lastTime)
+                os.close(fd)
+                sources.pop(0)
+        finally:
+            for fd, _ in sources:
+                os.close(fd)
+            del sources[:]
+
+    # ---- appending
+
+    def append(self, record):
+        """Journal ``record`` (a JSON-able dict with a ``"type"``; a missing
+        ``"time"`` is set, in place, to the reactor's time).
+
+        @return: a Deferred that fires None once the record is on disk, or
+            fails with JournalWriteError when the disk refused it (or a
+            record before it) and nothing of it is on disk.
+        """
+        self._checkWritable()
+        if not isinstance(record.get("type"), str):
+            raise ValueError("a journal record needs a string 'type': %r" % (record,))
+        if "time" not in record:
+            record["time"] = self.reactor.seconds()
+        frame = encodeRecord(record)
+        d = defer.Deferred()
+        self._pending.append(_Pending(frame, d))
+        self._lastTime = record["time"]
+        self.recordsSinceSnapshot += 1
+        if (self.snapshotState is not None and self.recordsSinceSnapshot >= self.snapshotEvery
+                and self._snapshotsInFlight == 0):
+            try:
+                self._queueSnapshot(None)
+            except Exception:
+                self.recordsSinceSnapshot = 0
+                self._log.failure("journal: the state could not be taken for a snapshot")
+        self._flush()
+        return d
+
+    def snapshot(self):
+        """Snapshot the state now (``snapshotState()``); a Deferred that
+        fires once the snapshot is on disk and the journal is trimmed."""
+        self._checkWritable()
+        if self.snapshotState is None:
+            raise RuntimeError("the journal has no snapshotState to snapshot")
+        d = defer.Deferred()
+        try:
+            self._queueSnapshot(d)
+        except Exception:
+            return defer.fail()
+        self._flush()
+        return d
+
+    def _checkWritable(self):
+        if not self.writable:
+            raise RuntimeError("a read-only journal (lock=False) cannot be written")
+        if not self._loaded:
+            raise RuntimeError("Journal.load() comes before the first write")
+        if self._closeState is not None:
+            raise RuntimeError("the journal is closed")
+
+    def _queueSnapshot(self, d):
+        state = self.snapshotState()
+        created = self.reactor.seconds()
+        body = json.dumps(state, separators=(",", ":")).encode("utf-8")
+        self._pending.append(_SnapshotMarker((body, created, self._lastTime), d))
+        self._snapshotsInFlight += 1
+        self.recordsSinceSnapshot = 0
+
+    def _flush(self):
+        """Start the next write unless one is in progress."""
+        if self._flushing:
+            return
+        if not self._pending:
+            self._checkIdle()
+            return
+        self._flushing = True
+        if isinstance(self._pending[0], _SnapshotMarker):
+            marker = self._pending.popleft()
+            d = self._runWriter(self._writer.rotate)
+            d.addCallbacks(self._rotated, self._rotateFailed,
+                           callbackArgs=(marker,), errbackArgs=(marker,))
+        else:
+            batch, size = [], 0
+            while self._pending and isinstance(self._pending[0], _Pending):
+                frame = self._pending[0].frame
+                if batch and size + len(frame) > MAX_BATCH_BYTES:
+                    break
+                batch.append(self._pending.popleft())
+                size += len(frame)
+            d = self._runWriter(self._writer.writeBatch, [item.frame for item in batch])
+            d.addCallbacks(self._written, self._writeFailed,
+                           callbackArgs=(batch,), errbackArgs=(batch,))
+        d.addErrback(lambda f: self._log.failure("journal bookkeeping failed", f))
+        d.addBoth(self._flushed)
+
+    def _flushed(self, _):
+        self._flushing = False
+        self._flush()
+
+    def _written(self, fsyncSeconds, batch):
+        if self.onBatch is not None:
+            try:
+                self.onBatch(len(batch), fsyncSeconds)
+            except Exception:
+                self._log.failure("journal onBatch hook failed")
+        for item in batch:
+            item.deferred.callback(None)
+
+    def _writeError(self, failure):
+        if failure.check(JournalWriteError):
+            return failure.value
+        self._log.failure("journal: unexpected error writing", failure)
+        return JournalWriteError("unexpected error: %s" % (failure.getErrorMessage(),))
+
+    def _writeFailed(self, failure, batch):
+        """Fail the batch and everything queued behind it: those records
+        were decided on a state that included the failed ones, and a
+        snapshot queued behind them carries that state."""
+        error = self._writeError(failure)
+        behind = list(self._pending)
+        self._pending.clear()
+        self._log.error("journal: {error}; {count} records not acknowledged",
+                        error=str(error), count=len(batch) + sum(
+                            isinstance(item, _Pending) for item in behind))
+        for item in batch + behind:
+            if isinstance(item, _SnapshotMarker):
+                self._snapshotFinished(item, JournalWriteError(
+                    "snapshot abandoned: a record before it was not written (%s)" % (error,)))
+            else:
+                item.deferred.errback(JournalWriteError(str(error)))
+
+    def _rotated(self, number, marker):
+        body, created, lastTime = marker.data
+        data = encodeSnapshot(number, body, created, lastTime)
+        d = self._runSnapshot(writeSnapshotFile, self.journalDir, number, data, self.keepSnapshots)
+        d.addCallbacks(self._snapshotWritten, self._snapshotFailed,
+                       callbackArgs=(number, len(data), marker), errbackArgs=(marker,))
+
+    def _rotateFailed(self, failure, marker):
+        self._snapshotFinished(marker, self._writeError(failure))
+
+    def _snapshotWritten(self, removed, number, size, marker):
+        self._log.info("journal: wrote {name} ({size} bytes); removed {removed}",
+                       name=snapshotName(number), size=size, removed=", ".join(removed) or "nothing")
+        self._snapshotFinished(marker, None)
+
+    def _snapshotFailed(self, failure, marker):
+        self._snapshotFinished(marker, self._writeError(failure))
+
+    def _snapshotFinished(self, marker, error):
+        self._snapshotsInFlight -= 1
+        if error is not None:
+            self._log.error("journal: snapshot failed: {error}", error=str(error))
+        if marker.deferred is not None:
+            if error is None:
+                marker.deferred.callback(None)
+            else:
+                marker.deferred.errback(error)
+        self._checkIdle()
+
+    # ---- closing
+
+    def _checkIdle(self):
+        if self._flushing or self._pending or self._snapshotsInFlight:
+            return
+        waiters, self._idleWaiters = self._idleWaiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def close(self):
+        """Write what is pending, stop the threads, release the lock; a
+        Deferred that fires when done (again at once once closed)."""
+        if self._closeState == "closed":
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._closeWaiters.append(d)
+        if self._closeState is None:
+            self._closeState = "closing"
+            idle = defer.Deferred()
+            self._idleWaiters.append(idle)
+            idle.addCallback(self._release)
+            idle.addErrback(lambda f: self._log.failure("journal: closing failed", f))
+            idle.addCallback(self._closedNow)
+            self._checkIdle()
+        return d
+
+    def _release(self, _):
+        if self._shutdownTrigger is not None:
+            self.reactor.removeSystemEventTrigger(self._shutdownTrigger)
+            self._shutdownTrigger = None
+        pools, self._pools = self._pools, []
+        for pool in pools:
+            pool.stop()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._unlock()
+
+    def _closedNow(self, _):
+        self._closeState = "closed"
+        waiters, self._closeWaiters = self._closeWaiters, []
+        for d in waiters:
+            d.callback(None)
+
+    def _closeAtShutdown(self):
+        self._shutdownTrigger = None
+        return self.close()
