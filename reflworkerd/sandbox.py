@@ -1,20 +1,68 @@
 """Confinement of a fit process.
 
-The interface the fork server uses (see docs/api.md and DESIGN.md "Confinement"):
+A job is hostile until proven otherwise: a refl1d model is Python code. The
+fork server calls two functions from here:
 
-- ``choose(mode)`` at worker start: the effective mode for ``auto``,
-  ``apparmor``, ``namespaces`` or ``none``; raises ``SandboxUnavailable`` when
-  the host cannot give what was asked.
-- ``confine(jobDir, mode, limits)`` in the forked child, before the model is
-  read. It returns only in the process that will run the fit, with its working
-  directory set to ``jobDir``, and returns the description of what confines it
-  (recorded in the job record).
+- ``choose(mode)`` once, at worker start: the effective mode for ``auto``,
+  ``apparmor``, ``namespaces`` or ``none``. It raises ``SandboxUnavailable``
+  when the host cannot give what was asked, so that a worker configured for a
+  confinement it cannot have refuses to start instead of running fits
+  unconfined. ``auto`` picks the strongest mode this host offers and logs it.
+- ``confine(jobDir, mode, limits, uid=None, gid=None)`` in a process freshly
+  forked from the fork server, before the model is read. It returns only in
+  the process that will run the fit, with its working directory set to the
+  (real path of the) job directory, and returns the description of what
+  confines it, for the job record.
 
-This first version applies resource limits and nice 19 only.
+The layers (docs/security.md says what each one stops and what it does not):
+
+``namespaces``
+    ``unshare`` of the mount, pid, network, IPC and UTS namespaces (and of the
+    user namespace where the worker is not root). The process that called
+    ``confine`` stays outside the new pid namespace as a small reaper: it waits
+    for the fit, forwards TERM/INT/HUP to it and exits with the fit's status;
+    if the reaper is killed, the fit gets SIGKILL (parent-death signal). The
+    fit is pid 1 of its namespace, so when it ends the kernel kills everything
+    it started. The fit's root is a new, read-only tmpfs holding only: the
+    system library directories (``/usr``, ``/lib*``, ``/bin``, ``/sbin``), a
+    handful of files from ``/etc``, the Python installation and the venv, the
+    packages the fork server imported from elsewhere (each package directory,
+    never the directory that holds it), minimal ``/dev``, a fresh ``/proc``
+    with the host-wide knobs read-only or masked, a private ``/tmp`` and
+    ``/dev/shm``, and the job directory itself, read-write, at its own path.
+    Everything else (other jobs, the worker's state, token and logs, home
+    directories) is not there. The network namespace has only its own
+    loopback.
+``apparmor``
+    The namespaces, then an immediate change to the ``reflworkerd-fit``
+    profile (``apparmor.d/``) before the fit starts.
+``none``
+    Resource limits, nice 19, the per-slot uid and no capabilities only.
+
+In every mode: resource limits (hard = soft, so the fit cannot raise them),
+nice 19, a per-slot unprivileged uid/gid when the worker is root and one is
+given (the job directory is chowned to it first), no capabilities,
+``PR_SET_NO_NEW_PRIVS`` (no setuid binary can give privileges back) and
+``PR_SET_DUMPABLE`` 0.
 """
 
+import ctypes
+import ctypes.util
+import errno
+import fcntl
 import os
+import platform
+import re
 import resource
+import select
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import traceback
+
+from twisted.logger import Logger
 
 
 class SandboxUnavailable(Exception):
@@ -23,22 +71,720 @@ class SandboxUnavailable(Exception):
 
 MODES = ("auto", "apparmor", "namespaces", "none")
 
+FIT_PROFILE = "reflworkerd-fit"
+HOSTNAME = "reflfit"
+TMP_SIZE = 256 * 1024 * 1024
+"""Default size of the fit's private /tmp and /dev/shm (tmpfs: host memory);
+``limits["tmp"]`` overrides it."""
+
+LIMITS = {
+    "cpu": resource.RLIMIT_CPU,
+    "memory": resource.RLIMIT_AS,
+    "fsize": resource.RLIMIT_FSIZE,
+    "nproc": resource.RLIMIT_NPROC,
+    "nofile": resource.RLIMIT_NOFILE,
+}
+NOT_RLIMITS = ("tmp", "wall")
+"""Keys of ``limits`` that are not rlimits: ``tmp`` sizes the private tmpfs,
+``wall`` is enforced by the parent."""
+
+SYSTEM_DIRS = ("/usr", "/lib", "/lib64", "/lib32", "/libx32", "/bin", "/sbin")
+ETC_FILES = ("ld.so.cache", "ld.so.conf", "ld.so.conf.d", "localtime",
+             "nsswitch.conf", "host.conf", "hosts", "protocols", "services",
+             "mime.types", "fonts")
+DEVICES = ("null", "zero", "full", "random", "urandom")
+PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "latency_stats",
+               "acpi", "scsi")
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_NOATIME = 1024
+MS_NODIRATIME = 2048
+MS_BIND = 4096
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MS_RELATIME = 1 << 21
+MNT_DETACH = 2
+
+PR_SET_PDEATHSIG = 1
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
+PR_SET_NO_NEW_PRIVS = 38
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+IFF_UP = 1
+
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41,
+                  "ppc64le": 203, "s390x": 217}
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+_STATVFS_TO_MS = ((os.ST_NOSUID, MS_NOSUID), (os.ST_NODEV, MS_NODEV),
+                  (os.ST_NOEXEC, MS_NOEXEC), (os.ST_NOATIME, MS_NOATIME),
+                  (os.ST_NODIRATIME, MS_NODIRATIME),
+                  (os.ST_RELATIME, MS_RELATIME))
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_libc.mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p,
+                        ctypes.c_ulong, ctypes.c_char_p)
+_libc.umount2.argtypes = (ctypes.c_char_p, ctypes.c_int)
+_libc.unshare.argtypes = (ctypes.c_int,)
+_libc.prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong,
+                        ctypes.c_ulong, ctypes.c_ulong)
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [("effective", ctypes.c_uint32), ("permitted", ctypes.c_uint32),
+                ("inheritable", ctypes.c_uint32)]
+
+
+_log = Logger(namespace="reflworkerd.sandbox")
+
+
+def _check(result, what):
+    """Turn a libc ``-1`` into an ``OSError`` that names the call."""
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, "%s: %s" % (what, os.strerror(code)))
+    return result
+
+
+def _encode(path):
+    return None if path is None else os.fsencode(path)
+
+
+def _mount(source, target, fstype, flags, data=None):
+    _check(_libc.mount(_encode(source), _encode(target), _encode(fstype),
+                       flags, _encode(data)),
+           "mount %s on %s" % (source or fstype, target))
+
+
+def _prctl(option, arg2=0, arg3=0, arg4=0, arg5=0):
+    return _check(_libc.prctl(option, arg2, arg3, arg4, arg5),
+                  "prctl(%d)" % (option,))
+
+
+def _unshare(flags):
+    _check(_libc.unshare(flags), "unshare(%#x)" % (flags,))
+
+
+def _pivotRoot(newRoot, putOld):
+    number = SYS_PIVOT_ROOT.get(platform.machine())
+    if number is None:
+        raise SandboxUnavailable("pivot_root: unknown syscall number on %s"
+                                 % (platform.machine(),))
+    _check(_libc.syscall(ctypes.c_long(number), _encode(newRoot),
+                         _encode(putOld)), "pivot_root")
+
+
+def _under(path, ancestor):
+    """Whether ``path`` is ``ancestor`` or lies below it (both real paths)."""
+    return path == ancestor or path.startswith(ancestor.rstrip("/") + "/")
+
+
+class RootPlan:
+    """
+    What the fit's new root holds, decided in the forked process before any
+    namespace is entered (it reads ``sys.modules`` and the host's file system).
+
+    Kept apart from the mounting so that what a fit can see is a list one can
+    read and test: ``readOnly`` (real paths bound read-only at the same path),
+    ``symlinks`` (top-level links such as ``/bin -> usr/bin`` on merged-/usr
+    systems), ``etc`` (files from ``/etc``), ``jobDir`` (bound read-write).
+    """
+
+    def __init__(self, jobDir, extraReadOnly=()):
+        self.jobDir = os.path.realpath(jobDir)
+        self.symlinks = {}
+        candidates = []
+        for top in SYSTEM_DIRS:
+            if os.path.islink(top):
+                self.symlinks[top] = os.readlink(top)
+            elif os.path.isdir(top):
+                candidates.append(top)
+        prefixes = {os.path.realpath(p) for p in (
+            sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+        candidates.extend(prefixes)
+        candidates.extend(self._importedElsewhere(candidates))
+        candidates.extend(os.path.realpath(p) for p in extraReadOnly)
+        self.readOnly = self._outermost(candidates)
+        for path in self.readOnly:
+            if _under(self.jobDir, path):
+                raise SandboxUnavailable(
+                    "job directory %s lies inside %s, which the fit sees "
+                    "read-only with all its siblings" % (self.jobDir, path))
+            if _under(path, self.jobDir):
+                raise SandboxUnavailable(
+                    "library path %s lies inside the job directory" % (path,))
+        self.etc = [name for name in ETC_FILES
+                    if os.path.lexists(os.path.join("/etc", name))]
+
+    @staticmethod
+    def _outermost(paths):
+        """Existing paths, sorted, without those inside another one."""
+        kept = []
+        for path in sorted(set(paths)):
+            if not os.path.exists(path) or path == "/":
+                continue
+            if not any(_under(path, k) for k in kept):
+                kept.append(path)
+        return kept
+
+    def _importedElsewhere(self, bound):
+        """
+        Package directories (and top-level module files) already imported
+        from ``sys.path`` entries outside ``bound``: an editable install, the
+        project's own source tree. Only each package is bound, never the
+        entry that holds it, which may also hold the worker's state or jobs.
+        """
+        entries = []
+        for entry in sys.path:
+            if entry and os.path.isdir(entry):
+                real = os.path.realpath(entry)
+                if real != "/" and not any(_under(real, b) for b in bound):
+                    entries.append(real)
+        entries.sort(key=len, reverse=True)
+        found = set()
+        for module in list(sys.modules.values()):
+            locations = list(getattr(module, "__path__", None) or ())
+            filename = getattr(module, "__file__", None)
+            if filename:
+                locations.append(filename)
+            for location in locations:
+                if not isinstance(location, str):
+                    continue
+                real = os.path.realpath(location)
+                if any(_under(real, b) for b in bound):
+                    continue
+                for entry in entries:
+                    if _under(real, entry) and real != entry:
+                        top = real[len(entry):].lstrip("/").split("/")[0]
+                        found.add(os.path.join(entry, top))
+                        break
+        return [path for path in found if not _under(self.jobDir, path)]
+
+    def passwd(self, uid, gid):
+        """A synthetic /etc/passwd and /etc/group: the host's list of users
+        is none of the fit's business."""
+        users = {0: "root", 65534: "nobody"}
+        users.setdefault(uid, "fit")
+        groups = {0: "root", 65534: "nogroup"}
+        groups.setdefault(gid, "fit")
+        passwd = "".join("%s:x:%d:%d:%s:%s:/usr/sbin/nologin\n" % (
+            name, u, gid if u == uid else u, name,
+            "/tmp" if u == uid else "/nonexistent")
+            for u, name in sorted(users.items()))
+        group = "".join("%s:x:%d:\n" % (name, g) for g, name in sorted(groups.items()))
+        return passwd, group
+
+
+class _RootBuilder:
+    """
+    Builds the planned root in the fit's mount namespace and pivots into it.
+
+    Runs in the fit process (pid 1 of its pid namespace: a fresh /proc must be
+    mounted from inside the namespace). The new root is a tmpfs mounted over
+    /tmp of the private mount namespace; since the job directory or a library
+    may itself live under /tmp, every source is opened (``O_PATH``) before and
+    bound through ``/proc/self/fd``.
+    """
+
+    def __init__(self, plan, uid, gid, tmpSize):
+        self.plan = plan
+        self.uid = uid
+        self.gid = gid
+        self.tmpSize = tmpSize
+
+    def build(self):
+        plan = self.plan
+        paths = list(plan.readOnly) + [plan.jobDir]
+        paths += [os.path.join("/etc", name) for name in plan.etc
+                  if not os.path.islink(os.path.join("/etc", name))]
+        paths += [os.path.join("/dev", name) for name in DEVICES
+                  if os.path.exists(os.path.join("/dev", name))]
+        sources = {}
+        try:
+            for path in paths:
+                sources[path] = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            _mount(None, "/", None, MS_REC | MS_PRIVATE)
+            self.root = root = "/tmp"
+            _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV,
+                   "mode=0755,size=4m,nr_inodes=4096")
+            for link, target in sorted(plan.symlinks.items()):
+                os.symlink(target, root + link)
+            self._tmpfs("/tmp", 0o1777)
+            self._dev(sources)
+            self._proc()
+            self._etc(sources)
+            for path in plan.readOnly:
+                self._bind(sources[path], path, readOnly=True)
+            self._bind(sources[plan.jobDir], plan.jobDir, readOnly=False)
+        finally:
+            for fd in sources.values():
+                os.close(fd)
+        _mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        os.chdir(root)
+        _pivotRoot(".", ".")
+        _check(_libc.umount2(b".", MNT_DETACH), "umount old root")
+        os.chdir("/")
+
+    @staticmethod
+    def _mountFlags(path):
+        """The flags of the mount that holds ``path`` that a bind mount must
+        keep (in a user namespace the kernel refuses to clear them)."""
+        fsFlags = os.statvfs(path).f_flag
+        return sum(ms for st, ms in _STATVFS_TO_MS if fsFlags & st)
+
+    def _target(self, path, isDir):
+        """Create the mount point for ``path`` in the new root."""
+        target = self.root + path
+        if isDir:
+            os.makedirs(target, mode=0o755, exist_ok=True)
+        else:
+            os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+            if not os.path.exists(target):
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o644))
+        return target
+
+    def _bind(self, fd, path, readOnly, device=False):
+        """Bind ``path`` (opened as ``fd``) at the same path in the new root;
+        read-only binds are recursive and every submount is made read-only."""
+        source = "/proc/self/fd/%d" % (fd,)
+        target = self._target(path, os.path.isdir(source))
+        _mount(source, target, None, MS_BIND | (MS_REC if readOnly else 0))
+        extra = MS_NOSUID | (0 if device else MS_NODEV) | (MS_RDONLY if readOnly else 0)
+        for mountPoint in self._mountsUnder(target) if readOnly else [target]:
+            _mount(None, mountPoint, None, MS_BIND | MS_REMOUNT | extra
+                   | self._mountFlags(mountPoint))
+
+    @staticmethod
+    def _mountsUnder(target):
+        """Mount points at or below ``target`` (a recursive bind brings the
+        submounts along, and each one must be made read-only by itself)."""
+        found = []
+        with open("/proc/self/mountinfo") as mountinfo:
+            for line in mountinfo:
+                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
+                               line.split()[4])
+                if _under(point, target) and point not in found:
+                    found.append(point)
+        return sorted(found, key=len)
+
+    def _tmpfs(self, path, mode):
+        target = self._target(path, True)
+        _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV,
+               "mode=%o,size=%d,nr_inodes=65536" % (mode, self.tmpSize))
+
+    def _etc(self, sources):
+        etc = self._target("/etc", True)
+        for name in self.plan.etc:
+            path = os.path.join("/etc", name)
+            if os.path.islink(path):
+                os.symlink(os.readlink(path), os.path.join(etc, name))
+            else:
+                self._bind(sources[path], path, readOnly=True)
+        passwd, group = self.plan.passwd(self.uid, self.gid)
+        for name, text in (("passwd", passwd), ("group", group), ("hostname", HOSTNAME + "\n")):
+            with open(os.path.join(etc, name), "w") as f:
+                f.write(text)
+
+    def _dev(self, sources):
+        dev = self._target("/dev", True)
+        for name in DEVICES:
+            path = os.path.join("/dev", name)
+            if path in sources:
+                self._bind(sources[path], path, readOnly=False, device=True)
+        for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+            os.symlink(target, os.path.join(dev, name))
+        self._tmpfs("/dev/shm", 0o1777)
+
+    def _proc(self):
+        proc = self._target("/proc", True)
+        _mount("proc", proc, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        for name in PROC_READONLY:
+            path = os.path.join(proc, name)
+            if os.path.exists(path):
+                _mount(path, path, None, MS_BIND | MS_REC)
+                for point in self._mountsUnder(path):
+                    _mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY
+                           | MS_NOSUID | MS_NODEV | MS_NOEXEC | self._mountFlags(point))
+        for name in PROC_MASKED:
+            path = os.path.join(proc, name)
+            if os.path.isdir(path):
+                _mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                       "mode=0555,size=4k")
+            elif os.path.exists(path):
+                _mount(self.root + "/dev/null", path, None, MS_BIND)
+
+
+def _enterNamespaces(isRoot):
+    """
+    Unshare the namespaces and fork. The calling process becomes the reaper
+    and never returns from here; the child, pid 1 of the new pid namespace,
+    returns ``(names, lifeline)``: the namespaces entered and the read end of
+    a pipe that reaches end-of-file when the reaper is gone.
+    """
+    flags = CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+    names = ["mount", "pid", "net", "ipc", "uts"]
+    uid, gid = os.geteuid(), os.getegid()
+    if not isRoot:
+        flags |= CLONE_NEWUSER
+        names.insert(0, "user")
+    _unshare(flags)
+    if not isRoot:
+        for name, text in (("setgroups", "deny"), ("uid_map", "%d %d 1" % (uid, uid)),
+                           ("gid_map", "%d %d 1" % (gid, gid))):
+            with open("/proc/self/" + name, "w") as f:
+                f.write(text)
+    lifelineRead, lifelineWrite = os.pipe()
+    child = os.fork()
+    if child:
+        os.close(lifelineRead)
+        _reap(child, lifelineWrite)
+    os.close(lifelineWrite)
+    return names, lifelineRead
+
+
+def _reap(child, lifeline):
+    """
+    The reaper: wait for the fit (pid 1 of its namespace), pass on TERM, INT
+    and HUP, and end the way it ended, so that whoever forked us sees the
+    fit's own exit status or signal. Never returns.
+    """
+    try:
+        os.chdir("/")
+        os.closerange(3, lifeline)
+        os.closerange(lifeline + 1, _maxFd())
+        forwarded = set()
+
+        def forward(signum, frame):
+            forwarded.add(signum)
+            try:
+                os.kill(child, signum)
+            except ProcessLookupError:
+                pass
+
+        for signum in FORWARDED_SIGNALS:
+            signal.signal(signum, forward)
+        while True:
+            pid, status = os.waitpid(child, 0)
+            if pid == child and (os.WIFEXITED(status) or os.WIFSIGNALED(status)):
+                break
+        if os.WIFSIGNALED(status):
+            _dieBy(os.WTERMSIG(status))
+        code = os.WEXITSTATUS(status)
+        if code - 128 in forwarded:
+            _dieBy(code - 128)
+        os._exit(code)
+    except BaseException:
+        os._exit(127)
+
+
+def _dieBy(signum):
+    """End this process by ``signum`` (no core file), as the fit did."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    os.kill(os.getpid(), signum)
+    os._exit(128 + signum)
+
+
+def _exitOnSignal(signum, frame):
+    """pid 1 of a namespace ignores signals it has no handler for; this
+    handler gives TERM and HUP their usual meaning (the reaper turns the
+    exit status back into the signal)."""
+    os._exit(128 + signum)
+
+
+def _maxFd():
+    try:
+        return os.sysconf("SC_OPEN_MAX")
+    except (ValueError, OSError):
+        return 65536
+
+
+def _loopbackUp():
+    """The network namespace starts with only ``lo``, down. Bring it up: it
+    reaches only this job, and in-job helpers may talk over it."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        request = struct.pack("16sH22x", b"lo", 0)
+        current = struct.unpack("16sH22x", fcntl.ioctl(s, SIOCGIFFLAGS, request))[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH22x", b"lo", current | IFF_UP))
+
+
+def _applyLimits(limits):
+    applied = False
+    for name, value in sorted(limits.items()):
+        if name in NOT_RLIMITS or value is None:
+            continue
+        resource.setrlimit(LIMITS[name], (int(value), int(value)))
+        applied = True
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    return applied
+
+
+def _dropBoundingSet():
+    """Empty the bounding set, while CAP_SETPCAP is still there (before the
+    uid changes): nothing exec'd later can gain a capability back."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            last = int(f.read())
+    except OSError:
+        last = 40
+    for cap in range(last + 1):
+        try:
+            _prctl(PR_CAPBSET_DROP, cap)
+        except OSError as e:
+            if e.errno == errno.EPERM:
+                return
+            if e.errno != errno.EINVAL:
+                raise
+
+
+def _dropCapabilities():
+    """Empty the ambient, effective, permitted and inheritable sets."""
+    try:
+        _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)
+    except OSError:
+        pass
+    header = _CapHeader(0x20080522, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+
+
+def _changeProfile(profile):
+    """Move this process into AppArmor ``profile`` now (the fit is forked,
+    not exec'd, so an on-exec transition would never happen)."""
+    for path in ("/proc/self/attr/apparmor/current", "/proc/self/attr/current"):
+        if os.path.exists(path):
+            with open(path, "w") as f:
+                f.write("changeprofile %s" % (profile,))
+            return
+    raise SandboxUnavailable("no AppArmor attribute file in /proc/self/attr")
+
+
+def _chownTree(top, uid, gid):
+    """Give the job directory to the slot's uid. Done before the model runs,
+    when every name in it was written by the worker; symlinks are not
+    followed."""
+    os.chown(top, uid, gid, follow_symlinks=False)
+    for directory, subdirs, files in os.walk(top):
+        for name in subdirs + files:
+            os.chown(os.path.join(directory, name), uid, gid, follow_symlinks=False)
+
+
+def _closeFds(keep):
+    keep = sorted(set(keep) | {0, 1, 2})
+    low = 0
+    for fd in keep + [_maxFd()]:
+        if fd > low:
+            os.closerange(low, fd)
+        low = fd + 1
+
+
+def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None):
+    """
+    Confine this freshly forked process to run one fit in ``jobDir``.
+
+    Returns only in the process that will run the fit (in the namespace
+    modes a child of the caller, which stays behind as the reaper and ends
+    with the fit's status), with the working directory set to the real path
+    of ``jobDir``, and returns a description such as
+    ``"namespaces(mount,pid,net,ipc,uts)+rlimits+nice19+uid 60001"``.
+
+    @param mode: ``"apparmor"``, ``"namespaces"`` or ``"none"``: what
+        ``choose`` returned.
+    @param limits: ``{"cpu": s, "memory": bytes, "fsize": bytes, "nproc": n,
+        "nofile": n}``, any subset; ``"tmp"`` sizes the private /tmp and
+        /dev/shm; ``"wall"`` is ignored here (the parent enforces it).
+    @param uid: the slot's unprivileged uid (and ``gid``, default ``uid``).
+        Used when the worker is root: the job directory is chowned to it and
+        the fit runs as it. RLIMIT_NPROC counts per uid, so give every slot its
+        own. A non-root worker cannot change uid (``SandboxUnavailable``
+        unless ``uid`` is its own).
+    @param readOnly: more host paths the fit may read (bound read-only).
+    @param keepFds: when given, every other descriptor but 0, 1 and 2 is
+        closed in the fit process.
+    @raise SandboxUnavailable: the mode cannot be had here, or the job
+        directory lies where the fit would see its siblings.
+    """
+    if mode not in ("apparmor", "namespaces", "none"):
+        raise SandboxUnavailable("confine needs the mode choose() returned, not %r" % (mode,))
+    limits = dict(limits or {})
+    unknown = set(limits) - set(LIMITS) - set(NOT_RLIMITS)
+    if unknown:
+        raise ValueError("unknown limits: %s" % (", ".join(sorted(unknown)),))
+    isRoot = os.geteuid() == 0
+    if uid is not None and not isRoot:
+        if uid != os.getuid():
+            raise SandboxUnavailable("a per-slot uid needs a worker running as root")
+        uid = None
+    if uid is not None:
+        gid = uid if gid is None else gid
+    jobDir = os.path.realpath(jobDir)
+    layers = []
+    lifeline = None
+    if mode in ("apparmor", "namespaces"):
+        plan = RootPlan(jobDir, readOnly)
+        if uid is not None:
+            _chownTree(jobDir, uid, gid)
+        names, lifeline = _enterNamespaces(isRoot)
+        # Here: pid 1 of the new pid namespace.
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, _exitOnSignal)
+        _RootBuilder(plan, os.getuid() if uid is None else uid,
+                     os.getgid() if gid is None else gid,
+                     int(limits.get("tmp") or TMP_SIZE)).build()
+        socket.sethostname(HOSTNAME)
+        _loopbackUp()
+        layers.append("namespaces(%s)" % (",".join(names),))
+    elif uid is not None:
+        _chownTree(jobDir, uid, gid)
+    os.chdir(jobDir)
+    os.environ["HOME"] = "/tmp" if mode != "none" else jobDir
+    os.environ["TMPDIR"] = "/tmp" if mode != "none" else jobDir
+    tempfile.tempdir = None
+    if _applyLimits(limits):
+        layers.append("rlimits")
+    os.setpriority(os.PRIO_PROCESS, 0, 19)
+    layers.append("nice19")
+    _dropBoundingSet()
+    if uid is not None:
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+        layers.append("uid %d" % (uid,))
+    elif isRoot:
+        layers.append("uid 0 without capabilities")
+    _dropCapabilities()
+    if mode == "apparmor":
+        _changeProfile(FIT_PROFILE)
+        layers.insert(0, "apparmor(%s)" % (FIT_PROFILE,))
+    _prctl(PR_SET_NO_NEW_PRIVS, 1)
+    _prctl(PR_SET_DUMPABLE, 0)
+    if keepFds is not None:
+        _closeFds(list(keepFds) + ([lifeline] if lifeline is not None else []))
+    if lifeline is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        ready, _, _ = select.select([lifeline], [], [], 0)
+        if ready:
+            os._exit(128 + signal.SIGKILL)
+        os.close(lifeline)
+    return "+".join(layers)
+
+
+def _appArmorMissing():
+    """Why this host cannot apply the fit profile, or ``None`` if it can."""
+    if not os.path.isdir("/sys/module/apparmor"):
+        return "kernel has no AppArmor"
+    try:
+        with open("/sys/module/apparmor/parameters/enabled") as f:
+            if f.read().strip() != "Y":
+                return "AppArmor is disabled in the kernel"
+    except OSError as e:
+        return "cannot read AppArmor state: %s" % (e,)
+    try:
+        with open("/sys/kernel/security/apparmor/profiles") as f:
+            loaded = [line.split(" (")[0] for line in f]
+    except OSError as e:
+        return "cannot list AppArmor profiles: %s" % (e,)
+    if FIT_PROFILE not in loaded:
+        return ("profile %s is not loaded (apparmor_parser -r apparmor.d/%s)"
+                % (FIT_PROFILE, FIT_PROFILE))
+    return None
+
+
+def _namespacesMissing():
+    """
+    Why this host cannot confine a fit in namespaces, or ``None`` if it can:
+    a trial ``confine`` in a throw-away child, so that every step (unshare,
+    /proc, pivot_root) is tried at worker start and not first on a user's job.
+    """
+    jobDir = tempfile.mkdtemp(prefix="reflworkerd-probe-")
+    readEnd, writeEnd = os.pipe()
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(readEnd)
+                confine(jobDir, "namespaces", {})
+                os._exit(0)
+            except BaseException as e:
+                try:
+                    os.write(writeEnd, ("%s: %s" % (type(e).__name__, e)).encode()[:4000])
+                finally:
+                    os._exit(1)
+        os.close(writeEnd)
+        writeEnd = None
+        message = b""
+        while True:
+            chunk = os.read(readEnd, 4096)
+            if not chunk:
+                break
+            message += chunk
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) == 0:
+            return None
+        return message.decode(errors="replace") or "probe ended with status %d" % (status,)
+    finally:
+        os.close(readEnd)
+        if writeEnd is not None:
+            os.close(writeEnd)
+        os.rmdir(jobDir)
+
 
 def choose(mode):
+    """
+    The effective sandbox mode for the worker's ``--sandbox`` option.
+
+    ``auto`` is the strongest of ``apparmor``, ``namespaces`` and ``none``
+    that this host can give, and is logged with the reason the stronger ones
+    were passed over. An explicit mode the host cannot give raises
+    ``SandboxUnavailable``: a worker asked for confinement must not run fits
+    without it.
+    """
     if mode not in MODES:
-        raise SandboxUnavailable("unknown sandbox mode %r (one of %s)" % (mode, ", ".join(MODES)))
-    if mode in ("apparmor", "namespaces"):
-        raise SandboxUnavailable("--sandbox=%s is not implemented yet" % (mode,))
+        raise SandboxUnavailable("unknown sandbox mode %r (one of %s)"
+                                 % (mode, ", ".join(MODES)))
+    if mode == "none":
+        _log.warn("sandbox: none (fits run with resource limits only)")
+        return "none"
+    nsMissing = _namespacesMissing()
+    if mode in ("apparmor", "auto"):
+        aaMissing = _appArmorMissing() or (
+            nsMissing and "namespaces unavailable: %s" % (nsMissing,))
+        if aaMissing is None:
+            _log.info("sandbox: apparmor ({profile} over namespaces)", profile=FIT_PROFILE)
+            return "apparmor"
+        if mode == "apparmor":
+            raise SandboxUnavailable("--sandbox=apparmor: %s" % (aaMissing,))
+    if nsMissing is None:
+        if mode == "auto":
+            _log.info("sandbox: namespaces (no apparmor: {reason})", reason=aaMissing)
+        else:
+            _log.info("sandbox: namespaces")
+        return "namespaces"
+    if mode == "namespaces":
+        raise SandboxUnavailable("--sandbox=namespaces: %s" % (nsMissing,))
+    _log.warn("sandbox: none (no apparmor: {aaReason}; no namespaces: {nsReason})",
+              aaReason=aaMissing, nsReason=nsMissing)
     return "none"
-
-
-def confine(jobDir, mode, limits):
-    """Confine this (forked) process to run one fit in ``jobDir``."""
-    os.chdir(jobDir)
-    os.nice(19)
-    for name, value in (limits or {}).items():
-        rlimit = {"cpu": resource.RLIMIT_CPU, "memory": resource.RLIMIT_AS,
-                  "fsize": resource.RLIMIT_FSIZE, "nproc": resource.RLIMIT_NPROC,
-                  "nofile": resource.RLIMIT_NOFILE}[name]
-        resource.setrlimit(rlimit, (value, value))
-    return "rlimits"
