@@ -103,6 +103,7 @@ class QueueServer(service.Service):
                 d.callback(None)
         if self.journal is not None:
             yield self.journal.close()
+            self._log.info("journal flushed and closed")
         self._pool.stop()
 
     # ---- the one way state changes
