@@ -7,7 +7,9 @@ through StubTreq, in memory.
 
 import json
 import os
+import shutil
 import socket
+import tempfile
 
 import treq
 from treq.testing import StubTreq
@@ -30,8 +32,8 @@ class ServerCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def setUp(self):
-        self.stateDir = self.mktemp()
-        os.makedirs(self.stateDir)
+        self.stateDir = tempfile.mkdtemp(prefix="reflservd-test-")
+        self.addCleanup(shutil.rmtree, self.stateDir, True)
         yield self.startServer()
 
     @defer.inlineCallbacks
@@ -282,8 +284,8 @@ class StubTreqTests(unittest.TestCase):
     """The refusals in memory: no socket, no journal write."""
 
     def setUp(self):
-        stateDir = self.mktemp()
-        os.makedirs(stateDir)
+        stateDir = tempfile.mkdtemp(prefix="reflservd-test-")
+        self.addCleanup(shutil.rmtree, stateDir, True)
         self.server = QueueServer(stateDir, reactor)
         self.server.startService()
         self.addCleanup(self.server.stopService)
