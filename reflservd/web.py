@@ -3,6 +3,7 @@ multipart parsing, and a request class that refuses an oversized body before
 reading it."""
 
 import json
+import time
 
 import multipart
 from klein import Klein
@@ -189,6 +190,15 @@ class CappedRequest(server.Request):
         if self.refused:
             return
         server.Request.requestReceived(self, command, path, version)
+
+    def process(self):
+        metrics = getattr(self.channel.site, "metrics", None)
+        if metrics is not None:
+            began = time.monotonic()
+            method = self.method.decode("ascii", "replace")
+            self.notifyFinish().addBoth(
+                lambda _: metrics.observeRequest(method, time.monotonic() - began))
+        server.Request.process(self)
 
 
 class Site(server.Site):
