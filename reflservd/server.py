@@ -39,7 +39,10 @@ class QueueServer(service.Service):
     _log = Logger()
 
     def __init__(self, stateDir, reactor, leaseTimeout=60.0, maxAttempts=3,
-                 snapshotEvery=100_000, metrics=None, notifier=None):
+                 snapshotEvery=100_000, metrics=None, notifier=None, runInThread=None):
+        """``runInThread(f, *args) -> Deferred`` runs the disk work; by default
+        thread pools. Tests of the logic pass one that runs it inline, with a
+        ``Clock`` as the reactor."""
         self.stateDir = stateDir
         self.reactor = reactor
         self.leaseTimeout = leaseTimeout
@@ -54,6 +57,7 @@ class QueueServer(service.Service):
         self._eventWaiters = {}     # jobId -> [(after, Deferred)]
         self._expiry = None
         self._generation = 0
+        self._runInThread = runInThread
         self._pool = ThreadPool(minthreads=1, maxthreads=4, name="reflservd-store")
 
     # ---- life
@@ -66,7 +70,8 @@ class QueueServer(service.Service):
         """Load the snapshot and replay the journal (blocking: start-up only)."""
         started = time.monotonic()
         self.journal = Journal(self.stateDir, self.reactor, snapshotEvery=self.snapshotEvery,
-                               snapshotState=lambda: self.queue.snapshot())
+                               snapshotState=lambda: self.queue.snapshot(),
+                               runInThread=self._runInThread)
         if self.metrics is not None:
             self.journal.onBatch = self.metrics.journalBatch
         recovery = self.journal.load()
@@ -79,7 +84,8 @@ class QueueServer(service.Service):
             "{removed} unrecorded job directories removed",
             jobs=len(self.queue.jobs), pending=self.queue.pendingCount(),
             seconds=time.monotonic() - started, removed=removed)
-        self._pool.start()
+        if self._runInThread is None:
+            self._pool.start()
         self._expiry = task.LoopingCall(self.expireLeases)
         self._expiry.clock = self.reactor
         self._expiry.start(min(1.0, self.leaseTimeout / 4), now=False)
@@ -104,7 +110,8 @@ class QueueServer(service.Service):
         if self.journal is not None:
             yield self.journal.close()
             self._log.info("journal flushed and closed")
-        self._pool.stop()
+        if self._runInThread is None:
+            self._pool.stop()
 
     # ---- the one way state changes
 
@@ -128,6 +135,8 @@ class QueueServer(service.Service):
                        % (failure.getErrorMessage(),))
 
     def inThread(self, f, *args):
+        if self._runInThread is not None:
+            return self._runInThread(f, *args)
         return threads.deferToThreadPool(self.reactor, self._pool, f, *args)
 
     def _now(self):

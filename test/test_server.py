@@ -1,0 +1,160 @@
+"""QueueServer logic on a Clock, with the real journal running inline: lease
+expiry, long-poll timeouts and wake-ups, and replay after restarts."""
+
+import json
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from reflservd import queue as Q
+from reflservd.server import QueueServer
+from reflservd.web import APIError
+
+
+def inline(f, *args):
+    return defer.maybeDeferred(f, *args)
+
+
+def result(d):
+    """The result of a Deferred that has fired (inline disk work)."""
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def makeServer(stateDir, clock, **kwargs):
+    server = QueueServer(str(stateDir), clock, runInThread=inline, **kwargs)
+    server.startService()
+    return server
+
+
+def submit(server, name="job", notify="a@x"):
+    request = {"name": name, "notify": notify, "service": "count", "data": 1}
+    return result(server.submit(request, [], "10.0.0.1"))
+
+
+def test_expired_lease_requeues_then_ends_error_worker_lost(tmp_path):
+    clock = Clock()
+    server = makeServer(tmp_path, clock, leaseTimeout=10, maxAttempts=2)
+    job = submit(server)
+    assert result(server.lease("q")).id == job.id
+    clock.advance(5)
+    server.heartbeat(job.id, 1, {"step": 1})
+    clock.advance(9)
+    assert job.status == Q.ACTIVE  # the heartbeat carried it past 10 s
+    clock.advance(2)
+    assert (job.status, job.attempts) == (Q.PENDING, 1)
+    assert result(server.lease("q")).lease == 2
+    clock.advance(11)
+    assert job.status == Q.ERROR and "worker lost" in job.error
+    result(server.stopService())
+
+
+def test_waiting_lease_times_out_with_none_and_wakes_on_submit(tmp_path):
+    clock = Clock()
+    server = makeServer(tmp_path, clock)
+    waiting = server.lease("q", timeout=30)
+    clock.advance(29)
+    assert not waiting.called
+    clock.advance(1)
+    assert result(waiting) is None
+    waiting = server.lease("q", timeout=30)
+    job = submit(server)
+    assert result(waiting).id == job.id
+    result(server.stopService())
+
+
+def test_cancelled_long_poll_leaves_no_waiter(tmp_path):
+    """Klein cancels the Deferred when the client goes away."""
+    clock = Clock()
+    server = makeServer(tmp_path, clock)
+    waiting = server.lease("q", timeout=30)
+    waiting.cancel()
+    waiting.addErrback(lambda f: f.trap(defer.CancelledError))
+    job = submit(server)
+    assert job.status == Q.PENDING
+    assert result(server.lease("q")).id == job.id
+    result(server.stopService())
+
+
+def test_events_long_poll_wakes_on_progress(tmp_path):
+    clock = Clock()
+    server = makeServer(tmp_path, clock)
+    job = submit(server)
+    result(server.lease("q"))
+    waiting = server.events(job.id, after=2, timeout=20)
+    assert not waiting.called
+    server.heartbeat(job.id, 1, {"step": 4, "chisq": 1.5})
+    events = result(waiting)
+    assert [(e["type"], e["progress"]) for e in events] == [("progress", {"step": 4, "chisq": 1.5})]
+    result(server.stopService())
+
+
+def test_fitter_service_refused_and_nothing_stored(tmp_path):
+    server = makeServer(tmp_path, Clock())
+    with pytest.raises(APIError) as caught:
+        result(server.submit({"name": "x", "notify": "", "service": "fitter"}, [], "h"))
+    assert caught.value.code == 400
+    assert server.queue.jobs == {} and server.store.files(1, "upload") == []
+    result(server.stopService())
+
+
+operations = st.lists(st.tuples(
+    st.sampled_from(["submit", "lease", "heartbeat", "expire", "cancel", "complete",
+                     "delete", "restart"]),
+    st.integers(min_value=0, max_value=5)), max_size=40)
+
+
+def _comparable(queue):
+    state = queue.snapshot()
+    for job in state["jobs"]:
+        job.pop("progress")
+    return json.dumps(state, sort_keys=True)
+
+
+@settings(max_examples=40, deadline=None)
+@given(operations, st.integers(min_value=2, max_value=7))
+def test_random_operations_survive_restarts_through_the_real_journal(tmp_path_factory, ops, every):
+    """Restarting (closing the journal and loading it again, with snapshots
+    every few records) always gives back the live state."""
+    stateDir = tmp_path_factory.mktemp("state")
+    clock = Clock()
+    server = makeServer(stateDir, clock, leaseTimeout=5, maxAttempts=2, snapshotEvery=every)
+    for op, pick in ops:
+        ids = sorted(server.queue.jobs)
+        jobId = ids[pick % len(ids)] if ids else None
+        try:
+            if op == "submit":
+                submit(server, notify="u%d@x" % (pick % 2))
+            elif op == "lease":
+                result(server.lease("q"))
+            elif op == "expire":
+                clock.advance(6)
+            elif op == "restart":
+                before = _comparable(server.queue)
+                result(server.stopService())
+                server = makeServer(stateDir, clock, leaseTimeout=5, maxAttempts=2,
+                                    snapshotEvery=every)
+                assert _comparable(server.queue) == before
+            elif jobId is None:
+                continue
+            elif op == "heartbeat":
+                server.heartbeat(jobId, server.queue.jobs[jobId].lease, {"step": pick})
+            elif op == "cancel":
+                result(server.cancel(jobId))
+            elif op == "complete":
+                result(server.complete(jobId, server.queue.jobs[jobId].lease, Q.COMPLETE, {"x": 1}))
+            elif op == "delete":
+                result(server.delete(jobId))
+        except Q.QueueError:
+            pass
+    before = _comparable(server.queue)
+    result(server.stopService())
+    server = makeServer(stateDir, clock, leaseTimeout=5, maxAttempts=2, snapshotEvery=every)
+    assert _comparable(server.queue) == before
+    result(server.stopService())
