@@ -117,7 +117,7 @@ def _comparable(queue):
     return json.dumps(state, sort_keys=True)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(operations, st.integers(min_value=2, max_value=7))
 def test_random_operations_survive_restarts_through_the_real_journal(tmp_path_factory, ops, every):
     """Restarting (closing the journal and loading it again, with snapshots
