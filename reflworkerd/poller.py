@@ -1,0 +1,940 @@
+"""The worker's pulling and reporting side: leases, heartbeats, results.
+
+``Poller`` keeps up to ``slots`` fits running. While a slot is free it holds
+one long-poll for a lease on its queue (never more, and never a busy loop:
+a failed or suspiciously quick answer waits out a capped, jittered
+exponential backoff). Each leased job is a ``LeasedJob``: its uploads are
+streamed into ``workDir/jobs/<id>/``, the fit runs through the fit runner
+(``forkserver.ForkServer``), its progress goes to the server in heartbeats at
+most once per ``progressInterval`` (the latest progress wins) and at least
+every third of the lease timeout, and a heartbeat that answers ``cancel``
+cancels the fit.
+
+When the fit ends, every file it left in ``results/`` is uploaded in bounded
+parts and the job is completed with its lease token. Until the server has
+acknowledged the completion the outcome stays on disk
+(``workDir/jobs/<id>.json``): a server that is down only delays delivery, and
+a worker that restarts delivers what its previous run could not. A 409 (or
+404) says the lease is no longer ours: the job is dropped quietly.
+
+``ServerClient`` is the HTTP side of all this (docs/api.md, "For workers"),
+over an injected treq client.
+"""
+
+import json
+import math
+import os
+import random as _random
+import shutil
+import socket
+
+import treq
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+RESULTS_DIR = "results"
+PART_SIZE = 8 * 1024 * 1024
+"""Bytes per PUT of a result file: the server buffers each request body whole."""
+
+LEASE_MARGIN = 15.0
+"""Seconds a lease long-poll may take past its own timeout before we give up on it."""
+
+
+class ServerError(Exception):
+    """The server answered with an error status, or could not be reached (``code`` None)."""
+
+    def __init__(self, code, message):
+        Exception.__init__(self, message)
+        self.code = code
+        self.message = message
+
+    @property
+    def stale(self):
+        """The lease is not ours any more (or the job is gone): drop the job."""
+        return self.code in (404, 409)
+
+    @property
+    def transient(self):
+        """Worth trying again later: no answer, a server error, or a plea to slow down."""
+        return self.code is None or self.code >= 500 or self.code in (408, 429)
+
+    def __str__(self):
+        if self.code is None:
+            return self.message
+        return "%d %s" % (self.code, self.message)
+
+
+def checkName(name):
+    """A server-given file name that is safe to create in a job directory."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+            or "\\" in name or "\0" in name or name.startswith(".")):
+        raise ValueError("unsafe file name %r" % (name,))
+    return name
+
+
+def finite(value):
+    """JSON has no NaN or infinity: such numbers become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+class ServerClient:
+    """The worker routes of one reflservd server, over a treq client.
+
+    Every method returns a Deferred; an error status or a failure to reach the
+    server errbacks with `ServerError`.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, http, baseURL, token=None, requestTimeout=60.0):
+        self.reactor = reactor
+        self.http = http
+        self.baseURL = baseURL.rstrip("/")
+        self.token = token
+        self.requestTimeout = requestTimeout
+
+    def _headers(self, extra=None):
+        headers = {b"Accept": [b"application/json"]}
+        if self.token:
+            headers[b"Authorization"] = [b"Bearer " + self.token.encode("latin-1")]
+        headers.update(extra or {})
+        return headers
+
+    @defer.inlineCallbacks
+    def _call(self, method, path, params=None, body=None, data=None, timeout=None):
+        headers = {}
+        if body is not None:
+            data = json.dumps(finite(body)).encode("utf-8")
+            headers[b"Content-Type"] = [b"application/json"]
+        elif data is not None:
+            headers[b"Content-Type"] = [b"application/octet-stream"]
+        try:
+            response = yield self.http.request(
+                method, self.baseURL + path, params=params, data=data,
+                headers=self._headers(headers), reactor=self.reactor,
+                timeout=timeout or self.requestTimeout)
+            content = yield response.content()
+        except Exception as e:
+            raise ServerError(None, "%s %s: %s" % (method, path, _describe(e)))
+        if response.code >= 400:
+            try:
+                message = json.loads(content)["error"]
+            except Exception:
+                message = content[:200].decode("utf-8", "replace")
+            raise ServerError(response.code, "%s %s: %s" % (method, path, message))
+        if response.code == 204 or not content:
+            return None
+        try:
+            return json.loads(content)
+        except ValueError:
+            raise ServerError(None, "%s %s: the answer is not JSON" % (method, path))
+
+    def lease(self, queueName, timeout, worker=None):
+        """The lease record of the next job, or None when none came within ``timeout``."""
+        return self._call("POST", "/api/v1/queues/%s/lease" % (queueName,),
+                          params={"timeout": "%g" % (timeout,)},
+                          body={"worker": worker} if worker else None,
+                          timeout=timeout + LEASE_MARGIN)
+
+    def heartbeat(self, jobId, lease, progress=None, confinement=None):
+        body = {"lease": lease}
+        if progress is not None:
+            body["progress"] = progress
+        if confinement:
+            body["confinement"] = confinement
+        return self._call("POST", "/api/v1/jobs/%d/heartbeat" % (jobId,), body=body)
+
+    def complete(self, jobId, lease, outcome):
+        body = {"lease": lease, "status": outcome.get("status")}
+        for field in ("result", "error", "trace", "confinement"):
+            if outcome.get(field) is not None:
+                body[field] = outcome[field]
+        return self._call("POST", "/api/v1/jobs/%d/complete" % (jobId,), body=body)
+
+    def release(self, jobId, lease):
+        return self._call("POST", "/api/v1/jobs/%d/release" % (jobId,), body={"lease": lease})
+
+    @defer.inlineCallbacks
+    def download(self, jobId, name, path):
+        """Stream the job's upload ``name`` to ``path`` (written aside, then renamed); its size."""
+        url = "%s/api/v1/jobs/%d/files/%s" % (self.baseURL, jobId, name)
+        temporary = os.path.join(os.path.dirname(path), ".download-" + os.path.basename(path))
+        try:
+            response = yield self.http.request(
+                "GET", url, params={"kind": "upload"}, headers=self._headers(),
+                reactor=self.reactor, timeout=self.requestTimeout, unbuffered=True)
+        except Exception as e:
+            raise ServerError(None, "GET %s: %s" % (url, _describe(e)))
+        if response.code != 200:
+            content = yield response.content()
+            try:
+                message = json.loads(content)["error"]
+            except Exception:
+                message = content[:200].decode("utf-8", "replace")
+            raise ServerError(response.code, "GET %s: %s" % (url, message))
+        size = [0]
+        with open(temporary, "wb") as f:
+            def write(data):
+                f.write(data)
+                size[0] += len(data)
+            try:
+                yield treq.collect(response, write)
+            except Exception as e:
+                raise ServerError(None, "GET %s: %s" % (url, _describe(e)))
+        os.rename(temporary, path)
+        return size[0]
+
+    @defer.inlineCallbacks
+    def putFile(self, jobId, lease, name, path, partSize=PART_SIZE):
+        """Upload the file at ``path`` as the job's result ``name``, in parts of ``partSize``."""
+        offset = 0
+        with _openPlain(path) as f:
+            while True:
+                part = f.read(partSize)
+                last = len(part) < partSize or not _more(f)
+                params = {"lease": str(lease), "offset": str(offset)}
+                if last:
+                    params["last"] = "1"
+                yield self._call("PUT", "/api/v1/jobs/%d/files/%s" % (jobId, name),
+                                 params=params, data=part)
+                offset += len(part)
+                if last:
+                    return offset
+
+
+def _more(f):
+    """Whether the file has bytes past the current position."""
+    here = f.tell()
+    more = bool(f.read(1))
+    f.seek(here)
+    return more
+
+
+def _openPlain(path):
+    """Open a file the fit left, refusing links (a hostile fit could point one
+    at the worker's own files)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    f = os.fdopen(fd, "rb")
+    info = os.fstat(fd)
+    import stat
+    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+        f.close()
+        raise OSError("%s is not a plain file" % (path,))
+    return f
+
+
+def resultFiles(jobDir):
+    """The names of the plain files the fit left in ``jobDir/results``, sorted."""
+    import stat
+    folder = os.path.join(jobDir, RESULTS_DIR)
+    try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return []
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    kept = []
+    for name in sorted(names):
+        try:
+            checkName(name)
+            info = os.lstat(os.path.join(folder, name))
+        except (ValueError, OSError):
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+            kept.append(name)
+    return kept
+
+
+def _describe(exc):
+    text = str(exc) or type(exc).__name__
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+class Backoff:
+    """Capped exponential delays with jitter: ``initial``, doubling, up to ``cap``.
+
+    Each delay is drawn in [d/2, d) from the injected ``random`` (a function
+    returning floats in [0, 1)), so that many workers that lost the same
+    server do not come back in step.
+    """
+
+    def __init__(self, initial=0.5, cap=30.0, factor=2.0, random=_random.random):
+        self.initial = initial
+        self.cap = cap
+        self.factor = factor
+        self.random = random
+        self.failures = 0
+
+    def next(self):
+        delay = min(self.cap, self.initial * self.factor ** self.failures)
+        self.failures += 1
+        return delay * (0.5 + 0.5 * self.random())
+
+    def reset(self):
+        self.failures = 0
+
+
+class Reachability:
+    """Logs when the server goes away and when it comes back, once each."""
+
+    _log = Logger()
+
+    def __init__(self, url):
+        self.url = url
+        self.down = False
+
+    def failed(self, error):
+        if not self.down:
+            self.down = True
+            self._log.warn("server {url} unreachable ({why}); retrying with backoff",
+                           url=self.url, why=str(error))
+
+    def ok(self):
+        if self.down:
+            self.down = False
+            self._log.info("server {url} reachable again", url=self.url)
+
+
+class LeasedJob:
+    """One job this worker holds a lease on, from the lease to the acknowledged result.
+
+    Its state lives in ``workDir/jobs/<id>.json`` (id, lease, and once the fit
+    ended its outcome) beside the job directory ``workDir/jobs/<id>/``, which
+    the fit may write to and so is never trusted for the worker's own state.
+    """
+
+    _log = Logger()
+
+    def __init__(self, poller, jobId, lease, leaseTimeout, request=None, files=(),
+                 outcome=None, uploaded=()):
+        self.poller = poller
+        self.reactor = poller.reactor
+        self.client = poller.client
+        self.jobId = jobId
+        self.lease = lease
+        self.leaseTimeout = leaseTimeout
+        self.request = request
+        self.files = [tuple(f) for f in files]
+        self.outcome = outcome
+        self.uploaded = set(uploaded)
+        self.jobDir = os.path.join(poller.jobsDir, str(int(jobId)))
+        self.statePath = self.jobDir + ".json"
+        self.fitRun = None
+        self.dropped = False
+        self.releasing = False
+        self.finished = defer.Deferred()
+        self.fitEnded = defer.Deferred()
+        self.cancelled = False
+        self._pendingProgress = None
+        self._confinementSent = None
+        self._lastBeat = None
+        self._beatCall = None
+        self._beating = None
+        self._beatBackoff = poller.makeBackoff(cap=self.keepalive())
+        self._working = None
+        self._stopped = False
+        self.halted = False
+
+    # ---- state on disk
+
+    def saveState(self):
+        state = {"id": self.jobId, "lease": self.lease, "leaseTimeout": self.leaseTimeout,
+                 "outcome": self.outcome, "uploaded": sorted(self.uploaded)}
+        temporary = self.statePath + ".tmp"
+        with open(temporary, "w") as f:
+            json.dump(finite(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(temporary, self.statePath)
+
+    def cleanUp(self):
+        shutil.rmtree(self.jobDir, ignore_errors=True)
+        for path in (self.statePath, self.statePath + ".tmp"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    # ---- life
+
+    def start(self):
+        """Download the uploads, run the fit, deliver its outcome."""
+        shutil.rmtree(self.jobDir, ignore_errors=True)
+        os.makedirs(self.jobDir)
+        self.saveState()
+        self._scheduleBeat()
+        self._working = self._run()
+        self._working.addErrback(self._failed)
+        return self.finished
+
+    def resume(self):
+        """Deliver an outcome that a previous run of the worker left undelivered."""
+        self._endFit(None)
+        self._scheduleBeat()
+        self._working = self._deliverThenFinish()
+        self._working.addErrback(self._failed)
+        return self.finished
+
+    def releaseLost(self):
+        """Give back a job whose fit a previous run of the worker lost."""
+        self._endFit(None)
+        self._working = self._release()
+        self._working.addBoth(lambda _: self._finish())
+        return self.finished
+
+    def _failed(self, failure):
+        if failure.check(_Halted):
+            self._log.warn("job {jobId}: the worker stops before its outcome was delivered; "
+                           "it stays in {path} for the next start", jobId=self.jobId,
+                           path=self.statePath)
+            self._endFit(None)
+            self._stopBeats()
+            if not self.finished.called:
+                self.finished.callback(None)
+            return
+        self._log.failure("job {jobId}: unexpected failure; dropped", failure, jobId=self.jobId)
+        self._endFit(None)
+        self._finish()
+
+    @defer.inlineCallbacks
+    def _run(self):
+        try:
+            yield self._download()
+        except _Dropped:
+            pass
+        except ServerError as e:
+            self._log.error("job {jobId}: its files could not be downloaded ({why}); "
+                            "reporting an error", jobId=self.jobId, why=str(e))
+            self.outcome = _errorOutcome("the worker could not download the job's files: %s" % (e,))
+        except OSError as e:
+            self.outcome = _errorOutcome("the worker could not store the job's files: %s" % (e,))
+        if self.outcome is None and not (self.dropped or self.releasing or self.cancelled):
+            self._log.info("job {jobId} (lease {lease}): fit starts", jobId=self.jobId,
+                           lease=self.lease)
+            self.fitRun = self.poller.runner.run(self.jobId, self.jobDir, self.request, self.progress)
+            try:
+                self.outcome = yield self.fitRun.done
+            except Exception as e:
+                self.outcome = _errorOutcome("the worker lost the fit: %s" % (e,))
+            self._log.info("job {jobId}: fit ended {status}", jobId=self.jobId,
+                           status=self.outcome.get("status"))
+        elif self.outcome is None:
+            self.outcome = {"status": "CANCEL", "result": None, "error": None, "trace": None}
+        self._endFit(self.outcome)
+        if self.dropped:
+            self._finish()
+            return
+        if self.releasing:
+            yield self._release()
+            self._finish()
+            return
+        self.saveState()
+        yield self._deliverThenFinish()
+
+    def _endFit(self, outcome):
+        if not self.fitEnded.called:
+            self.fitEnded.callback(outcome)
+
+    def _checkHalted(self):
+        if self.halted:
+            raise _Halted()
+
+    @defer.inlineCallbacks
+    def _download(self):
+        backoff = self.poller.makeBackoff()
+        for name, size in self.files:
+            checkName(name)
+            path = os.path.join(self.jobDir, name)
+            while True:
+                if self.dropped or self.cancelled or self.releasing:
+                    raise _Dropped()
+                try:
+                    got = yield self.client.download(self.jobId, name, path)
+                except ServerError as e:
+                    if e.stale:
+                        self.drop(str(e))
+                        raise _Dropped()
+                    if not e.transient:
+                        raise
+                    self.poller.reachability.failed(e)
+                    yield self.poller.sleep(backoff.next())
+                    continue
+                self.poller.reachability.ok()
+                if size is not None and got != size:
+                    raise ServerError(None, "upload %r is %d bytes, the server said %d" % (name, got, size))
+                break
+
+    @defer.inlineCallbacks
+    def _deliverThenFinish(self):
+        yield self._deliver()
+        self._finish()
+
+    @defer.inlineCallbacks
+    def _deliver(self):
+        """Upload the result files, then complete; until acknowledged or refused as stale."""
+        backoff = self.poller.makeBackoff()
+        refusedOnce = False
+        while not self.dropped:
+            self._checkHalted()
+            try:
+                for name in resultFiles(self.jobDir):
+                    if name in self.uploaded:
+                        continue
+                    try:
+                        yield self.client.putFile(self.jobId, self.lease, name,
+                                                  os.path.join(self.jobDir, RESULTS_DIR, name),
+                                                  self.poller.partSize)
+                    except ServerError as e:
+                        if e.stale or e.transient:
+                            raise
+                        self._log.error("job {jobId}: result file {name} refused ({why}); "
+                                        "skipped", jobId=self.jobId, name=name, why=str(e))
+                    except OSError as e:
+                        self._log.warn("job {jobId}: result file {name} not sent ({why})",
+                                       jobId=self.jobId, name=name, why=str(e))
+                    self.uploaded.add(name)
+                    self.saveState()
+                try:
+                    yield self.client.complete(self.jobId, self.lease, self.outcome)
+                except ServerError as e:
+                    if e.stale or e.transient or refusedOnce:
+                        raise
+                    refusedOnce = True
+                    self._log.error("job {jobId}: the server refused its outcome ({why}); "
+                                    "reporting that instead", jobId=self.jobId, why=str(e))
+                    self.outcome = _errorOutcome("the server refused the worker's outcome: %s" % (e,),
+                                                 self.outcome.get("confinement"))
+                    continue
+            except ServerError as e:
+                self._checkHalted()
+                if e.stale:
+                    self.drop(str(e))
+                    return
+                if not e.transient:
+                    self._log.error("job {jobId}: delivery refused ({why}); dropped",
+                                    jobId=self.jobId, why=str(e))
+                    self.dropped = True
+                    return
+                self.poller.reachability.failed(e)
+                try:
+                    yield self.poller.sleep(backoff.next())
+                except defer.CancelledError:
+                    raise _Halted()
+                continue
+            self.poller.reachability.ok()
+            self._log.info("job {jobId}: {status} delivered", jobId=self.jobId,
+                           status=self.outcome.get("status"))
+            return
+
+    @defer.inlineCallbacks
+    def _release(self):
+        """Hand the job back (the worker stops); a few tries, then the lease runs out."""
+        backoff = self.poller.makeBackoff()
+        for attempt in range(3):
+            try:
+                yield self.client.release(self.jobId, self.lease)
+            except ServerError as e:
+                if e.transient and attempt < 2 and not self.halted:
+                    try:
+                        yield self.poller.sleep(backoff.next())
+                    except defer.CancelledError:
+                        return
+                    continue
+                self._log.info("job {jobId}: not released ({why}); its lease will run out",
+                               jobId=self.jobId, why=str(e))
+                return
+            self._log.info("job {jobId}: released back to the queue", jobId=self.jobId)
+            return
+
+    def _finish(self):
+        self._stopBeats()
+        self.cleanUp()
+        if not self.finished.called:
+            self.finished.callback(None)
+
+    # ---- control
+
+    def cancelFit(self, why):
+        """Stop the fit at the server's request; its CANCEL outcome is delivered."""
+        self._log.info("job {jobId}: cancelling the fit ({why})", jobId=self.jobId, why=why)
+        self.cancelled = True
+        if self.fitRun is not None:
+            self.fitRun.cancel(self.poller.cancelGrace)
+
+    def drop(self, why):
+        """The lease is not ours any more: stop the fit, deliver nothing."""
+        if self.dropped:
+            return
+        self._log.info("job {jobId}: lease {lease} is not current ({why}); dropped",
+                       jobId=self.jobId, lease=self.lease, why=why)
+        self.dropped = True
+        self._stopBeats()
+        if self.fitRun is not None and not self.fitEnded.called:
+            self.fitRun.cancel(self.poller.cancelGrace)
+
+    def releaseOnStop(self):
+        """The worker stops with ``--drain=release``: end the fit and give the job back."""
+        if self.fitEnded.called:
+            return
+        self.releasing = True
+        if self.fitRun is not None:
+            self.fitRun.cancel(self.poller.cancelGrace)
+
+    def halt(self):
+        """The worker stops: leave an undelivered outcome on disk for the next start."""
+        self.halted = True
+        if self._working is not None and not self.finished.called:
+            self._working.cancel()
+
+    # ---- heartbeats
+
+    def keepalive(self):
+        return max(self.leaseTimeout / 3.0, 0.1)
+
+    def progress(self, progress):
+        """Progress from the fit (in the reactor thread): sent with the next heartbeat."""
+        if not isinstance(progress, dict):
+            return
+        self._pendingProgress = progress
+        self._scheduleBeat()
+
+    def _scheduleBeat(self):
+        if self._stopped or self._beating is not None:
+            return
+        now = self.reactor.seconds()
+        if self._lastBeat is None:
+            due = now if self._pendingProgress is not None else now + self.keepalive()
+        elif self._pendingProgress is not None or self._confinementChanged():
+            due = self._lastBeat + self.poller.progressInterval
+        else:
+            due = self._lastBeat + self.keepalive()
+        delay = max(0.0, due - now)
+        if self._beatCall is not None and self._beatCall.active():
+            if self._beatCall.getTime() <= now + delay:
+                return
+            self._beatCall.cancel()
+        self._beatCall = self.reactor.callLater(delay, self._beat)
+
+    def _confinementChanged(self):
+        confinement = getattr(self.fitRun, "confinement", None) or None
+        return confinement is not None and confinement != self._confinementSent
+
+    def _beat(self):
+        self._beatCall = None
+        if self._stopped:
+            return
+        progress, self._pendingProgress = self._pendingProgress, None
+        confinement = getattr(self.fitRun, "confinement", None) or None
+        if confinement == self._confinementSent:
+            confinement = None
+        self._lastBeat = self.reactor.seconds()
+        d = self._beating = self.client.heartbeat(self.jobId, self.lease, progress, confinement)
+        d.addCallbacks(self._beatAnswered, self._beatFailed,
+                       errbackArgs=(progress,), callbackArgs=(confinement,))
+
+    def _beatAnswered(self, answer, confinement):
+        self._beating = None
+        if self._stopped:
+            return
+        self.poller.reachability.ok()
+        self._beatBackoff.reset()
+        if confinement:
+            self._confinementSent = confinement
+        answer = answer or {}
+        timeout = answer.get("leaseTimeout")
+        if isinstance(timeout, (int, float)) and timeout > 0:
+            self.leaseTimeout = float(timeout)
+            self._beatBackoff.cap = self.keepalive()
+        if answer.get("cancel") and not self.cancelled and not self.fitEnded.called:
+            self.cancelFit("the server asked to cancel it")
+        self._scheduleBeat()
+
+    def _beatFailed(self, failure, progress):
+        self._beating = None
+        if self._stopped:
+            return
+        if not failure.check(ServerError):
+            self._log.failure("job {jobId}: heartbeat", failure, jobId=self.jobId)
+            self._retryBeat(progress)
+            return
+        error = failure.value
+        if error.stale:
+            self.drop(str(error))
+            return
+        self.poller.reachability.failed(error)
+        self._retryBeat(progress)
+
+    def _retryBeat(self, progress):
+        if self._pendingProgress is None:
+            self._pendingProgress = progress
+        if self._stopped:
+            return
+        self._beatCall = self.reactor.callLater(self._beatBackoff.next(), self._beat)
+
+    def _stopBeats(self):
+        self._stopped = True
+        if self._beatCall is not None and self._beatCall.active():
+            self._beatCall.cancel()
+        self._beatCall = None
+        if self._beating is not None:
+            beating, self._beating = self._beating, None
+            beating.cancel()
+
+
+class _Dropped(Exception):
+    """The job was dropped, cancelled or released before its fit started."""
+
+
+class _Halted(Exception):
+    """The worker stops while the job's outcome is still being delivered."""
+
+
+def _errorOutcome(message, confinement=None):
+    return {"status": "ERROR", "result": None, "error": message, "trace": None,
+            "confinement": confinement}
+
+
+class Poller(service.Service):
+    """Keeps up to ``slots`` leased fits running, and delivers what they leave.
+
+    ``runner`` is a `forkserver.ForkServer` (``start``, ``run``, ``stop``);
+    ``client`` a `ServerClient`. ``drain`` says what stopping does with the
+    fits in hand: ``finish`` them (and deliver), or ``release`` them to the
+    queue. ``onFatal(why)`` is called when the runner cannot start.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, client, runner, queueName, workDir, slots=1,
+                 pollTimeout=30.0, drain="finish", workerName=None, random=_random.random,
+                 backoffInitial=0.5, backoffCap=30.0, progressInterval=1.0,
+                 partSize=PART_SIZE, cancelGrace=5.0, deliverGrace=30.0, onFatal=None):
+        if drain not in ("finish", "release"):
+            raise ValueError("drain is 'finish' or 'release', not %r" % (drain,))
+        self.reactor = reactor
+        self.client = client
+        self.runner = runner
+        self.queueName = queueName
+        self.workDir = workDir
+        self.jobsDir = os.path.join(workDir, "jobs")
+        self.slots = slots
+        self.pollTimeout = pollTimeout
+        self.drain = drain
+        self.workerName = workerName
+        self.random = random
+        self.backoffInitial = backoffInitial
+        self.backoffCap = backoffCap
+        self.progressInterval = progressInterval
+        self.partSize = partSize
+        self.cancelGrace = cancelGrace
+        self.deliverGrace = deliverGrace
+        self.onFatal = onFatal
+        self.reachability = Reachability(client.baseURL)
+        self.leaseBackoff = self.makeBackoff()
+        self.jobs = {}          # jobId -> LeasedJob, from lease to acknowledged result
+        self.leasing = set()    # outstanding lease long-polls
+        self._retryCall = None
+        self._ready = False
+        self._draining = False
+        self._sleeps = set()
+
+    def makeBackoff(self, cap=None):
+        return Backoff(self.backoffInitial, cap if cap is not None else self.backoffCap,
+                       random=self.random)
+
+    def sleep(self, seconds):
+        """A Deferred firing after ``seconds`` on the injected clock; cancelled on stop."""
+        d = task.deferLater(self.reactor, seconds, lambda: None)
+        self._sleeps.add(d)
+        d.addBoth(self._slept, d)
+        return d
+
+    def _slept(self, result, d):
+        self._sleeps.discard(d)
+        return result
+
+    def runningFits(self):
+        return [job for job in self.jobs.values() if not job.fitEnded.called]
+
+    # ---- life
+
+    def startService(self):
+        service.Service.startService(self)
+        if self.workerName is None:
+            self.workerName = "%s:%d" % (socket.gethostname(), os.getpid())
+        os.makedirs(self.jobsDir, exist_ok=True)
+        self._resumeDeliveries()
+        d = defer.maybeDeferred(self.runner.start)
+        d.addCallbacks(self._runnerReady, self._runnerFailed)
+
+    def _runnerReady(self, _):
+        if not self.running or self._draining:
+            return
+        self._ready = True
+        self._log.info("worker {worker} taking work from {queue} at {url} with {slots} slot(s)",
+                       worker=self.workerName, queue=self.queueName,
+                       url=self.client.baseURL, slots=self.slots)
+        self.fill()
+
+    def _runnerFailed(self, failure):
+        self._log.failure("the fit runner could not start; this worker takes no work", failure)
+        if self.onFatal is not None:
+            self.onFatal(failure.getErrorMessage())
+
+    def _resumeDeliveries(self):
+        """Outcomes a previous run left undelivered go out; fits it lost go back."""
+        for entry in sorted(os.listdir(self.jobsDir)):
+            path = os.path.join(self.jobsDir, entry)
+            if entry.endswith(".json.tmp"):
+                os.unlink(path)
+                continue
+            if not entry.endswith(".json"):
+                if not os.path.exists(path + ".json"):
+                    shutil.rmtree(path, ignore_errors=True)
+                continue
+            try:
+                with open(path) as f:
+                    state = json.load(f)
+                job = LeasedJob(self, int(state["id"]), int(state["lease"]),
+                                float(state["leaseTimeout"]), outcome=state.get("outcome"),
+                                uploaded=state.get("uploaded") or ())
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                self._log.warn("unreadable job state {path} ({why}); removed", path=path, why=e)
+                os.unlink(path)
+                continue
+            self.jobs[job.jobId] = job
+            job.finished.addCallback(self._jobFinished, job)
+            if job.outcome is not None:
+                self._log.info("job {jobId}: delivering the outcome a previous run left",
+                               jobId=job.jobId)
+                job.resume()
+            else:
+                self._log.info("job {jobId}: its fit was lost with a previous run; releasing it",
+                               jobId=job.jobId)
+                job.releaseLost()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        """Stop taking work; finish or release the fits in hand (``drain``); give
+        undelivered outcomes ``deliverGrace`` seconds, then leave them on disk."""
+        service.Service.stopService(self)
+        self._draining = True
+        if self._retryCall is not None and self._retryCall.active():
+            self._retryCall.cancel()
+        self._retryCall = None
+        self._cancelLeasing()
+        fits = self.runningFits()
+        if fits:
+            self._log.info("stopping with {n} fit(s) in hand: drain={drain}", n=len(fits),
+                           drain=self.drain)
+        if self.drain == "release":
+            for job in fits:
+                job.releaseOnStop()
+        yield defer.DeferredList([job.fitEnded for job in fits])
+        pending = [job for job in self.jobs.values() if not job.finished.called]
+        if pending:
+            timer = self.reactor.callLater(self.deliverGrace, self._haltDeliveries)
+            yield defer.DeferredList([job.finished for job in pending])
+            if timer.active():
+                timer.cancel()
+        for d in list(self._sleeps):
+            d.cancel()
+        yield defer.maybeDeferred(self.runner.stop)
+
+    def _haltDeliveries(self):
+        for job in list(self.jobs.values()):
+            job.halt()
+
+    # ---- leasing
+
+    def fill(self):
+        """Hold one lease long-poll for each free slot (none while backing off)."""
+        if not self.running or self._draining or not self._ready or self._retryCall is not None:
+            return
+        while len(self.leasing) + len(self.runningFits()) < self.slots:
+            self._requestLease()
+
+    def _requestLease(self):
+        started = self.reactor.seconds()
+        d = self.client.lease(self.queueName, self.pollTimeout, self.workerName)
+        self.leasing.add(d)
+        d.addBoth(self._leaseAnswered, d, started)
+        d.addErrback(lambda f: self._log.failure("lease", f))
+
+    def _cancelLeasing(self):
+        leasing, self.leasing = self.leasing, set()
+        for d in leasing:
+            d.cancel()
+
+    def _leaseAnswered(self, result, d, started):
+        if d not in self.leasing:
+            if not isinstance(result, Failure):
+                self._log.warn("a lease came in after its long-poll was cancelled: "
+                               "job {jobId} will wait for its lease to run out",
+                               jobId=result and result.get("id"))
+            return None
+        self.leasing.discard(d)
+        if isinstance(result, Failure):
+            result.trap(ServerError)
+            self.reachability.failed(result.value)
+            self._backOff()
+            return None
+        self.reachability.ok()
+        if result is None:
+            if self.reactor.seconds() - started < self.pollTimeout / 2.0:
+                self._backOff()
+                return None
+            self.leaseBackoff.reset()
+        else:
+            self.leaseBackoff.reset()
+            self._leased(result)
+        self.fill()
+        return None
+
+    def _backOff(self):
+        if self._retryCall is not None or self._draining:
+            return
+        self._cancelLeasing()
+        delay = self.leaseBackoff.next()
+        self._retryCall = self.reactor.callLater(delay, self._retry)
+
+    def _retry(self):
+        self._retryCall = None
+        self.fill()
+
+    def _leased(self, record):
+        try:
+            jobId, lease = int(record["id"]), int(record["lease"])
+            leaseTimeout = float(record.get("leaseTimeout") or 60.0)
+            files = [(checkName(n), s) for n, s in record.get("files") or []]
+            request = record.get("request")
+        except (KeyError, TypeError, ValueError) as e:
+            self._log.error("a lease answer that makes no sense ({why}): {record!r}",
+                            why=e, record=record)
+            return
+        if jobId in self.jobs:
+            self._log.warn("job {jobId} leased again while this worker still holds it",
+                           jobId=jobId)
+            return
+        job = LeasedJob(self, jobId, lease, leaseTimeout, request, files)
+        self.jobs[jobId] = job
+        if self._draining:
+            job.releasing = True
+        self._log.info("job {jobId} leased (lease {lease}, attempt {attempts})", jobId=jobId,
+                       lease=lease, attempts=record.get("attempts"))
+        job.fitEnded.addCallback(lambda _: self.fill())
+        job.finished.addCallback(self._jobFinished, job)
+        job.start()
+
+    def _jobFinished(self, _, job):
+        if self.jobs.get(job.jobId) is job:
+            del self.jobs[job.jobId]
+        self.fill()

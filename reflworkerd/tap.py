@@ -1,0 +1,139 @@
+"""``twistd reflworkerd``: the options and the service tree of a worker."""
+
+import os
+import re
+from urllib.parse import urlsplit
+
+from twisted.application import service
+from twisted.python import usage
+
+from reflworkerd import sandbox
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+def parseBytes(text):
+    """``BYTES``, or a number with a K/M/G/T suffix (powers of 1024)."""
+    match = _SIZE.match(str(text))
+    if not match:
+        raise ValueError("not a size in bytes: %r (e.g. 2000000000 or 2G)" % (text,))
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _positive(value):
+    value = float(value)
+    if not value > 0:
+        raise ValueError("must be positive")
+    return value
+
+
+class Options(usage.Options):
+    synopsis = "--server URL --queue NAME [options]"
+    longdesc = ("A reflservd worker: long-polls its queue for fits, runs each in a "
+                "preloaded fork server, sandboxed, and streams progress and results back.")
+    optParameters = [
+        ["server", "s", None, "URL of the reflservd server, e.g. http://127.0.0.1:8080/."],
+        ["queue", "q", None, "The queue (cluster) to take work from."],
+        ["work-dir", "w", "var/reflworkerd", "Directory of the jobs in hand."],
+        ["slots", None, 1, "Fits run at the same time.", int],
+        ["token-file", None, None, "File holding the server's worker token."],
+        ["poll-timeout", None, 30.0, "Seconds one lease long-poll waits (at most 60).", float],
+        ["sandbox", None, "auto", "Confinement: auto, apparmor, namespaces or none."],
+        ["cpu-limit", None, None, "CPU seconds a fit may use.", _positive],
+        ["memory-limit", None, None, "Address space of a fit, in bytes (K/M/G suffixes).", parseBytes],
+        ["wall-limit", None, None, "Seconds a fit may run.", _positive],
+        ["checkpoint-every", None, 60.0, "Seconds between session checkpoints of long fits.", _positive],
+        ["backend", None, "local", "Where fits run: local (slurm comes later)."],
+        ["drain", None, "finish", "On stop: finish the fits in hand, or release them to the queue."],
+        ["name", None, None, "This worker's name in the server's records (default host:pid)."],
+    ]
+
+    def postOptions(self):
+        if not self["server"]:
+            raise usage.UsageError("--server URL is required")
+        url = urlsplit(self["server"])
+        if url.scheme not in ("http", "https") or not url.netloc:
+            raise usage.UsageError("--server takes an http:// or https:// URL, not %r" % (self["server"],))
+        if not self["queue"]:
+            raise usage.UsageError("--queue NAME is required")
+        if (len(self["queue"]) > 100
+                or not self["queue"].replace("-", "").replace("_", "").replace(".", "").isalnum()):
+            raise usage.UsageError("a queue name is 1-100 letters, digits, '-', '_' or '.'")
+        if self["slots"] < 1:
+            raise usage.UsageError("--slots must be at least 1")
+        if not 0 < self["poll-timeout"] <= 60:
+            raise usage.UsageError("--poll-timeout must be in (0, 60] seconds")
+        if self["backend"] == "slurm":
+            raise usage.UsageError("--backend=slurm is not available yet; use --backend=local")
+        if self["backend"] != "local":
+            raise usage.UsageError("--backend is local (or, later, slurm), not %r" % (self["backend"],))
+        if self["drain"] not in ("finish", "release"):
+            raise usage.UsageError("--drain is finish or release, not %r" % (self["drain"],))
+        try:
+            self["sandbox-effective"] = sandbox.choose(self["sandbox"])
+        except sandbox.SandboxUnavailable as e:
+            raise usage.UsageError("--sandbox=%s: %s" % (self["sandbox"], e))
+        self["token"] = None
+        if self["token-file"] is not None:
+            try:
+                with open(self["token-file"]) as f:
+                    self["token"] = f.read().strip()
+            except OSError as e:
+                raise usage.UsageError("cannot read --token-file %s: %s" % (self["token-file"], e.strerror))
+            if not self["token"]:
+                raise usage.UsageError("--token-file %s is empty" % (self["token-file"],))
+        self["work-dir"] = os.path.abspath(self["work-dir"])
+        limits = {}
+        if self["cpu-limit"] is not None:
+            limits["cpu"] = int(-(-self["cpu-limit"] // 1))
+        if self["memory-limit"] is not None:
+            if self["memory-limit"] < 1 << 20:
+                raise usage.UsageError("--memory-limit below 1 MB leaves a fit no room to start")
+            limits["memory"] = self["memory-limit"]
+        if self["wall-limit"] is not None:
+            limits["wall"] = self["wall-limit"]
+        self["limits"] = limits
+
+
+def _quietFactory():
+    from twisted.web.client import _HTTP11ClientFactory
+
+    class QuietFactory(_HTTP11ClientFactory):
+        """No "Starting factory" line for every connection the pool opens."""
+        noisy = False
+
+    return QuietFactory
+
+
+def makeService(config, reactor=None):
+    """The worker: a `Poller` that owns its fork server and its HTTP client."""
+    if reactor is None:
+        from twisted.internet import reactor
+    from twisted.web.client import Agent, HTTPConnectionPool
+    from treq.client import HTTPClient
+
+    from reflworkerd.forkserver import ForkServer
+    from reflworkerd.poller import Poller, ServerClient
+
+    pool = HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _quietFactory()
+    pool.maxPersistentPerHost = config["slots"] + 2
+    http = HTTPClient(Agent(reactor, pool=pool))
+    client = ServerClient(reactor, http, config["server"], token=config["token"])
+    runner = ForkServer(reactor, sandboxMode=config["sandbox"], limits=config["limits"],
+                        checkpointEvery=config["checkpoint-every"])
+
+    def fatal(why):
+        if reactor.running:
+            reactor.stop()
+
+    poller = Poller(reactor, client, runner, config["queue"], config["work-dir"],
+                    slots=config["slots"], pollTimeout=config["poll-timeout"],
+                    drain=config["drain"],
+                    workerName=config["name"],
+                    onFatal=fatal)
+    poller.setName("poller")
+    top = service.MultiService()
+    poller.setServiceParent(top)
+    return top
