@@ -281,7 +281,8 @@ class RootPlan:
                         break
         return [path for path in found if not _under(self.jobDir, path)]
 
-    def passwd(self, uid, gid):
+    @staticmethod
+    def passwd(uid, gid):
         """A synthetic /etc/passwd and /etc/group: the host's list of users
         is none of the fit's business."""
         users = {0: "root", 65534: "nobody"}
@@ -472,8 +473,7 @@ def _reap(child, lifeline):
     """
     try:
         os.chdir("/")
-        os.closerange(3, lifeline)
-        os.closerange(lifeline + 1, _maxFd())
+        _closeFds({0, 1, 2, lifeline})
         forwarded = set()
 
         def forward(signum, frame):
@@ -502,8 +502,9 @@ def _reap(child, lifeline):
 def _dieBy(signum):
     """End this process by ``signum`` (no core file), as the fit did."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
+    if signum not in (signal.SIGKILL, signal.SIGSTOP):
+        signal.signal(signum, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signum])
     os.kill(os.getpid(), signum)
     os._exit(128 + signum)
 
@@ -513,13 +514,6 @@ def _exitOnSignal(signum, frame):
     handler gives TERM and HUP their usual meaning (the reaper turns the
     exit status back into the signal)."""
     os._exit(128 + signum)
-
-
-def _maxFd():
-    try:
-        return os.sysconf("SC_OPEN_MAX")
-    except (ValueError, OSError):
-        return 65536
 
 
 def _loopbackUp():
@@ -593,12 +587,15 @@ def _chownTree(top, uid, gid):
 
 
 def _closeFds(keep):
-    keep = sorted(set(keep) | {0, 1, 2})
-    low = 0
-    for fd in keep + [_maxFd()]:
-        if fd > low:
-            os.closerange(low, fd)
-        low = fd + 1
+    """Close every descriptor of this process but ``keep``."""
+    keep = set(keep)
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None):
@@ -682,7 +679,7 @@ def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None)
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     _prctl(PR_SET_DUMPABLE, 0)
     if keepFds is not None:
-        _closeFds(list(keepFds) + ([lifeline] if lifeline is not None else []))
+        _closeFds(set(keepFds) | {0, 1, 2} | ({lifeline} if lifeline is not None else set()))
     if lifeline is not None:
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         ready, _, _ = select.select([lifeline], [], [], 0)

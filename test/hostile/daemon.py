@@ -1,0 +1,44 @@
+"""Hostile model: leave a daemon running after the job.
+
+Double-forks, ``setsid``, closes every descriptor and sleeps for ever in the
+grandchild, which first writes its pid (as it sees it) to ``daemon.pid`` in
+the job directory. The script waits until the daemon is set up, then writes
+``hostile-report.json`` and prints it after ``HOSTILE-REPORT``. Whoever runs
+it checks after the job that no such process is left.
+"""
+
+import json
+import os
+import time
+
+
+def save(report):
+    text = json.dumps(report, sort_keys=True)
+    with open("hostile-report.json.tmp", "w") as f:
+        f.write(text)
+    os.replace("hostile-report.json.tmp", "hostile-report.json")
+    print("HOSTILE-REPORT " + text, flush=True)
+
+
+report = {"script": "daemon", "finished": False}
+ready, readyWrite = os.pipe()
+first = os.fork()
+if first == 0:
+    try:
+        os.setsid()
+        if os.fork() == 0:
+            with open("daemon.pid", "w") as f:
+                f.write("%d\n" % os.getpid())
+            os.write(readyWrite, b"ok")
+            os.closerange(0, 65536)
+            while True:
+                time.sleep(3600)
+    finally:
+        os._exit(0)
+os.close(readyWrite)
+report["daemonReady"] = os.read(ready, 2) == b"ok"
+os.waitpid(first, 0)
+with open("daemon.pid") as f:
+    report["daemonPid"] = int(f.read())
+report["finished"] = True
+save(report)
