@@ -20,6 +20,7 @@ nothing else.
 import base64
 import http.client
 import json
+import math
 import os
 import socket
 import time
@@ -316,7 +317,7 @@ class Job:
             wait = poll
             if deadline is not None:
                 wait = min(poll, max(0.0, deadline - time.monotonic()))
-            answer = self._events(after, wait)
+            answer = self.events(after, wait)
             for event in answer["events"]:
                 if callback is not None:
                     callback(event)
@@ -327,9 +328,11 @@ class Job:
             if deadline is not None and time.monotonic() >= deadline:
                 raise WaitTimeout("job %d is still %s after %g s" % (self.id, answer["status"], timeout))
 
-    def _events(self, after, wait):
-        """One long-poll; a server that goes away for a moment (a restart)
-        is retried for up to a minute before the wait gives up."""
+    def events(self, after=0, wait=0.0):
+        """One long-poll of the job's events after ``after``:
+        ``{"events": [...], "next": N, "status": S}``, waiting up to ``wait``
+        seconds for one. A server that goes away for a moment (a restart)
+        is retried for up to a minute before this gives up."""
         path = self._path("/events?after=%d&timeout=%g" % (after, wait))
         failedSince = None
         pause = 0.5
@@ -474,6 +477,22 @@ class Job:
         else:
             self.client.call("DELETE", self._path(), jobId=self.id)
         self.record = None
+
+
+def formatValue(value, uncertainty=None):
+    """``value ± uncertainty`` with the uncertainty to two significant digits
+    and the value to the same decimal place; ``%.6g`` without one."""
+    if not isinstance(value, (int, float)):
+        return "" if value is None else str(value)
+    if isinstance(uncertainty, (int, float)) and math.isfinite(uncertainty) and uncertainty > 0 \
+            and math.isfinite(value):
+        if uncertainty < 1e-4 or abs(value) >= 1e6:
+            exponent = int(math.floor(math.log10(abs(value) or uncertainty)))
+            scale = 10.0 ** exponent
+            return "(%s)e%+d" % (formatValue(value / scale, uncertainty / scale), exponent)
+        places = max(0, 1 - int(math.floor(math.log10(uncertainty))))
+        return "%.*f ± %.*f" % (places, value, places, uncertainty)
+    return "%.6g" % (value,)
 
 
 def _multipart(request, files):

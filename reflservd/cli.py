@@ -1,0 +1,517 @@
+"""``reflq``: submit refl1d fits to a reflservd server and follow them.
+
+Built on `reflservd.client`. Every command takes ``--server URL`` (or
+``REFLQ_SERVER``; default http://127.0.0.1:8080) and ``--json`` (print what
+the server answered, as JSON, instead of text).
+
+Exit codes, for scripts: 0 done; 1 the job ended ERROR or CANCEL (status,
+wait, submit --wait); 2 usage, or a request the server refused; 3 the server
+cannot be reached (or cannot serve now); 4 no such job; 130 interrupted
+(Ctrl-C while waiting leaves the job running). Errors are one line on stderr.
+"""
+
+import argparse
+import ast
+import glob
+import json
+import os
+import re
+import sys
+import time
+
+from reflservd.client import (
+    DEFAULT_SERVER, FINISHED, Client, ClientError, ServerUnreachable, UnknownJob, formatValue)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 70
+
+
+def _logNames():
+    try:
+        from reflworkerd.runner import STDERR_NAME, STDOUT_NAME
+        return (STDOUT_NAME, STDERR_NAME)
+    except ImportError:
+        return ("stdout.txt", "stderr.txt")
+
+
+LOG_NAMES = _logNames()
+
+
+class UsageError(Exception):
+    """A command line that cannot be run as given (exit 2)."""
+
+
+# ---- output
+
+
+class Output:
+    """Where a command writes: text for people, JSON for programs, and a
+    live line on stderr when it is a terminal."""
+
+    def __init__(self, asJSON, stdout=None, stderr=None):
+        self.asJSON = asJSON
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+        self.live = self.stderr.isatty()
+        self._liveWidth = 0
+        encoding = getattr(self.stdout, "encoding", None) or "utf-8"
+        try:
+            "χ²±".encode(encoding)
+            self.chisq, self.pm = "χ²", "±"
+        except (UnicodeEncodeError, LookupError):
+            self.chisq, self.pm = "chisq", "+/-"
+
+    def text(self, line=""):
+        if not self.asJSON:
+            self.clearLive()
+            self.stdout.write(self.plain(line) + "\n")
+            self.stdout.flush()
+
+    def json(self, value):
+        if self.asJSON:
+            self.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+            self.stdout.flush()
+
+    def note(self, line):
+        """A message for the person (on stderr), in either mode."""
+        self.clearLive()
+        self.stderr.write(self.plain(line) + "\n")
+        self.stderr.flush()
+
+    def plain(self, line):
+        return line.replace("χ²", self.chisq).replace("±", self.pm)
+
+    def showLive(self, line):
+        line = self.plain(line)
+        self.stderr.write("\r" + line + " " * max(0, self._liveWidth - len(line)))
+        self.stderr.flush()
+        self._liveWidth = len(line)
+
+    def clearLive(self):
+        if self._liveWidth:
+            self.stderr.write("\r" + " " * self._liveWidth + "\r")
+            self.stderr.flush()
+            self._liveWidth = 0
+
+
+def when(seconds):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
+
+
+def duration(seconds):
+    if seconds is None:
+        return "-"
+    seconds = int(round(max(0.0, seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return "%d:%02d:%02d" % (hours, rest // 60, rest % 60)
+
+
+def runTime(record, now=None):
+    if not record.get("started"):
+        return None
+    end = record.get("finished") or (now if now is not None else time.time())
+    return end - record["started"] if record["status"] not in ("PENDING",) else None
+
+
+def chisqText(value):
+    return "%.4g" % (value,) if isinstance(value, (int, float)) else "-"
+
+
+# ---- commands
+
+
+def cmdSubmit(client, args, out):
+    if not os.path.isfile(args.model):
+        raise UsageError("no such model file: %s" % (args.model,))
+    if not args.model.endswith((".py", ".json")):
+        raise UsageError("the model must be a refl1d .py script or a .json FitProblem: %s" % (args.model,))
+    for path in args.data:
+        if not os.path.isfile(path):
+            raise UsageError("no such data file: %s" % (path,))
+    for path in unlistedDataFiles(args.model, args.data):
+        out.note("reflq: warning: %s names %s, which is in its folder but not among the files "
+                 "sent; add it to the command line if the fit reads it"
+                 % (os.path.basename(args.model), os.path.basename(path)))
+    options = {name: getattr(args, name) for name in ("steps", "samples", "burn", "pop", "init", "seed", "time")}
+    job = client.submit(args.model, data=args.data, fit=args.fit, name=args.name,
+                        notify=args.notify, **options)
+    if not args.wait:
+        out.json(job.record)
+        out.text("job %d submitted: %s" % (job.id, job.url))
+        return EXIT_OK
+    out.note("job %d submitted: %s" % (job.id, job.url))
+    return follow(job, out)
+
+
+def unlistedDataFiles(model, data):
+    """Files in the model's folder that the script seems to name (a string
+    literal, with ``%d``-style or ``{}`` holes taken as wildcards) but that
+    are not among ``data``."""
+    if not model.endswith(".py"):
+        return []
+    try:
+        with open(model, encoding="utf-8", errors="replace") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return []
+    folder = os.path.dirname(os.path.abspath(model))
+    sent = {os.path.abspath(p) for p in data} | {os.path.abspath(model)}
+    found = set()
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+            continue
+        text = node.value
+        if len(text) > 255 or "\n" in text or not re.search(r"\.\w{1,8}$", text):
+            continue
+        pattern = re.sub(r"%[-#0 +]*\d*(?:\.\d+)?[sdifgeEx]|\{[^{}]*\}", "*", glob.escape(text))
+        for path in glob.glob(os.path.join(folder, pattern)):
+            path = os.path.abspath(path)
+            if os.path.isfile(path) and path not in sent and os.path.dirname(path) == folder:
+                found.add(path)
+    return sorted(found)
+
+
+def cmdList(client, args, out):
+    if client.legacy:
+        jobs = client.jobs(status=args.status, limit=args.limit)
+        rows = [(job.id, job.status) for job in jobs]
+        out.json([{"id": i, "status": s} for i, s in rows])
+        for jobId, status in rows:
+            out.text("%6d  %s" % (jobId, status))
+        return EXIT_OK
+    if args.mine:
+        owners = {args.owner} if args.owner else set()
+        if not owners:
+            owners = {client.localAddress()}
+            if os.environ.get("REFLQ_NOTIFY"):
+                owners.add(os.environ["REFLQ_NOTIFY"])
+        jobs = []
+        for owner in sorted(owners):
+            jobs.extend(client.jobs(status=args.status, owner=owner, queue=args.queue, limit=args.limit))
+        jobs.sort(key=lambda job: job.id, reverse=True)
+        jobs = jobs[:args.limit]
+    else:
+        jobs = client.jobs(status=args.status, owner=args.owner, queue=args.queue, limit=args.limit)
+    records = [job.record for job in jobs]
+    out.json(records)
+    if not records:
+        out.text("no jobs")
+        return EXIT_OK
+    now = time.time()
+    rows = [("ID", "STATUS", "NAME", "OWNER", "QUEUE", "SUBMITTED", "RUN TIME")]
+    for r in records:
+        rows.append((str(r["id"]), r["status"], _clip(r.get("name") or "", 30), _clip(r.get("owner") or "", 28),
+                     r.get("queue") or "-", when(r.get("submitted")), duration(runTime(r, now))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.text("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return EXIT_OK
+
+
+def _clip(text, width):
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def cmdStatus(client, args, out):
+    job = client.job(args.id)
+    record = job.record
+    out.json(record)
+    if client.legacy:
+        out.text("job %d: %s" % (job.id, record["status"]))
+        return exitFor(record["status"])
+    progress = record.get("progress") or {}
+    lines = [
+        ("job", "%d  %s" % (record["id"], record.get("name") or "")),
+        ("status", record["status"] + ("  (cancel requested)" if record.get("cancelRequested")
+                                       and record["status"] == "CANCEL" and not record.get("finished") else "")),
+        ("owner", record.get("owner") or "-"),
+        ("queue", record.get("queue") or "-"),
+        ("attempts", str(record.get("attempts", 0))),
+        ("submitted", when(record.get("submitted"))),
+        ("started", when(record.get("started"))),
+        ("finished", when(record.get("finished"))),
+        ("run time", duration(runTime(record))),
+        ("confinement", record.get("confinement") or "-"),
+    ]
+    if progress and record["status"] == "ACTIVE":
+        lines.append(("progress", "step %s  χ² %s  elapsed %s" % (
+            progress.get("step", "-"), chisqText(progress.get("chisq")), duration(progress.get("elapsed")))))
+    result = record.get("result") if isinstance(record.get("result"), dict) else None
+    if result:
+        lines.append(("χ²", chisqText(result.get("chisq"))))
+        if result.get("fitter"):
+            lines.append(("fitter", "%s%s" % (result["fitter"],
+                                              "  seed %s" % (result["seed"],) if result.get("seed") else "")))
+    if record.get("error") and record["status"] in ("ERROR", "CANCEL"):
+        lines.append(("error", record["error"].strip().splitlines()[-1] if record["error"].strip() else "-"))
+    lines.append(("page", job.url))
+    width = max(len(label) for label, _ in lines)
+    for label, value in lines:
+        out.text("%s  %s" % (label.ljust(width), value))
+    parameters = (result or {}).get("parameters")
+    if isinstance(parameters, dict) and parameters:
+        out.text()
+        nameWidth = max(len(name) for name in parameters)
+        for name, value in parameters.items():
+            if isinstance(value, dict):
+                text = formatValue(value.get("value"), value.get("uncertainty"))
+            else:
+                text = formatValue(value)
+            out.text("  %s  %s" % (name.ljust(nameWidth), text))
+    return exitFor(record["status"])
+
+
+def exitFor(status):
+    return EXIT_FAILED if status in ("ERROR", "CANCEL") else EXIT_OK
+
+
+def cmdWait(client, args, out):
+    job = client.job(args.id)
+    return follow(job, out)
+
+
+def follow(job, out):
+    """Watch a job until it ends, with a live line (step, χ², elapsed) on a
+    terminal and a line per status change otherwise. Ctrl-C stops watching
+    only."""
+    total = None
+    if isinstance(job.record, dict):
+        options = ((job.record.get("request") or {}).get("data") or {}).get("options") or {}
+        if isinstance(options.get("steps"), int) and options["steps"] > 0:
+            total = options["steps"]
+    state = {"status": (job.record or {}).get("status"), "progress": None}
+
+    def onEvent(event):
+        if event["type"] == "status" and event["status"] != state["status"]:
+            state["status"] = event["status"]
+            if not out.asJSON:
+                out.note("job %d %s" % (job.id, event["status"]))
+        if event["type"] == "progress" and event.get("progress"):
+            state["progress"] = event["progress"]
+        if out.live and not out.asJSON and state["status"] == "ACTIVE":
+            out.showLive(progressLine(job.id, state["progress"], total))
+
+    try:
+        out.note("watching job %d (%s); Ctrl-C stops watching, the job goes on" % (job.id, state["status"]))
+        status = job.wait(callback=onEvent)
+    except KeyboardInterrupt:
+        out.clearLive()
+        out.note("stopped watching job %d; it goes on (reflq wait %d to watch again)" % (job.id, job.id))
+        return EXIT_INTERRUPTED
+    out.clearLive()
+    record = job.record
+    out.json(record)
+    result = record.get("result") if isinstance(record.get("result"), dict) else {}
+    summary = "job %d %s" % (job.id, status)
+    if status == "COMPLETE" and result.get("chisq") is not None:
+        summary += "  χ² %s" % (chisqText(result["chisq"]),)
+    if runTime(record) is not None:
+        summary += "  in %s" % (duration(runTime(record)),)
+    out.text(summary)
+    if status == "ERROR" and record.get("error"):
+        out.note("reflq: job %d failed: %s" % (job.id, record["error"].strip().splitlines()[-1]))
+    return exitFor(status)
+
+
+def progressLine(jobId, progress, total, width=24):
+    progress = progress or {}
+    step = progress.get("step")
+    parts = ["job %d" % (jobId,)]
+    if total and isinstance(step, int):
+        done = min(width, int(width * step / total))
+        parts.append("[%s%s] step %d/%d" % ("#" * done, "." * (width - done), step, total))
+    else:
+        parts.append("step %s" % (step if step is not None else "-",))
+    parts.append("χ² %s" % (chisqText(progress.get("chisq")),))
+    parts.append("elapsed %s" % (duration(progress.get("elapsed")),))
+    return "  ".join(parts)
+
+
+def cmdFetch(client, args, out):
+    job = client.job(args.id)
+    directory = args.output or "job-%d" % (job.id,)
+    paths = job.download(directory)
+    out.json({"id": job.id, "status": job.record["status"], "directory": directory, "files": paths})
+    if not paths:
+        out.text("job %d (%s) has no result files" % (job.id, job.record["status"]))
+    for path in paths:
+        out.text("%s  (%d bytes)" % (path, os.path.getsize(path)))
+    return EXIT_OK
+
+
+def cmdCancel(client, args, out):
+    job = client.job(args.id)
+    status = job.cancel()
+    out.json(job.record)
+    if job.record.get("cancelRequested") and not job.record.get("finished"):
+        out.text("job %d: %s (its worker stops the fit at its next heartbeat)" % (job.id, status))
+    else:
+        out.text("job %d: %s" % (job.id, status))
+    return EXIT_OK
+
+
+def cmdDelete(client, args, out):
+    job = client.job(args.id)
+    job.delete()
+    out.json({"deleted": job.id})
+    out.text("job %d deleted" % (job.id,))
+    return EXIT_OK
+
+
+def cmdLogs(client, args, out):
+    job = client.job(args.id)
+    if not args.follow:
+        present = {f["name"] for f in job.files()}
+        logs = {name: job.read(name).decode("utf-8", "replace") for name in LOG_NAMES if name in present}
+        out.json({"id": job.id, "status": job.record["status"], "logs": logs})
+        if not logs:
+            out.note("job %d (%s) has no logs yet" % (job.id, job.record["status"]))
+        for name, text in logs.items():
+            if len(logs) > 1:
+                out.text("==> %s <==" % (name,))
+            if not out.asJSON:
+                out.stdout.write(text)
+                if text and not text.endswith("\n"):
+                    out.stdout.write("\n")
+        return EXIT_OK
+    if out.asJSON:
+        raise UsageError("logs --follow streams text; leave out --json")
+    offsets, current, after = {}, None, 0
+    status = job.record["status"]
+    while True:
+        ended = status in FINISHED
+        sizes = {f["name"]: f["size"] for f in job.files()}
+        for name in LOG_NAMES:
+            have = offsets.get(name, 0)
+            if name not in sizes or sizes[name] == have:
+                continue
+            if sizes[name] < have:
+                have = 0
+                out.note("reflq: %s was replaced; from its start:" % (name,))
+            data = job.read(name, have)
+            if name != current:
+                out.text("==> %s <==" % (name,))
+                current = name
+            out.stdout.write(data.decode("utf-8", "replace"))
+            out.stdout.flush()
+            offsets[name] = have + len(data)
+        if ended:
+            out.note("job %d %s" % (job.id, status))
+            return exitFor(status)
+        try:
+            answer = job.events(after, 25)
+        except KeyboardInterrupt:
+            out.note("stopped following job %d; it goes on" % (job.id,))
+            return EXIT_INTERRUPTED
+        after, status = answer["next"], answer["status"]
+
+
+# ---- the command line
+
+
+def parser():
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--server", default=argparse.SUPPRESS, metavar="URL",
+                        help="the reflservd server (default: $REFLQ_SERVER or %s)" % (DEFAULT_SERVER,))
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print the server's answer as JSON")
+    common.add_argument("--legacy", action="store_true", default=argparse.SUPPRESS,
+                        help="speak the old jobqueue protocol (/jobs.json)")
+
+    top = argparse.ArgumentParser(
+        prog="reflq", parents=[common],
+        description="Submit refl1d fits to a reflservd server and follow them.",
+        epilog="exit codes: 0 done, 1 the job ended ERROR or CANCEL, 2 usage, "
+               "3 server unreachable, 4 unknown job, 130 interrupted")
+    commands = top.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    submit = commands.add_parser("submit", parents=[common], help="submit a fit",
+                                 description="Submit MODEL (.py or .json) and its DATA files.")
+    submit.add_argument("model", metavar="MODEL")
+    submit.add_argument("data", metavar="DATA", nargs="*")
+    submit.add_argument("--fit", metavar="NAME", help="fitter: lm, amoeba, de, dream, newton, pt")
+    submit.add_argument("--steps", type=int, metavar="N")
+    submit.add_argument("--samples", type=int, metavar="N")
+    submit.add_argument("--burn", type=int, metavar="N")
+    submit.add_argument("--pop", type=float, metavar="N")
+    submit.add_argument("--init", metavar="NAME")
+    submit.add_argument("--seed", type=int, metavar="N")
+    submit.add_argument("--time", type=float, metavar="H", help="stop the fit after H hours")
+    submit.add_argument("--name", metavar="NAME", help="the job's name (default: the model's)")
+    submit.add_argument("--notify", metavar="ADDRESS", default=os.environ.get("REFLQ_NOTIFY", ""),
+                        help="mail this address when the job starts and ends (default: $REFLQ_NOTIFY)")
+    submit.add_argument("--wait", action="store_true", help="then watch it until it ends")
+    submit.set_defaults(run=cmdSubmit)
+
+    listing = commands.add_parser("list", parents=[common], help="list jobs, newest first")
+    listing.add_argument("--status", type=str.upper, choices=["PENDING", "ACTIVE", "COMPLETE", "ERROR", "CANCEL"],
+                         metavar="S")
+    listing.add_argument("--mine", action="store_true",
+                         help="only jobs owned by $REFLQ_NOTIFY or this machine's address")
+    listing.add_argument("--owner", metavar="O")
+    listing.add_argument("--queue", metavar="Q")
+    listing.add_argument("--limit", type=int, default=50, metavar="N")
+    listing.set_defaults(run=cmdList)
+
+    for name, run, text in (("status", cmdStatus, "a job's status and result"),
+                            ("wait", cmdWait, "watch a job until it ends (Ctrl-C stops watching)"),
+                            ("cancel", cmdCancel, "cancel a job"),
+                            ("delete", cmdDelete, "delete a job and its files")):
+        command = commands.add_parser(name, parents=[common], help=text)
+        command.add_argument("id", type=int, metavar="ID")
+        command.set_defaults(run=run)
+
+    fetch = commands.add_parser("fetch", parents=[common], help="download a job's result files")
+    fetch.add_argument("id", type=int, metavar="ID")
+    fetch.add_argument("-o", "--output", metavar="DIR", help="where (default: job-ID)")
+    fetch.set_defaults(run=cmdFetch)
+
+    logs = commands.add_parser("logs", parents=[common], help="print a job's stdout and stderr")
+    logs.add_argument("id", type=int, metavar="ID")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
+    logs.set_defaults(run=cmdLogs)
+    return top
+
+
+def main(argv=None, stdout=None, stderr=None):
+    """Run reflq; returns (and, as a console script, exits with) its exit code."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    args = parser().parse_args(argv)
+    server = getattr(args, "server", None) or os.environ.get("REFLQ_SERVER") or DEFAULT_SERVER
+    out = Output(getattr(args, "json", False), stdout, stderr)
+    try:
+        client = Client(server, legacy=getattr(args, "legacy", False))
+        return args.run(client, args, out)
+    except UsageError as e:
+        out.note("reflq: %s" % (e,))
+        return EXIT_USAGE
+    except UnknownJob as e:
+        out.note("reflq: %s" % (e.message,))
+        return EXIT_UNKNOWN
+    except ServerUnreachable as e:
+        out.note("reflq: %s" % (e.message,))
+        return EXIT_UNREACHABLE
+    except ClientError as e:
+        out.note("reflq: the server refused: %s" % (e.message,) if e.code else "reflq: %s" % (e.message,))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        out.note("reflq: interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        return EXIT_OK
+    except Exception as e:
+        if os.environ.get("REFLQ_DEBUG"):
+            raise
+        out.note("reflq: internal error: %s: %s (REFLQ_DEBUG=1 shows where)" % (type(e).__name__, e))
+        return EXIT_INTERNAL
+
+
+def run():
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
