@@ -83,6 +83,7 @@ class Queue:
         self.deleted = set()
         self.nextId = 1
         self._pending = []          # heap of (priority, id); stale entries skipped
+        self._inHeap = set()        # ids with an entry in the heap, stale or not
         self._pendingCount = 0
         self._leaseDeadlines = []   # heap of (expires, id, lease); stale entries skipped
         self._owners = {}           # owner -> deque of submit times within the window
@@ -145,6 +146,7 @@ class Queue:
         """The record leasing the next pending job, or None when none is pending."""
         while self._pending:
             priority, jobId = heapq.heappop(self._pending)
+            self._inHeap.discard(jobId)
             if self._isPendingEntry(priority, jobId):
                 job = self.jobs[jobId]
                 return {"type": "lease", "time": now, "id": jobId, "queue": queue,
@@ -264,7 +266,7 @@ class Queue:
         self.jobs[job.id] = job
         self.nextId = max(self.nextId, job.id + 1)
         self._counts[PENDING] += 1
-        heapq.heappush(self._pending, (job.priority, job.id))
+        self._enqueue(job)
         times = self._owners.setdefault(job.owner, deque())
         times.append(r["time"])
         _forget(times, r["time"])
@@ -336,8 +338,15 @@ class Queue:
         self._setStatus(job, PENDING)
         job.queue = job.worker = job.started = None
         job.legacy = False
-        heapq.heappush(self._pending, (job.priority, job.id))
+        self._enqueue(job)
         self._event(job, now, "status")
+
+    def _enqueue(self, job):
+        """Put a job in the pending heap, unless an entry for it is still
+        there (a replayed lease does not pop it; the entry is valid again)."""
+        if job.id not in self._inHeap:
+            self._inHeap.add(job.id)
+            heapq.heappush(self._pending, (job.priority, job.id))
 
     def _setStatus(self, job, status):
         self._counts[job.status] -= 1
@@ -397,6 +406,7 @@ class Queue:
             queue._counts[job.status] += 1
             if job.status == PENDING:
                 queue._pending.append((job.priority, job.id))
+                queue._inHeap.add(job.id)
             elif queue._leaseOpen(job):
                 queue.restartLease(job, job.started)
             queue._event(job, job.finished or job.started or job.submitted, "status")

@@ -4,7 +4,7 @@ promise that replaying the records gives the live state."""
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from reflservd import queue as Q
 
@@ -187,6 +187,7 @@ def _checkInvariants(queue):
 
 @settings(max_examples=200, deadline=None)
 @given(operations)
+@example([("submit", 0, "a@x"), ("lease", 0, "a@x"), ("expire", 0, "a@x")])
 def test_random_operations_keep_invariants_and_replay_gives_live_state(ops):
     queue = Q.Queue(leaseTimeout=5, maxAttempts=2)
     journal = []
