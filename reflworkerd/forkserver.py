@@ -140,6 +140,7 @@ class FitRun:
         self._onProgress = onProgress
         self.done = defer.Deferred()
         self.pid = None
+        self.uid = self.gid = None
         self.confinement = ""
         self.sent = False
         self.finished = False
@@ -224,7 +225,7 @@ class FitRun:
             if outcome.get("confinement"):
                 self.confinement = outcome["confinement"]
             if record["status"] == "ERROR":
-                record["error"] = _limitMessage(record["error"] or "", limits)
+                record["error"] = _limitMessage(record["error"] or "", outcome.get("limit"), limits)
             return record
         return _errorRecord(_deathMessage(event, limits))
 
@@ -270,11 +271,11 @@ def _number(value):
     return ("%g" % value) if isinstance(value, (int, float)) else str(value)
 
 
-def _limitMessage(error, limits):
+def _limitMessage(error, limit, limits):
     """Say which limit a model's error comes from, when it plainly comes from one."""
-    if limits.get("memory") and error.startswith("MemoryError"):
+    if limit == "memory" and limits.get("memory"):
         return "memory limit of %d bytes exceeded (%s)" % (limits["memory"], error)
-    if limits.get("fsize") and "File too large" in error:
+    if limit == "fsize" and limits.get("fsize"):
         return "file size limit of %d bytes exceeded (%s)" % (limits["fsize"], error)
     return error
 
@@ -421,12 +422,17 @@ class ForkServer:
         self.pid = self._process.pid
         self._log.info("fork server started, pid {pid}", pid=self.pid)
 
-    def run(self, jobId, jobDir, request, onProgress):
-        """Fork a fit for the job in ``jobDir``; ``onProgress(dict)`` gets its progress."""
+    def run(self, jobId, jobDir, request, onProgress, uid=None, gid=None):
+        """Fork a fit for the job in ``jobDir``; ``onProgress(dict)`` gets its progress.
+
+        ``uid``/``gid``: the slot's unprivileged user, for ``sandbox.confine``
+        (used where the worker runs as root).
+        """
         self._tokens += 1
         jobDir = os.path.abspath(jobDir)
         runner.removeOutcome(jobDir)
         fitRun = FitRun(self, self._tokens, jobId, jobDir, request, onProgress)
+        fitRun.uid, fitRun.gid = uid, gid
         self._runs[fitRun.token] = fitRun
         if self._ready:
             self._send(fitRun)
@@ -475,6 +481,8 @@ class ForkServer:
                 "sandbox": self.effectiveSandbox,
                 "limits": {k: v for k, v in self.limits.items() if k != "wall"},
                 "checkpointEvery": self.checkpointEvery,
+                "uid": fitRun.uid,
+                "gid": fitRun.gid,
             }
         )
 
@@ -716,7 +724,14 @@ class _Server:
             os.close(devnull)
             reporter = _Reporter(progressFd)
             try:
-                confinement = sandbox.confine(command["jobDir"], command.get("sandbox") or "none", command.get("limits"))
+                confinement = sandbox.confine(
+                    command["jobDir"],
+                    command.get("sandbox") or "none",
+                    command.get("limits"),
+                    uid=command.get("uid"),
+                    gid=command.get("gid"),
+                    keepFds=[progressFd],
+                )
             except Exception as exc:
                 runner.writeOutcome(
                     command["jobDir"],

@@ -2,7 +2,8 @@
 
 ``runJob(jobDir, request, progress)`` runs one job's service and returns its
 result summary; ``outcomeOf`` wraps it into the outcome record the parent reads
-(``{"status", "result", "error", "trace"}``), turning exceptions into an
+(``{"status", "result", "error", "trace"}``, and ``"limit": "memory"|"fsize"``
+when the error is a MemoryError or a file too large), turning exceptions into an
 ``ERROR`` with the model's own traceback; ``writeOutcome``/``readOutcome`` move
 that record through ``jobDir/.outcome.json`` (written by the child when it ends,
 read by the worker when the child's process group is gone).
@@ -19,6 +20,7 @@ This module imports nothing heavy at import time: the fork server preloads
 bumps and refl1d (``preload``) so that each forked child finds them in memory.
 """
 
+import errno
 import json
 import math
 import os
@@ -397,7 +399,12 @@ _PLUMBING = (
 
 def _errorOutcome(exc, jobDir):
     message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    return {"status": "ERROR", "result": None, "error": message, "trace": modelTraceback(exc, jobDir)}
+    outcome = {"status": "ERROR", "result": None, "error": message, "trace": modelTraceback(exc, jobDir)}
+    if isinstance(exc, MemoryError):
+        outcome["limit"] = "memory"
+    elif isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        outcome["limit"] = "fsize"
+    return outcome
 
 
 def modelTraceback(exc, jobDir):
@@ -410,14 +417,16 @@ def modelTraceback(exc, jobDir):
     """
     frames = traceback.extract_tb(exc.__traceback__)
     prefix = os.path.realpath(jobDir) + os.sep
-    inJob = [i for i, f in enumerate(frames) if os.path.realpath(f.filename).startswith(prefix)]
+    inJob = [
+        i for i, f in enumerate(frames) if not f.filename.startswith("<") and os.path.realpath(f.filename).startswith(prefix)
+    ]
     if inJob:
         kept = frames[inJob[0]:]
     else:
         kept = [f for f in frames if not any(p in f.filename for p in _PLUMBING)]
     for frame in kept:
         real = os.path.realpath(frame.filename)
-        if real.startswith(prefix):
+        if not frame.filename.startswith("<") and real.startswith(prefix):
             frame.filename = real[len(prefix):]
     lines = ["Traceback (most recent call last):\n"]
     lines.extend(traceback.StackSummary.from_list(kept).format())
@@ -466,7 +475,7 @@ def readOutcome(jobDir):
         return None
     if not isinstance(outcome, dict) or outcome.get("status") not in ("COMPLETE", "ERROR"):
         return None
-    for key in ("error", "trace", "confinement"):
+    for key in ("error", "trace", "confinement", "limit"):
         if outcome.get(key) is not None and not isinstance(outcome[key], str):
             return None
     return outcome

@@ -1,0 +1,380 @@
+"""The fork server, for real: a preloaded server process, forked fits, real signals.
+
+Each test starts its own fork server (a real ``python -m reflworkerd.forkserver``
+spawned by the reactor) and stops it; the fits are the nickel film of
+refl1d's examples, run like ``refl1d --batch`` would.
+"""
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+
+from twisted.internet import defer, reactor, utils
+from twisted.trial import unittest
+
+from reflworkerd.forkserver import ForkServer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PYTHON = sys.executable
+REFL1D = os.path.join(os.path.dirname(sys.executable), "refl1d")
+NIFILM = os.path.join(HERE, "models", "nifilm.py")
+DATA_NAMES = ["nifilm-tof-%d.dat" % i for i in (1, 2, 3, 4)]
+
+
+def exampleData():
+    """The refl1d example data: shared/ beside the checkout (as in CI), or $REFL1D_EXAMPLES."""
+    candidates = [
+        os.environ.get("REFL1D_EXAMPLES", ""),
+        os.path.join(ROOT, "..", "shared", "data", "refl1d-examples"),
+        "/work/shared/data/refl1d-examples",
+    ]
+    for path in candidates:
+        if path and all(os.path.exists(os.path.join(path, name)) for name in DATA_NAMES):
+            return path
+    raise unittest.SkipTest("refl1d example data (nifilm-tof-*.dat) not found")
+
+
+SLOW_DREAM = {"fit": "dream", "samples": 10**7, "burn": 10**5, "seed": 1}
+
+
+class ForkServerTestCase(unittest.TestCase):
+    timeout = 180
+
+    def setUp(self):
+        self.base = tempfile.mkdtemp(prefix="reflworkerd-test-")
+        self.addCleanup(shutil.rmtree, self.base, True)
+        self.jobs = 0
+
+    def makeJob(self, model=NIFILM, modelText=None, modelName="nifilm.py", data=True):
+        self.jobs += 1
+        jobDir = os.path.abspath(os.path.join(self.base, "job%d" % self.jobs))
+        os.makedirs(jobDir)
+        if modelText is not None:
+            with open(os.path.join(jobDir, modelName), "w") as f:
+                f.write(modelText)
+        elif model is not None:
+            shutil.copy(model, os.path.join(jobDir, modelName))
+        if data:
+            source = exampleData()
+            for name in DATA_NAMES:
+                shutil.copy(os.path.join(source, name), jobDir)
+        return jobDir
+
+    @defer.inlineCallbacks
+    def startServer(self, **kw):
+        server = ForkServer(reactor, python=PYTHON, env=dict(os.environ), **kw)
+        self.addCleanup(server.stop)
+        yield server.start()
+        return server
+
+    def firstProgress(self, progressList):
+        """A Deferred that fires with the first progress message, and a callback that feeds it."""
+        first = defer.Deferred()
+
+        def onProgress(progress):
+            progressList.append(progress)
+            if not first.called:
+                first.callback(progress)
+
+        return first, onProgress
+
+    def assertNear(self, value, expected, tolerance):
+        self.assertTrue(abs(value - expected) <= tolerance, "%r is not within %r of %r" % (value, tolerance, expected))
+
+    def assertGroupGone(self, pgid):
+        with self.assertRaises(ProcessLookupError):
+            os.killpg(pgid, 0)
+
+    def assertProcessGone(self, pid):
+        """Gone, or at most a zombie waiting for init to reap it."""
+        try:
+            with open("/proc/%d/stat" % (pid,)) as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return
+        self.assertEqual(state, "Z", "process %d is still running" % (pid,))
+
+
+def readPar(path):
+    values = {}
+    with open(path) as f:
+        for line in f:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+class FitTests(ForkServerTestCase):
+    @defer.inlineCallbacks
+    def test_nickelFilmLMMatchesRefl1dBatch(self):
+        """The LM fit of the nickel film through the fork server completes with χ² ≈ 1 and
+        thickness ≈ 100 Å, reports progress, and its best parameters and exported files are
+        those of a real ``refl1d --batch`` of the same model and data."""
+        server = yield self.startServer()
+        jobDir = self.makeJob()
+        progress = []
+        fitRun = server.run(1, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": {"fit": "lm"}}}, progress.append)
+        outcome = yield fitRun.done
+        self.assertEqual(outcome["status"], "COMPLETE", outcome)
+        result = outcome["result"]
+        self.assertEqual(result["fitter"], "lm")
+        self.assertNear(result["chisq"], 1.0, 0.1)
+        thickness = result["parameters"]["Ni thickness"]
+        self.assertNear(thickness["value"], 100.0, 1.0)
+        self.assertGreater(thickness["uncertainty"], 0.0)
+        self.assertIsInstance(result["seed"], int)
+        self.assertIn("nice19", outcome["confinement"])
+        self.assertTrue(progress)
+        self.assertEqual(set(progress[-1]), {"step", "chisq", "parameters", "elapsed"})
+        self.assertEqual(progress[-1]["parameters"]["Ni thickness"], thickness["value"])
+        self.assertGroupGone(fitRun.pid)
+
+        batchDir = self.makeJob()
+        os.makedirs(os.path.join(batchDir, "results"))
+        out, err, code = yield utils.getProcessOutputAndValue(
+            REFL1D,
+            ["--batch", "nifilm.py", "--fit=lm", "--export=results", "--session=results/session.h5"],
+            env=dict(os.environ),
+            path=batchDir,
+        )
+        self.assertEqual(code, 0, err)
+        ours = readPar(os.path.join(jobDir, "results", "nifilm.par"))
+        theirs = readPar(os.path.join(batchDir, "results", "nifilm.par"))
+        self.assertEqual(set(ours), {"Si interface", "Ni interface", "Ni thickness"})
+        self.assertEqual(set(ours), set(theirs))
+        for name in ours:
+            self.assertNear(ours[name], theirs[name], 1e-9 * abs(theirs[name]))
+            self.assertNear(result["parameters"][name]["value"], theirs[name], 1e-9 * abs(theirs[name]))
+        exported = set(os.listdir(os.path.join(jobDir, "results")))
+        self.assertEqual(exported - {"stdout.txt", "stderr.txt"}, set(os.listdir(os.path.join(batchDir, "results"))))
+        with open(os.path.join(jobDir, "results", "stdout.txt")) as f:
+            self.assertIn("[final]", f.read())
+
+    @defer.inlineCallbacks
+    def test_dreamWithSeedIsBitIdentical(self):
+        """Two DREAM fits with the same seed give identical results, parameter files and
+        uncertainty reports, byte for byte (numpy and numba both seeded)."""
+        server = yield self.startServer()
+        request = {
+            "service": "refl1d",
+            "data": {"model": "nifilm.py", "options": {"fit": "dream", "samples": 2000, "burn": 20, "seed": 4321}},
+        }
+        outcomes, dirs = [], []
+        for jobId in (1, 2):
+            jobDir = self.makeJob()
+            outcome = yield server.run(jobId, jobDir, request, lambda p: None).done
+            self.assertEqual(outcome["status"], "COMPLETE", outcome)
+            outcomes.append(outcome["result"])
+            dirs.append(jobDir)
+        first, second = outcomes
+        self.assertEqual(first["seed"], 4321)
+        first.pop("elapsed"), second.pop("elapsed")
+        self.assertEqual(first, second)
+        for name in ("nifilm.par", "nifilm.err"):
+            with open(os.path.join(dirs[0], "results", name), "rb") as a, open(os.path.join(dirs[1], "results", name), "rb") as b:
+                self.assertEqual(a.read(), b.read(), name)
+        self.assertIsNotNone(first["parameters"]["Ni thickness"]["uncertainty"])
+
+    @defer.inlineCallbacks
+    def test_jobWithoutSeedGetsOneRecorded(self):
+        """A job that names no seed gets one drawn by the worker, recorded in its result."""
+        server = yield self.startServer()
+        seeds = []
+        for jobId in (1, 2):
+            outcome = yield server.run(
+                jobId, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": {"fit": "lm"}}}, lambda p: None
+            ).done
+            self.assertEqual(outcome["status"], "COMPLETE", outcome)
+            seeds.append(outcome["result"]["seed"])
+        for seed in seeds:
+            self.assertIsInstance(seed, int)
+            self.assertTrue(1 <= seed < 2**32)
+        self.assertNotEqual(seeds[0], seeds[1])
+
+
+STRAY_MODEL = """
+import subprocess
+stray = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 600"])
+with open("stray.pid", "w") as f:
+    f.write(str(stray.pid))
+exec(open("nifilm-model.py").read())
+"""
+
+
+class CancelTests(ForkServerTestCase):
+    @defer.inlineCallbacks
+    def test_cancelRunningDreamEndsCancelAndGroupGone(self):
+        """Cancelling a running DREAM fit ends it CANCEL, and its whole process group,
+        including a process the model itself started, is gone when ``done`` fires."""
+        server = yield self.startServer()
+        jobDir = self.makeJob(modelText=STRAY_MODEL, modelName="model.py")
+        shutil.copy(NIFILM, os.path.join(jobDir, "nifilm-model.py"))
+        progress = []
+        first, onProgress = self.firstProgress(progress)
+        fitRun = server.run(1, jobDir, {"service": "refl1d", "data": {"model": "model.py", "options": SLOW_DREAM}}, onProgress)
+        yield first
+        with open(os.path.join(jobDir, "stray.pid")) as f:
+            stray = int(f.read())
+        self.assertEqual(os.getpgid(stray), fitRun.pid)
+        fitRun.cancel(grace=2.0)
+        outcome = yield fitRun.done
+        self.assertEqual(outcome["status"], "CANCEL")
+        self.assertIsNone(outcome["result"])
+        self.assertGroupGone(fitRun.pid)
+        self.assertProcessGone(stray)
+
+    @defer.inlineCallbacks
+    def test_wallClockLimitEndsError(self):
+        """A fit that outlives the wall-clock limit is ended and its job is an ERROR saying so."""
+        server = yield self.startServer(limits={"wall": 1})
+        fitRun = server.run(1, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": SLOW_DREAM}}, lambda p: None)
+        outcome = yield fitRun.done
+        self.assertEqual(outcome["status"], "ERROR")
+        self.assertEqual(outcome["error"], "wall-clock limit of 1 s exceeded")
+        self.assertGroupGone(fitRun.pid)
+
+    @defer.inlineCallbacks
+    def test_cpuLimitEndsErrorSayingSo(self):
+        """A model that spins past the CPU-seconds limit is killed and its job is an ERROR naming the limit."""
+        server = yield self.startServer(limits={"cpu": 1})
+        fitRun = server.run(1, self.makeJob(modelText="while True:\n    pass\n", modelName="spin.py", data=False),
+                            {"service": "refl1d", "data": {"model": "spin.py", "options": {"fit": "lm"}}}, lambda p: None)
+        outcome = yield fitRun.done
+        self.assertEqual(outcome["status"], "ERROR")
+        self.assertEqual(outcome["error"], "CPU time limit of 1 s exceeded")
+
+    @defer.inlineCallbacks
+    def test_memoryLimitEndsErrorSayingSo(self):
+        """A model that allocates past the memory limit ends ERROR naming the limit."""
+        limit = 2 * 1024**3
+        server = yield self.startServer(limits={"memory": limit})
+        model = "import numpy\nbig = numpy.ones(4 * 1024**3 // 8)\n"
+        fitRun = server.run(1, self.makeJob(modelText=model, modelName="big.py", data=False),
+                            {"service": "refl1d", "data": {"model": "big.py", "options": {"fit": "lm"}}}, lambda p: None)
+        outcome = yield fitRun.done
+        self.assertEqual(outcome["status"], "ERROR")
+        self.assertTrue(outcome["error"].startswith("memory limit of %d bytes exceeded (" % (limit,)), outcome["error"])
+        self.assertIn("Unable to allocate 4.00 GiB", outcome["error"])
+
+
+RAISING_MODEL = """\
+def buildSample(thickness):
+    raise ValueError("no such layer: %r" % (thickness,))
+
+sample = buildSample(-1)
+"""
+
+RAISING_DURING_FIT_MODEL = """\
+import numpy as np
+from bumps.names import Curve, FitProblem
+
+calls = [0]
+
+def line(x, m, b):
+    calls[0] += 1
+    if calls[0] > 5:
+        raise RuntimeError("the model broke at call %d" % calls[0])
+    return m * x + b
+
+x = np.linspace(0, 1, 10)
+curve = Curve(line, x, 2 * x + 1, 0.1 * np.ones_like(x), m=1.0, b=0.0)
+curve.m.range(0, 5)
+curve.b.range(-2, 2)
+problem = FitProblem(curve)
+"""
+
+
+class ErrorTests(ForkServerTestCase):
+    @defer.inlineCallbacks
+    def test_modelThatRaisesGivesItsTraceback(self):
+        """A model script that raises while loading ends ERROR with its own message and a
+        traceback that starts in the model (no worker, asyncio or bumps batch frames)."""
+        server = yield self.startServer()
+        fitRun = server.run(1, self.makeJob(modelText=RAISING_MODEL, modelName="bad.py", data=False),
+                            {"service": "refl1d", "data": {"model": "bad.py", "options": {"fit": "lm"}}}, lambda p: None)
+        outcome = yield fitRun.done
+        self.assertEqual(outcome["status"], "ERROR")
+        self.assertEqual(outcome["error"], "ValueError: no such layer: -1")
+        trace = outcome["trace"]
+        self.assertTrue(trace.startswith('Traceback (most recent call last):\n  File "bad.py", line 4, in <module>'), trace)
+        self.assertIn('File "bad.py", line 2, in buildSample', trace)
+        self.assertTrue(trace.endswith("ValueError: no such layer: -1\n"), trace)
+        for plumbing in ("reflworkerd", "asyncio", "webview"):
+            self.assertNotIn(plumbing, trace)
+
+    @defer.inlineCallbacks
+    def test_modelThatRaisesDuringTheFitGivesItsTraceback(self):
+        """A model that raises inside the fit (bumps' fit thread) ends ERROR with that exception
+        and a traceback ending in the model's function."""
+        server = yield self.startServer()
+        fitRun = server.run(1, self.makeJob(modelText=RAISING_DURING_FIT_MODEL, modelName="curve.py", data=False),
+                            {"service": "refl1d", "data": {"model": "curve.py", "options": {"fit": "lm"}}}, lambda p: None)
+        outcome = yield fitRun.done
+        self.assertEqual(outcome["status"], "ERROR", outcome)
+        self.assertTrue(outcome["error"].startswith("RuntimeError: the model broke at call"), outcome["error"])
+        self.assertIn('File "curve.py", line 9, in line', outcome["trace"])
+        self.assertNotIn("reflworkerd", outcome["trace"])
+
+    @defer.inlineCallbacks
+    def test_unknownServiceNamesTheOfferedOnes(self):
+        """A job asking for a service the worker does not offer ends ERROR naming the ones it offers."""
+        server = yield self.startServer()
+        outcome = yield server.run(1, self.makeJob(model=None, data=False), {"service": "fitter", "data": {}}, lambda p: None).done
+        self.assertEqual(outcome["status"], "ERROR")
+        self.assertEqual(outcome["error"], "unknown service 'fitter': this worker offers count, refl1d")
+        self.assertIsNone(outcome["trace"])
+
+    @defer.inlineCallbacks
+    def test_unknownFitOptionIsRefused(self):
+        """A misspelt fit option is refused with an error naming it, before any fitting."""
+        server = yield self.startServer()
+        outcome = yield server.run(
+            1, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": {"fit": "dream", "sampels": 10}}}, lambda p: None
+        ).done
+        self.assertEqual(outcome["status"], "ERROR")
+        self.assertIn("unknown fit option 'sampels'", outcome["error"])
+
+    @defer.inlineCallbacks
+    def test_countServiceCounts(self):
+        """The count service (the old jobqueue test service) counts to its data and returns it."""
+        server = yield self.startServer()
+        outcome = yield server.run(1, self.makeJob(model=None, data=False), {"service": "count", "data": "2500"}, lambda p: None).done
+        self.assertEqual(outcome["status"], "COMPLETE")
+        self.assertEqual(outcome["result"], 2500)
+
+
+class RestartTests(ForkServerTestCase):
+    @defer.inlineCallbacks
+    def test_killedForkServerRestartsAndOnlyItsJobFails(self):
+        """Killing the fork server fails only the fit that was in it (its process group gone);
+        a new server is started and a job given afterwards completes."""
+        server = yield self.startServer(restartDelay=0.1)
+        progress = []
+        first, onProgress = self.firstProgress(progress)
+        running = server.run(1, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": SLOW_DREAM}}, onProgress)
+        yield first
+        oldPid = server.pid
+        os.kill(oldPid, signal.SIGKILL)
+        outcome = yield running.done
+        self.assertEqual(outcome["status"], "ERROR")
+        self.assertIn("the fork server ended (killed by SIGKILL)", outcome["error"])
+        self.assertGroupGone(running.pid)
+
+        later = server.run(2, self.makeJob(model=None, data=False), {"service": "count", "data": 10}, lambda p: None)
+        outcome = yield later.done
+        self.assertEqual(outcome["status"], "COMPLETE")
+        self.assertEqual(outcome["result"], 10)
+        self.assertNotEqual(server.pid, oldPid)
+
+    @defer.inlineCallbacks
+    def test_stopEndsTheServerProcess(self):
+        """``stop`` ends the server process; nothing is left of it."""
+        server = ForkServer(reactor, python=PYTHON, env=dict(os.environ))
+        yield server.start()
+        pid = server.pid
+        yield server.stop()
+        self.assertIsNone(server.pid)
+        self.assertProcessGone(pid)
