@@ -34,10 +34,12 @@ before it and the records after that.
 
 import errno
 import fcntl
+import functools
 import json
 import os
 import re
 import struct
+import threading
 import time
 import zlib
 from collections import deque
@@ -754,6 +756,9 @@ class Journal:
             snapshotPool = ThreadPool(minthreads=1, maxthreads=1, name="journal-snapshot")
             self._pools = [writerPool, snapshotPool]
             for pool in self._pools:
+                # A process that exits without close() must not hang on
+                # them; an exit in mid-write is a torn tail, handled.
+                pool.threadFactory = functools.partial(threading.Thread, daemon=True)
                 pool.start()
             self._runWriter = lambda f, *a: deferToThreadPool(self.reactor, writerPool, f, *a)
             self._runSnapshot = lambda f, *a: deferToThreadPool(self.reactor, snapshotPool, f, *a)

@@ -211,15 +211,18 @@ def test_groupCommitOnTheWriterThread(tmp_path):
     from twisted.internet import reactor
     journal = Journal(str(tmp_path), reactor, fsync=slowFsync)
     journal.load()
-    first = journal.append({"type": "t", "i": 0})
-    assert entered.wait(30)
-    rest = [journal.append({"type": "t", "i": i}) for i in range(1, 201)]
-    assert not first.called and not any(d.called for d in rest)
-    release.set()
-    waitFor(defer.gatherResults([first] + rest))
-    assert len(calls) == 2
-    assert threading.current_thread().name not in calls
-    waitFor(journal.close())
+    try:
+        first = journal.append({"type": "t", "i": 0})
+        assert entered.wait(30)
+        rest = [journal.append({"type": "t", "i": i}) for i in range(1, 201)]
+        assert not first.called and not any(d.called for d in rest)
+        release.set()
+        waitFor(defer.gatherResults([first] + rest))
+        assert len(calls) == 2
+        assert threading.current_thread().name not in calls
+    finally:
+        release.set()
+        waitFor(journal.close())
     assert [r["i"] for r in readRecords(str(tmp_path))[1]] == list(range(201))
 
 
