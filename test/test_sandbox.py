@@ -598,11 +598,15 @@ def _profiles():
 @pytest.mark.parametrize("profile", _profiles(), ids=lambda p: p.name)
 def test_appArmorProfileCompiles(profile):
     """Each profile in apparmor.d/ compiles without an error or a warning
-    (apparmor_parser -Q -K: parse and compile, load nothing)."""
+    (apparmor_parser -Q -K: parse and compile, load nothing; the only line
+    allowed on stderr is the parser's note that this kernel has no AppArmor
+    cache interface)."""
     done = subprocess.run(["apparmor_parser", "-Q", "-K", "-I", str(PROFILES), str(profile)],
                           capture_output=True, text=True, timeout=BOUND)
+    complaints = [line for line in done.stderr.splitlines()
+                  if not line.startswith("Cache read/write disabled")]
     assert done.returncode == 0, done.stderr
-    assert done.stderr == "", done.stderr
+    assert complaints == []
 
 
 def test_thereAreProfilesForTheWorkerAndTheFit():
