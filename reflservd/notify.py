@@ -1,0 +1,173 @@
+"""Notification mails: a short mail when a job starts and when it ends.
+
+A job whose ``notify`` is an e-mail address gets one mail when it first
+becomes ACTIVE and one when it ends (COMPLETE, ERROR or CANCEL), each with a
+link to the job's page. The queue server calls `Notifier.jobChanged` on every
+status event; sending happens in the background through
+``twisted.mail.smtp.sendmail``, and a mail that cannot be sent is logged and
+forgotten: it never changes the job, nor delays the answer to anyone (the old
+jobqueue answered 500 to a worker when its notification failed).
+"""
+
+import re
+import socket
+from collections import OrderedDict
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from reflservd.client import formatValue
+
+MAILED = ("ACTIVE", "COMPLETE", "ERROR", "CANCEL")
+ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")
+SEND_TIMEOUT = 120.0
+REMEMBERED = 10_000
+MAX_PARAMETERS = 30
+
+
+def isAddress(text):
+    """Whether ``notify`` is one plain e-mail address (the owner may also be
+    a client address or anything else the old protocol carried)."""
+    return isinstance(text, str) and ADDRESS.match(text) is not None
+
+
+def defaultBaseUrl(listen):
+    """A URL for links when ``--base-url`` is not given: this host's name and
+    the port of the ``--listen`` endpoint."""
+    parts = (listen or "").split(":")
+    port = next((p for p in parts[1:] if p.isdigit()), "8080")
+    interface = next((p.split("=", 1)[1] for p in parts if p.startswith("interface=")), "")
+    host = interface if interface in ("127.0.0.1", "::1", "localhost") else socket.getfqdn()
+    if ":" in host:
+        host = "[%s]" % (host,)
+    return "http://%s:%s" % (host, port)
+
+
+class Notifier:
+    """Mails a job's owner when it starts and when it ends.
+
+    @param sendmail: ``twisted.mail.smtp.sendmail`` unless a test gives another.
+    """
+
+    _log = Logger()
+
+    def __init__(self, reactor, smtpHost, smtpPort, sender, baseUrl, sendmail=None):
+        self.reactor = reactor
+        self.smtpHost = smtpHost
+        self.smtpPort = int(smtpPort)
+        self.sender = sender
+        self.baseUrl = (baseUrl or "").rstrip("/")
+        self._sendmail = sendmail
+        self._mailed = OrderedDict()        # jobId -> the last status mailed
+        self.sending = set()
+
+    @classmethod
+    def fromConfig(cls, config, reactor):
+        """The notifier ``--smtp``, ``--smtp-from`` and ``--base-url`` ask
+        for, or None when ``--smtp`` is not set."""
+        if not config.get("smtp"):
+            return None
+        host, _, port = config["smtp"].rpartition(":")
+        baseUrl = config.get("base-url") or defaultBaseUrl(config.get("listen"))
+        return cls(reactor, host, int(port), config.get("smtp-from") or "reflservd@localhost", baseUrl)
+
+    def jobChanged(self, job):
+        """A job's status changed: mail its owner if this is a start or an
+        end not mailed yet. Never raises (it runs inside the queue's commit)."""
+        try:
+            status = job.status
+            if status not in MAILED or not isAddress(job.notify):
+                return None
+            if self._mailed.get(job.id) == status:
+                return None
+            self._mailed[job.id] = status
+            self._mailed.move_to_end(job.id)
+            while len(self._mailed) > REMEMBERED:
+                self._mailed.popitem(last=False)
+            return self.send(job.id, job.notify, self.message(job))
+        except Exception:
+            self._log.failure("notification for job {jobId} not sent", jobId=getattr(job, "id", None))
+            return None
+
+    def pageURL(self, jobId):
+        return "%s/jobs/%d" % (self.baseUrl, jobId)
+
+    def message(self, job):
+        """The mail (bytes) for the job's present status."""
+        name = " ".join(str(job.name or "").split())[:200]
+        label = "job %d%s" % (job.id, " (%s)" % (name,) if name else "")
+        lines = []
+        if job.status == "ACTIVE":
+            subject = "%s started" % (label,)
+            lines.append("Your refl1d fit %s started on queue %s (attempt %d)."
+                         % (label, job.queue or "-", job.attempts or 1))
+        else:
+            word = {"COMPLETE": "finished", "ERROR": "failed", "CANCEL": "was cancelled"}[job.status]
+            subject = "%s %s" % (label, word)
+            lines.append("Your refl1d fit %s %s (%s)." % (label, word, job.status))
+            if job.started and job.finished:
+                lines.append("Run time: %s." % (_duration(job.finished - job.started),))
+            result = job.result if isinstance(job.result, dict) else {}
+            if job.status == "COMPLETE" and isinstance(result.get("chisq"), (int, float)):
+                lines.append("")
+                lines.append("chi^2 = %.4g" % (result["chisq"],))
+                parameters = result.get("parameters")
+                if isinstance(parameters, dict):
+                    for pname, value in list(parameters.items())[:MAX_PARAMETERS]:
+                        if isinstance(value, dict):
+                            text = formatValue(value.get("value"), value.get("uncertainty"))
+                        else:
+                            text = formatValue(value)
+                        lines.append("  %s = %s" % (pname, text))
+                    if len(parameters) > MAX_PARAMETERS:
+                        lines.append("  (%d more on the page)" % (len(parameters) - MAX_PARAMETERS,))
+            if job.status == "ERROR" and job.error:
+                lines.append("")
+                lines.append("Error: %s" % (str(job.error).strip().splitlines()[-1][:500],))
+        lines.extend(["", "Its page: %s" % (self.pageURL(job.id),), "",
+                      "-- ", "reflservd (you asked for these mails with notify=%s)" % (job.notify,)])
+        mail = EmailMessage()
+        mail["From"] = self.sender
+        mail["To"] = job.notify
+        mail["Subject"] = "[reflservd] " + subject
+        mail["Date"] = formatdate(self.reactor.seconds(), localtime=True)
+        mail["Message-ID"] = make_msgid("reflservd-%d" % (job.id,))
+        mail["Auto-Submitted"] = "auto-generated"
+        mail.set_content("\n".join(lines) + "\n")
+        return mail.as_bytes()
+
+    def send(self, jobId, address, message):
+        """Send one mail in the background; the Deferred always succeeds."""
+        sendmail = self._sendmail
+        if sendmail is None:
+            from twisted.mail.smtp import sendmail
+        try:
+            d = sendmail(self.smtpHost, self.sender, [address], message,
+                         port=self.smtpPort, reactor=self.reactor)
+        except Exception as e:
+            d = defer.fail(e)
+        d.addTimeout(SEND_TIMEOUT, self.reactor)
+        self.sending.add(d)
+        d.addCallbacks(self._sent, self._failed, callbackArgs=(jobId, address),
+                       errbackArgs=(jobId, address))
+        d.addBoth(self._done, d)
+        return d
+
+    def _sent(self, result, jobId, address):
+        self._log.info("job {jobId}: mailed {address}", jobId=jobId, address=address)
+
+    def _failed(self, failure, jobId, address):
+        self._log.warn("job {jobId}: the mail to {address} was not sent ({why}); the job is unaffected",
+                       jobId=jobId, address=address, why=failure.getErrorMessage() or failure.type.__name__)
+
+    def _done(self, result, d):
+        self.sending.discard(d)
+        return None
+
+
+def _duration(seconds):
+    seconds = int(round(max(0.0, seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return "%d:%02d:%02d" % (hours, rest // 60, rest % 60)
