@@ -52,6 +52,7 @@ def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
     from reflservd.metrics import Metrics
+    from reflservd.notify import Notifier
     from reflservd.server import QueueServer
     from reflservd.site import makeSite
 
@@ -60,7 +61,7 @@ def makeService(config, reactor=None):
     queueServer = QueueServer(
         config["state-dir"], reactor, leaseTimeout=config["lease-timeout"],
         maxAttempts=config["max-attempts"], snapshotEvery=config["snapshot-every"],
-        metrics=metrics)
+        metrics=metrics, notifier=Notifier.fromConfig(config, reactor))
     queueServer.setName("queue")
     queueServer.setServiceParent(top)
     site = makeSite(queueServer, config["max-upload"], config["worker-token"], metrics)
