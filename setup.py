@@ -25,7 +25,7 @@ setup(
     python_requires=">=3.11,<3.12",
     packages=["reflservd", "reflworkerd", "twisted.plugins"],
     package_data={
-        "reflservd": ["static/*", "templates/*", "demo/*"],
+        "reflservd": ["static/*", "templates/*", "demodata/*"],
         "reflworkerd": [],
     },
     install_requires=REQUIRES,
