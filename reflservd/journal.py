@@ -563,7 +563,9 @@ class Journal:
         self._closeState = None     # None, "closing", "closed"
         self._closeWaiters = []
         if lock:
-            os.makedirs(self.journalDir, exist_ok=True)
+            if not os.path.isdir(self.journalDir):
+                os.makedirs(self.journalDir, exist_ok=True)
+                fsyncDirectory(stateDir)
             self._lock()
 
     # ---- the lock
