@@ -415,6 +415,28 @@ def test_snapshotStateIsCalledRightAfterTheAppendThatReachesTheCount(tmp_path):
     results([journal.close()])
 
 
+def test_snapshotsOnTheirOwnThread(tmp_path):
+    """With the real threads: snapshots are written beside the appends, and
+    close() waits for them; the recovered state is the live one."""
+    from twisted.internet import reactor
+    stateDir = str(tmp_path)
+    counter = Counter()
+    journal = Journal(stateDir, reactor, snapshotEvery=50, snapshotState=counter.snapshot)
+    journal.load()
+    try:
+        acks = []
+        for i in range(120):
+            counter.apply({"i": i})
+            acks.append(journal.append({"type": "t", "i": i}))
+        waitFor(defer.gatherResults(acks))
+    finally:
+        waitFor(journal.close())
+    assert snapshotName(1) in journalFiles(stateDir)
+    journal, recovery, recovered = recover(stateDir)
+    assert recovery.snapshotNumber >= 1 and recovered.state == counter.state
+    results([journal.close()])
+
+
 def test_forcedSnapshotAndCompactTrim(tmp_path):
     """snapshot() writes one now; with keepSnapshots=1 everything before it
     is removed and the state still recovers."""
