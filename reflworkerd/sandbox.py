@@ -55,6 +55,7 @@ import platform
 import re
 import resource
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -254,6 +255,9 @@ class RootPlan:
         from ``sys.path`` entries outside ``bound``: an editable install, the
         project's own source tree. Only each package is bound, never the
         entry that holds it, which may also hold the worker's state or jobs.
+        Only top-level modules are looked at (their submodules live inside
+        them), and paths are resolved only when their name is not already
+        inside ``bound``: the fork server has thousands of modules loaded.
         """
         entries = []
         for entry in sys.path:
@@ -262,14 +266,20 @@ class RootPlan:
                 if real != "/" and not any(_under(real, b) for b in bound):
                     entries.append(real)
         entries.sort(key=len, reverse=True)
+        boundAsNamed = bound + [os.path.abspath(p) for p in (
+            sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)]
         found = set()
-        for module in list(sys.modules.values()):
+        for name, module in list(sys.modules.items()):
+            if "." in name:
+                continue
             locations = list(getattr(module, "__path__", None) or ())
-            filename = getattr(module, "__file__", None)
-            if filename:
-                locations.append(filename)
+            if not locations and getattr(module, "__file__", None):
+                locations = [module.__file__]
             for location in locations:
-                if not isinstance(location, str):
+                if not isinstance(location, str) or not location:
+                    continue
+                location = os.path.abspath(location)
+                if any(_under(location, b) for b in boundAsNamed):
                     continue
                 real = os.path.realpath(location)
                 if any(_under(real, b) for b in bound):
@@ -305,7 +315,8 @@ class _RootBuilder:
     mounted from inside the namespace). The new root is a tmpfs mounted over
     /tmp of the private mount namespace; since the job directory or a library
     may itself live under /tmp, every source is opened (``O_PATH``) before and
-    bound through ``/proc/self/fd``.
+    bound through ``/proc/self/fd``. The fresh /proc has no mounts inside, so
+    its knobs are bound read-only one by one.
     """
 
     def __init__(self, plan, uid, gid, tmpSize):
@@ -317,10 +328,9 @@ class _RootBuilder:
     def build(self):
         plan = self.plan
         paths = list(plan.readOnly) + [plan.jobDir]
-        paths += [os.path.join("/etc", name) for name in plan.etc
-                  if not os.path.islink(os.path.join("/etc", name))]
         paths += [os.path.join("/dev", name) for name in DEVICES
                   if os.path.exists(os.path.join("/dev", name))]
+        self.hostMounts = self._mountPoints()
         sources = {}
         try:
             for path in paths:
@@ -331,10 +341,10 @@ class _RootBuilder:
                    "mode=0755,size=4m,nr_inodes=4096")
             for link, target in sorted(plan.symlinks.items()):
                 os.symlink(target, root + link)
+            self._etc()
             self._tmpfs("/tmp", 0o1777)
             self._dev(sources)
             self._proc()
-            self._etc(sources)
             for path in plan.readOnly:
                 self._bind(sources[path], path, readOnly=True)
             self._bind(sources[plan.jobDir], plan.jobDir, readOnly=False)
@@ -366,27 +376,25 @@ class _RootBuilder:
         return target
 
     def _bind(self, fd, path, readOnly, device=False):
-        """Bind ``path`` (opened as ``fd``) at the same path in the new root;
-        read-only binds are recursive and every submount is made read-only."""
+        """Bind ``path`` (opened as ``fd``) at the same path in the new root.
+        A read-only bind of a tree with mounts inside is recursive, and each
+        of those mounts is made read-only by itself."""
         source = "/proc/self/fd/%d" % (fd,)
         target = self._target(path, os.path.isdir(source))
-        _mount(source, target, None, MS_BIND | (MS_REC if readOnly else 0))
+        inside = [p for p in self.hostMounts if p != path and _under(p, path)]
+        _mount(source, target, None, MS_BIND | (MS_REC if readOnly and inside else 0))
         extra = MS_NOSUID | (0 if device else MS_NODEV) | (MS_RDONLY if readOnly else 0)
-        for mountPoint in self._mountsUnder(target) if readOnly else [target]:
-            _mount(None, mountPoint, None, MS_BIND | MS_REMOUNT | extra
-                   | self._mountFlags(mountPoint))
+        for point in [target] + ([self.root + p for p in inside] if readOnly else []):
+            _mount(None, point, None, MS_BIND | MS_REMOUNT | extra | self._mountFlags(point))
 
     @staticmethod
-    def _mountsUnder(target):
-        """Mount points at or below ``target`` (a recursive bind brings the
-        submounts along, and each one must be made read-only by itself)."""
-        found = []
+    def _mountPoints():
+        """The mount points of this mount namespace, shortest first."""
+        found = set()
         with open("/proc/self/mountinfo") as mountinfo:
             for line in mountinfo:
-                point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
-                               line.split()[4])
-                if _under(point, target) and point not in found:
-                    found.append(point)
+                found.add(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
+                                 line.split()[4]))
         return sorted(found, key=len)
 
     def _tmpfs(self, path, mode):
@@ -394,14 +402,22 @@ class _RootBuilder:
         _mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV,
                "mode=%o,size=%d,nr_inodes=65536" % (mode, self.tmpSize))
 
-    def _etc(self, sources):
+    def _etc(self):
+        """A few files copied from the host's /etc (small, and a copy cannot
+        be used to reach the original), and a synthetic passwd and group."""
         etc = self._target("/etc", True)
         for name in self.plan.etc:
             path = os.path.join("/etc", name)
-            if os.path.islink(path):
-                os.symlink(os.readlink(path), os.path.join(etc, name))
-            else:
-                self._bind(sources[path], path, readOnly=True)
+            copy = os.path.join(etc, name)
+            try:
+                if os.path.islink(path):
+                    os.symlink(os.readlink(path), copy)
+                elif os.path.isdir(path):
+                    shutil.copytree(path, copy, symlinks=True)
+                else:
+                    shutil.copyfile(path, copy)
+            except OSError:
+                continue
         passwd, group = self.plan.passwd(self.uid, self.gid)
         for name, text in (("passwd", passwd), ("group", group), ("hostname", HOSTNAME + "\n")):
             with open(os.path.join(etc, name), "w") as f:
@@ -424,10 +440,9 @@ class _RootBuilder:
         for name in PROC_READONLY:
             path = os.path.join(proc, name)
             if os.path.exists(path):
-                _mount(path, path, None, MS_BIND | MS_REC)
-                for point in self._mountsUnder(path):
-                    _mount(None, point, None, MS_BIND | MS_REMOUNT | MS_RDONLY
-                           | MS_NOSUID | MS_NODEV | MS_NOEXEC | self._mountFlags(point))
+                _mount(path, path, None, MS_BIND)
+                _mount(None, path, None, MS_BIND | MS_REMOUNT | MS_RDONLY
+                       | MS_NOSUID | MS_NODEV | MS_NOEXEC | self._mountFlags(path))
         for name in PROC_MASKED:
             path = os.path.join(proc, name)
             if os.path.isdir(path):
