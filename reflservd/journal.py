@@ -321,6 +321,14 @@ def readSnapshotFile(path, decode=True):
         raise SnapshotError("unreadable state") from None
 
 
+def encodeAndWriteSnapshot(journalDir, number, state, created, lastTime, keep):
+    """Encode a state and write it as snapshot ``number`` (on the snapshot
+    thread, so a large state does not hold up the reactor); ``(removed, size)``."""
+    body = json.dumps(state, separators=(",", ":")).encode("utf-8")
+    data = encodeSnapshot(number, body, created, lastTime)
+    return writeSnapshotFile(journalDir, number, data, keep), len(data)
+
+
 def writeSnapshotFile(journalDir, number, data, keep):
     """Write a snapshot durably (temporary name, fsync, rename, fsync the
     directory), then trim. Runs on a thread; returns the names removed."""
@@ -523,8 +531,8 @@ class Journal:
             dict of the live state. It is called in the reactor thread right
             after the append that reaches C{snapshotEvery} records since the
             last snapshot, so the caller must apply a record to its state
-            before appending it. The dict is encoded at once, then written
-            off-thread.
+            before appending it. The dict must share no mutable object with
+            the live state: it is encoded and written on the snapshot thread.
         @param lock: take an exclusive flock on C{stateDir/journal/lock} for
             the journal's lifetime (JournalLocked if another process holds
             it). With C{lock=False} the journal only reads: it never repairs,
@@ -844,8 +852,7 @@ class Journal:
     def _queueSnapshot(self, d):
         state = self.snapshotState()
         created = self.reactor.seconds()
-        body = json.dumps(state, separators=(",", ":")).encode("utf-8")
-        self._pending.append(_SnapshotMarker((body, created, self._lastTime), d))
+        self._pending.append(_SnapshotMarker((state, created, self._lastTime), d))
         self._snapshotsInFlight += 1
         self.recordsSinceSnapshot = 0
 
@@ -913,16 +920,17 @@ class Journal:
                 item.deferred.errback(JournalWriteError(str(error)))
 
     def _rotated(self, number, marker):
-        body, created, lastTime = marker.data
-        data = encodeSnapshot(number, body, created, lastTime)
-        d = self._runSnapshot(writeSnapshotFile, self.journalDir, number, data, self.keepSnapshots)
+        state, created, lastTime = marker.data
+        d = self._runSnapshot(encodeAndWriteSnapshot, self.journalDir, number, state, created,
+                              lastTime, self.keepSnapshots)
         d.addCallbacks(self._snapshotWritten, self._snapshotFailed,
-                       callbackArgs=(number, len(data), marker), errbackArgs=(marker,))
+                       callbackArgs=(number, marker), errbackArgs=(marker,))
 
     def _rotateFailed(self, failure, marker):
         self._snapshotFinished(marker, self._writeError(failure))
 
-    def _snapshotWritten(self, removed, number, size, marker):
+    def _snapshotWritten(self, written, number, marker):
+        removed, size = written
         self._log.info("journal: wrote {name} ({size} bytes); removed {removed}",
                        name=snapshotName(number), size=size, removed=", ".join(removed) or "nothing")
         self._snapshotFinished(marker, None)

@@ -11,6 +11,7 @@ through the records and through the ``now`` arguments.
 """
 
 import heapq
+import operator
 from collections import deque
 
 PENDING, ACTIVE, COMPLETE, ERROR, CANCEL = "PENDING", "ACTIVE", "COMPLETE", "ERROR", "CANCEL"
@@ -68,9 +69,31 @@ class Job:
         }
 
     def snapshot(self):
-        state = {name: getattr(self, name) for name in self.__slots__
-                 if name not in ("events", "eventSeq", "leaseExpires")}
-        return state
+        """The job's fields in ``SNAPSHOT_FIELDS`` order, sharing nothing
+        mutable with the live job (the journal encodes it on another thread)."""
+        row = list(_snapshotFields(self))
+        row[_UPLOADS] = dict(self.uploads)
+        row[_FILES] = dict(self.files)
+        return row
+
+
+SNAPSHOT_FIELDS = tuple(name for name in Job.__slots__
+                        if name not in ("events", "eventSeq", "leaseExpires"))
+_UPLOADS, _FILES = SNAPSHOT_FIELDS.index("uploads"), SNAPSHOT_FIELDS.index("files")
+_snapshotFields = operator.attrgetter(*SNAPSHOT_FIELDS)
+
+
+def _rowLoader(fields):
+    """A function setting a Job's fields from a snapshot row, compiled for
+    this snapshot's field order (a plain loop of setattr is several times
+    slower, and loading a large queue is on the restart path)."""
+    unknown = set(fields) - set(SNAPSHOT_FIELDS)
+    if unknown:
+        raise ValueError("the snapshot has fields this version does not know: %s" % sorted(unknown))
+    body = "".join("    job.%s = row[%d]\n" % (name, i) for i, name in enumerate(fields))
+    namespace = {}
+    exec("def load(job, row):\n" + (body or "    pass\n"), namespace)
+    return namespace["load"]
 
 
 class Queue:
@@ -84,7 +107,6 @@ class Queue:
         self.nextId = 1
         self._pending = []          # heap of (priority, id); stale entries skipped
         self._inHeap = set()        # ids with an entry in the heap, stale or not
-        self._pendingCount = 0
         self._leaseDeadlines = []   # heap of (expires, id, lease); stale entries skipped
         self._owners = {}           # owner -> deque of submit times within the window
         self._counts = dict.fromkeys(STATUSES, 0)
@@ -360,26 +382,33 @@ class Queue:
     # ---- events (in memory only: what the events long-poll serves)
 
     def _event(self, job, now, kind, progress=None):
+        """Record a job event. A job's only event is kept as a bare tuple (most
+        jobs of a long queue have just their submit); more go in a deque."""
         job.eventSeq += 1
         event = (job.eventSeq, now, kind, job.status, progress)
         if job.events is None:
-            job.events = deque(maxlen=EVENTS_KEPT)
-        job.events.append(event)
+            job.events = event
+        else:
+            if isinstance(job.events, tuple):
+                job.events = deque((job.events,), maxlen=EVENTS_KEPT)
+            job.events.append(event)
         if self.onEvent is not None:
             self.onEvent(job, event)
 
     def eventsAfter(self, jobId, after):
         job = self.get(jobId)
+        events = (job.events,) if isinstance(job.events, tuple) else (job.events or ())
         return [{"seq": seq, "time": t, "type": kind, "status": status, "progress": progress}
-                for seq, t, kind, status, progress in (job.events or ()) if seq > after]
+                for seq, t, kind, status, progress in events if seq > after]
 
     # ---- snapshots
 
     def snapshot(self):
         """A JSON-able dict of the whole state (what the journal's snapshot holds)."""
         return {
-            "version": 1,
+            "version": 2,
             "nextId": self.nextId,
+            "fields": list(SNAPSHOT_FIELDS),
             "jobs": [job.snapshot() for job in self.jobs.values()],
             "deleted": sorted(self.deleted),
             "owners": {owner: list(times) for owner, times in self._owners.items()},
@@ -395,22 +424,22 @@ class Queue:
         queue.nextId = state["nextId"]
         queue.deleted = set(state["deleted"])
         queue._owners = {owner: deque(times) for owner, times in state["owners"].items()}
-        for fields in state["jobs"]:
+        load = _rowLoader(state["fields"])
+        jobs, counts, pending = queue.jobs, queue._counts, queue._pending
+        for row in state["jobs"]:
             job = Job()
-            for name, value in fields.items():
-                setattr(job, name, value)
-            job.events = None
-            job.eventSeq = 0
+            load(job, row)
             job.leaseExpires = 0.0
-            queue.jobs[job.id] = job
-            queue._counts[job.status] += 1
+            job.eventSeq = 1
+            job.events = (1, job.finished or job.started or job.submitted, "status", job.status, None)
+            jobs[job.id] = job
+            counts[job.status] += 1
             if job.status == PENDING:
-                queue._pending.append((job.priority, job.id))
-                queue._inHeap.add(job.id)
+                pending.append((job.priority, job.id))
             elif queue._leaseOpen(job):
                 queue.restartLease(job, job.started)
-            queue._event(job, job.finished or job.started or job.submitted, "status")
-        heapq.heapify(queue._pending)
+        queue._inHeap = {jobId for _, jobId in pending}
+        heapq.heapify(pending)
         return queue
 
     def restartLease(self, job, now):
