@@ -288,6 +288,72 @@ def test_syntheticPasswdNamesOnlyTheFit():
     assert "fit:x:61000:" in group
 
 
+def runSeccomp(program, nr, arch, arg0=0):
+    """What the classic-BPF ``program`` answers for one system call."""
+    data = {0: nr, 4: arch, 16: arg0}
+    pc = accumulator = 0
+    while True:
+        code, jt, jf, k = program[pc]
+        if code == 0x20:
+            accumulator, pc = data[k], pc + 1
+        elif code in (0x15, 0x35, 0x45):
+            taken = {0x15: accumulator == k, 0x35: accumulator >= k,
+                     0x45: bool(accumulator & k)}[code]
+            pc += 1 + (jt if taken else jf)
+        else:
+            assert code == 0x06
+            return k
+
+
+@pytest.mark.parametrize("machine", sorted(sandbox.SECCOMP_ARCH))
+def test_seccompFilterDeniesNamespacesAndKernelSurfaceOnly(machine):
+    """The filter lets ordinary calls and a plain fork through; refuses
+    clone with a CLONE_NEW* flag, unshare, keyctl, bpf, ptrace, mount and
+    other calls of another architecture; and answers clone3 with ENOSYS so
+    that the C library falls back to clone."""
+    column = 0 if machine == "x86_64" else 1
+    arch = sandbox.SECCOMP_ARCH[machine]
+    program = sandbox.seccompProgram(machine)
+    allow, eperm = 0x7FFF0000, 0x50000 | errno.EPERM
+    assert runSeccomp(program, 0, arch) == allow
+    assert runSeccomp(program, sandbox.SECCOMP_CLONE[column], arch, 0x01200011) == allow
+    assert runSeccomp(program, sandbox.SECCOMP_CLONE[column], arch, sandbox.CLONE_NEWUSER) == eperm
+    assert runSeccomp(program, sandbox.SECCOMP_CLONE3[column], arch) == 0x50000 | errno.ENOSYS
+    for name in ("unshare", "setns", "keyctl", "bpf", "ptrace", "mount", "userfaultfd"):
+        assert runSeccomp(program, sandbox.SECCOMP_DENIED[name][column], arch) == eperm, name
+    assert runSeccomp(program, 0, 0x40000003) == eperm
+    if machine == "x86_64":
+        assert runSeccomp(program, 0x40000000 | 1, arch) == eperm
+    assert sandbox.seccompProgram("mips") is None
+
+
+@needsRoot
+def test_confinedFitCanStillUseThreadsAndProcesses(site, tmp_path):
+    """What a real fit needs still works confined: threads (clone3 falls
+    back to clone), fork, a multiprocessing pool (bumps' mapper), the
+    private /tmp, numpy."""
+    script = tmp_path / "workers.py"
+    script.write_text(
+        "import json, multiprocessing, os, tempfile, threading\n"
+        "import numpy\n"
+        "box = []\n"
+        "t = threading.Thread(target=lambda: box.append(1)); t.start(); t.join()\n"
+        "pid = os.fork()\n"
+        "if pid == 0: os._exit(7)\n"
+        "status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])\n"
+        "with multiprocessing.get_context('fork').Pool(2) as pool:\n"
+        "    squares = pool.map(abs, [-1, -2, -3])\n"
+        "with tempfile.NamedTemporaryFile() as f: tmp = f.name\n"
+        "report = {'thread': box, 'fork': status, 'pool': squares, 'tmp': tmp,\n"
+        "          'numpy': float(numpy.linalg.norm(numpy.ones(4)))}\n"
+        "open('hostile-report.json', 'w').write(json.dumps(report))\n")
+    run = ConfinedRun(site / "jobs" / "mine", script, uid=slotUid(), limits={"nproc": 32})
+    run.succeed()
+    assert run.report() == {"thread": [1], "fork": 7, "pool": [1, 2, 3],
+                            "tmp": run.report()["tmp"], "numpy": 2.0}
+    assert run.report()["tmp"].startswith("/tmp/")
+
+
 @needsRoot
 def test_confineReturnsInTheFitProcessInItsNamespaces(site, tmp_path):
     """confine returns in pid 1 of a new pid namespace, with the job
@@ -304,7 +370,7 @@ def test_confineReturnsInTheFitProcessInItsNamespaces(site, tmp_path):
         os.close(spare)
     info = run.confined()
     run.succeed()
-    assert info["description"] == "namespaces(mount,pid,net,ipc,uts)+rlimits+nice19+uid %d" % uid
+    assert info["description"] == "namespaces(mount,pid,net,ipc,uts)+seccomp+rlimits+nice19+uid %d" % uid
     assert info["pid"] == 1
     assert info["uid"] == uid
     assert info["cwd"] == os.path.realpath(site / "jobs" / "mine")
@@ -404,9 +470,10 @@ def test_fitCannotSignalOrTraceOutsideItsJob(site):
 @needsRoot
 @pytest.mark.parametrize("slot", [True, False], ids=["slot uid", "root without capabilities"])
 def test_fitCannotGainPrivileges(site, slot):
-    """No mount, remount, chroot, mknod, sethostname or raw socket; /proc/sys
-    and sysrq are read-only, kcore masked; no capabilities and no new
-    privileges, whether the fit runs as the slot's uid or as root."""
+    """No mount, remount, chroot, mknod, sethostname, raw socket, nested user
+    namespace or session keyring; /proc/sys and sysrq are read-only, kcore
+    masked; no capabilities and no new privileges, whether the fit runs as
+    the slot's uid or as root."""
     run = ConfinedRun(site / "jobs" / "mine", HOSTILE / "escape_privileges.py",
                       uid=slotUid() if slot else None)
     info = run.confined()

@@ -1,7 +1,8 @@
 """Hostile model: try to gain privileges or undo the confinement.
 
 Mounts, unmounts, chroot, setuid(0), mknod, the kernel's knobs in /proc/sys
-and /proc/sysrq-trigger, the hostname, a raw socket. Also reports the
+and /proc/sysrq-trigger, the hostname, a nested user namespace, the session
+keyring, a raw socket. Also reports the
 process's capability sets and NoNewPrivs flag as the kernel shows them.
 Writes ``hostile-report.json`` and prints it after ``HOSTILE-REPORT``;
 ``"succeeded": true`` means the operation was allowed.
@@ -55,6 +56,16 @@ def write(path, text):
     return "wrote %s" % path
 
 
+def keyring():
+    """keyctl(KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING): the session
+    keyring is inherited from whoever started the worker."""
+    result = libc.syscall(250 if os.uname().machine == "x86_64" else 219, 0, -3, 0)
+    if result < 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return "session keyring %d" % result
+
+
 def readNonEmpty(path):
     with open(path, "rb") as f:
         data = f.read(16)
@@ -80,6 +91,8 @@ attempt(report, "writeProcSys", lambda: write("/proc/sys/kernel/domainname", "ho
 attempt(report, "writeSysrq", lambda: write("/proc/sysrq-trigger", "h"))
 attempt(report, "readKcore", lambda: readNonEmpty("/proc/kcore"))
 attempt(report, "sethostname", lambda: socket.sethostname("hostile") or "allowed")
+attempt(report, "nestedUserNamespace", lambda: checked(libc.unshare(0x10000000)))
+attempt(report, "sessionKeyring", lambda: keyring())
 attempt(report, "rawSocket", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP).close() or "allowed")
 report["status"] = status()
 report["finished"] = True
