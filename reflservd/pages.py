@@ -1,0 +1,670 @@
+"""The HTML pages: the jobs, one job (live), and a form to submit a fit.
+
+Pages are rendered on the server with ``twisted.web.template`` (templates in
+``reflservd/templates``); what changes while a page is open (progress, χ²
+chart, status) is updated by small scripts of our own in ``reflservd/static``
+that long-poll ``/api/v1/jobs/{id}/events``. Everything a page loads comes
+from this server: no inline script or style, no CDN, and a strict
+Content-Security-Policy on every page, so that text a user put in a job (its
+name, its error) can never run as code in another user's browser.
+"""
+
+import datetime
+import math
+import os
+import time
+import urllib.parse
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.filepath import FilePath
+from twisted.web.template import Element, XMLFile, renderer, tags
+
+from reflservd import queue as Q
+from reflservd.api import _origin, selectJobs
+from reflservd.client import VERSION, formatValue
+from reflservd.queue import QueueError
+from reflservd.store import BadName, checkName
+from reflservd.web import APIError, Routes, formParts
+
+app = Routes.app
+
+TEMPLATES = FilePath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates"))
+STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+CSP = ("default-src 'self'; img-src 'self' data:; object-src 'none'; frame-ancestors 'none'; "
+       "base-uri 'none'; form-action 'self'")
+STATIC_TYPES = {
+    ".css": "text/css; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".woff2": "font/woff2",
+}
+PAGE_SIZE = 50
+LOG_TAIL = 8 * 1024
+LOG_NAMES = ("stdout.txt", "stderr.txt")
+FITTERS = (("", "refl1d's default (amoeba)"), ("lm", "Levenberg-Marquardt (lm)"),
+           ("amoeba", "Nelder-Mead simplex (amoeba)"), ("dream", "DREAM, Bayesian uncertainty (dream)"),
+           ("de", "differential evolution (de)"), ("newton", "quasi-Newton BFGS (newton)"),
+           ("pt", "parallel tempering (pt)"))
+OPTION_FIELDS = (
+    # name, label, type, input attributes, the fitters it applies to ("" = all)
+    ("steps", "Steps", int, {"min": "0"}, "amoeba de dream newton lm pt"),
+    ("samples", "Samples", int, {"min": "1"}, "dream"),
+    ("burn", "Burn-in steps", int, {"min": "0"}, "dream pt"),
+    ("pop", "Population", float, {"step": "any"}, "de dream"),
+    ("init", "Initializer", ("eps", "lhs", "cov", "random"), {}, "dream"),
+    ("seed", "Seed", int, {"min": "1"}, ""),
+    ("time", "Time limit (hours)", float, {"min": "0", "step": "any"}, ""),
+)
+
+
+def _pageHeaders(request):
+    request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+    request.setHeader(b"Content-Security-Policy", CSP.encode())
+    request.setHeader(b"X-Content-Type-Options", b"nosniff")
+    request.setHeader(b"X-Frame-Options", b"DENY")
+    request.setHeader(b"Referrer-Policy", b"same-origin")
+    request.setHeader(b"Cache-Control", b"no-store")
+
+
+def _arg(request, name):
+    raw = request.args.get(name.encode())
+    return raw[0].decode("utf-8", "replace").strip() if raw else ""
+
+
+def _timeTag(seconds):
+    if not seconds:
+        return "–"
+    moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
+    return tags.time(moment.strftime("%Y-%m-%d %H:%M:%S UTC"),
+                     datetime=moment.strftime("%Y-%m-%dT%H:%M:%SZ"))
+
+
+def _duration(seconds):
+    if seconds is None:
+        return "–"
+    seconds = int(round(max(0.0, seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return "%d:%02d:%02d" % (hours, rest // 60, rest % 60)
+
+
+def _runTime(job, now):
+    if job.started is None or job.status == Q.PENDING:
+        return None
+    return (job.finished or now) - job.started
+
+
+def _size(n):
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return "%d %s" % (n, unit) if unit == "bytes" else "%.1f %s" % (n, unit)
+        n /= 1024.0
+
+
+def _number(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "–" if value is None else str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return "%.6g" % (value,)
+
+
+def _badge(status):
+    return tags.span(status, class_="badge status-%s" % (status,), id="status")
+
+
+def _fileURL(jobId, name, kind="result", inline=False):
+    query = []
+    if kind == "upload":
+        query.append("kind=upload")
+    if inline:
+        query.append("inline=1")
+    return "/api/v1/jobs/%d/files/%s%s" % (jobId, urllib.parse.quote(name, safe=""),
+                                           ("?" + "&".join(query)) if query else "")
+
+
+def _plotOrder(name):
+    lower = name.lower()
+    for rank, word in enumerate(("refl", "profile", "residual", "convergence", "corr", "var")):
+        if word in lower:
+            return (rank, lower)
+    return (9, lower)
+
+
+def _plotCaption(name):
+    lower = name.lower()
+    for word, caption in (("refl", "Reflectivity"), ("profile", "Profile"), ("residual", "Residuals"),
+                          ("convergence", "Convergence"), ("corr", "Parameter correlations"),
+                          ("var", "Parameter distributions"), ("logp", "Log likelihood")):
+        if word in lower:
+            return "%s (%s)" % (caption, name)
+    return name
+
+
+def _tail(path, limit=LOG_TAIL):
+    """The last ``limit`` bytes of a file as text, from a line start."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            data = f.read(limit)
+    except OSError:
+        return None, 0
+    if size > limit and b"\n" in data:
+        data = data.split(b"\n", 1)[1]
+    return data.decode("utf-8", "replace"), size
+
+
+class Page(Element):
+    """The frame every page shares: header, navigation, the page's own body."""
+
+    loader = XMLFile(TEMPLATES.child("layout.xml"))
+
+    def __init__(self, title, body, scripts=(), section=None):
+        Element.__init__(self)
+        self._title = title
+        self._body = body
+        self._scripts = scripts
+        self._section = section
+
+    @renderer
+    def title(self, request, tag):
+        return tag("%s · reflservd" % (self._title,))
+
+    @renderer
+    def version(self, request, tag):
+        return VERSION
+
+    @renderer
+    def content(self, request, tag):
+        return tag(self._body)
+
+    @renderer
+    def scripts(self, request, tag):
+        return [tags.script(src="/static/%s" % (name,), defer="defer") for name in self._scripts]
+
+    @renderer
+    def navJobs(self, request, tag):
+        return tag(class_="here") if self._section == "jobs" else tag
+
+    @renderer
+    def navSubmit(self, request, tag):
+        return tag(class_="here") if self._section == "submit" else tag
+
+
+class JobsBody(Element):
+    """The table of jobs, newest first, with filters and pages."""
+
+    loader = XMLFile(TEMPLATES.child("jobs.xml"))
+
+    def __init__(self, queue, status, owner, queueName, page):
+        Element.__init__(self)
+        self.queue = queue
+        self.status, self.owner, self.queueName, self.page = status, owner, queueName, page
+        self.jobs = selectJobs(queue, status or None, owner or None, queueName or None)
+        self.now = time.time()
+
+    @renderer
+    def counts(self, request, tag):
+        counts = self.queue.counts()
+        parts = ["%d jobs" % (sum(counts.values()),)]
+        parts += ["%d %s" % (counts[s], s.lower()) for s in (Q.PENDING, Q.ACTIVE) if counts[s]]
+        return tag(" · ".join(parts))
+
+    @renderer
+    def statusOptions(self, request, tag):
+        options = [tags.option("any", value="")]
+        for status in Q.STATUSES:
+            option = tags.option(status.lower(), value=status)
+            if status == self.status:
+                option(selected="selected")
+            options.append(option)
+        return tag(options)
+
+    @renderer
+    def ownerValue(self, request, tag):
+        return tag(value=self.owner)
+
+    @renderer
+    def queueValue(self, request, tag):
+        return tag(value=self.queueName)
+
+    @renderer
+    def rows(self, request, tag):
+        start = (self.page - 1) * PAGE_SIZE
+        shown = self.jobs[start:start + PAGE_SIZE]
+        if not shown:
+            return tag(tags.tr(tags.td("No jobs match.", colspan="7", class_="empty")))
+        rows = []
+        for job in shown:
+            link = "/jobs/%d" % (job.id,)
+            rows.append(tags.tr(
+                tags.td(tags.a(str(job.id), href=link), class_="num"),
+                tags.td(tags.a(job.name or "(no name)", href=link)),
+                tags.td(job.owner or "–"),
+                tags.td(_badge(job.status)(id="status-%d" % (job.id,))),
+                tags.td(job.queue or "–"),
+                tags.td(_timeTag(job.submitted)),
+                tags.td(_duration(_runTime(job, self.now)), class_="num"),
+                class_="job"))
+        return tag(rows)
+
+    @renderer
+    def pager(self, request, tag):
+        total = len(self.jobs)
+        if total == 0:
+            return ""
+        pages = max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
+        start = (self.page - 1) * PAGE_SIZE
+        shown = "jobs %d–%d of %d" % (min(total, start + 1), min(total, start + PAGE_SIZE), total)
+
+        def link(page, text):
+            query = {k: v for k, v in (("status", self.status), ("owner", self.owner),
+                                       ("queue", self.queueName)) if v}
+            if page > 1:
+                query["page"] = str(page)
+            return tags.a(text, href="/?" + urllib.parse.urlencode(query) if query else "/")
+
+        items = []
+        if self.page > 1:
+            items.append(link(self.page - 1, "← newer"))
+        items.append(tags.span(shown))
+        if self.page < pages:
+            items.append(link(self.page + 1, "older →"))
+        return tag(items)
+
+
+class JobBody(Element):
+    """One job: its summary, live progress, and when it is over the result,
+    the plots, the files and the tail of its output."""
+
+    loader = XMLFile(TEMPLATES.child("job.xml"))
+
+    def __init__(self, job, store, ahead=0):
+        Element.__init__(self)
+        self.job = job
+        self.store = store
+        self.ahead = ahead
+        self.now = time.time()
+        try:
+            self.request = store.readRequest(job.id)
+        except (OSError, ValueError):
+            self.request = {}
+        self.resultFiles = store.files(job.id, "result")
+        self.uploadFiles = store.files(job.id, "upload")
+
+    @renderer
+    def jobId(self, request, tag):
+        return str(self.job.id)
+
+    @renderer
+    def jobName(self, request, tag):
+        return tag(self.job.name or "")
+
+    @renderer
+    def statusBadge(self, request, tag):
+        return _badge(self.job.status)
+
+    @renderer
+    def cancelButton(self, request, tag):
+        if self.job.status in Q.FINISHED:
+            return ""
+        return tags.button("Cancel", type="button", class_="danger", id="cancel",
+                           **{"data-job": str(self.job.id)})
+
+    @renderer
+    def notice(self, request, tag):
+        job = self.job
+        if job.status == Q.CANCEL and job.cancelRequested and not job.finished:
+            return tag("Cancelled: the worker stops the fit at its next heartbeat and sends what it has.")
+        if job.status == Q.PENDING:
+            ahead = self.ahead
+            return tag("Waiting for a worker%s." % (
+                " (%d job%s ahead in the queue)" % (ahead, "" if ahead == 1 else "s") if ahead else ""))
+        return ""
+
+    @renderer
+    def summary(self, request, tag):
+        job = self.job
+        data = self.request.get("data") if isinstance(self.request.get("data"), dict) else {}
+        options = data.get("options") if isinstance(data.get("options"), dict) else {}
+        waited = (job.started - job.submitted) if job.started else None
+        items = [
+            ("Status", job.status),
+            ("Owner", job.owner or "–"),
+            ("Model", data.get("model") or "–"),
+            ("Options", " ".join("%s=%s" % (k, v) for k, v in options.items()) or "refl1d's defaults"),
+            ("Service", "%s %s" % (job.service, job.version or "")),
+            ("Queue", job.queue or "–"),
+            ("Attempts", str(job.attempts)),
+            ("Confinement", job.confinement or "–"),
+            ("Submitted", _timeTag(job.submitted)),
+            ("Started", _timeTag(job.started)),
+            ("Finished", _timeTag(job.finished)),
+            ("Waited", _duration(waited)),
+            ("Run time", _duration(_runTime(job, self.now))),
+        ]
+        out = []
+        for label, value in items:
+            dd = tags.dd(value)
+            if label == "Status":
+                dd = tags.dd(value, id="summary-status")
+            out.extend([tags.dt(label), dd])
+        return tag(out)
+
+    @renderer
+    def progress(self, request, tag):
+        job = self.job
+        progress = job.progress if isinstance(job.progress, dict) else {}
+        if job.status == Q.PENDING and not progress:
+            tag(hidden="hidden")
+        tag(**{"data-job": str(job.id), "data-status": job.status,
+               "data-steps": str(self._totalSteps() or "")})
+        return tag.fillSlots(step=_number(progress.get("step")), chisq=_number(progress.get("chisq")),
+                             elapsed=_duration(progress.get("elapsed")) if progress else "–")
+
+    def _totalSteps(self):
+        data = self.request.get("data") if isinstance(self.request.get("data"), dict) else {}
+        options = data.get("options") if isinstance(data.get("options"), dict) else {}
+        steps = options.get("steps")
+        return steps if isinstance(steps, int) and steps > 0 else None
+
+    @renderer
+    def best(self, request, tag):
+        return "" if self.job.status in Q.FINISHED else tag
+
+    @renderer
+    def bestRows(self, request, tag):
+        progress = self.job.progress if isinstance(self.job.progress, dict) else {}
+        parameters = progress.get("parameters") if isinstance(progress.get("parameters"), dict) else {}
+        return tag([tags.tr(tags.th(name), tags.td(_number(value), class_="num"))
+                    for name, value in parameters.items()])
+
+    @renderer
+    def error(self, request, tag):
+        job = self.job
+        if job.status != Q.ERROR or not (job.error or job.trace):
+            return ""
+        section = tags.section(tags.h2("Error"), tags.pre(job.error or "", class_="errortext"),
+                               class_="card failure")
+        if job.trace:
+            section(tags.details(tags.summary("Traceback"), tags.pre(job.trace)))
+        return section
+
+    @renderer
+    def results(self, request, tag):
+        job = self.job
+        result = job.result if isinstance(job.result, dict) else None
+        if job.status != Q.COMPLETE or result is None:
+            return ""
+        facts = []
+        for label, key in (("χ²", "chisq"), ("Fitter", "fitter"), ("Steps", "steps"), ("Seed", "seed")):
+            if result.get(key) is not None:
+                facts.append(tags.span(label + " ", tags.b(_number(result[key]))))
+        rows = []
+        parameters = result.get("parameters") if isinstance(result.get("parameters"), dict) else {}
+        for name, value in parameters.items():
+            if isinstance(value, dict):
+                v, u = value.get("value"), value.get("uncertainty")
+            else:
+                v, u = value, None
+            rows.append(tags.tr(tags.th(name), tags.td(formatValue(v, u), class_="num")))
+        section = tags.section(tags.h2("Result"), tags.p(facts, class_="figures", id="result-figures"),
+                               class_="card result")
+        if rows:
+            section(tags.table(tags.thead(tags.tr(tags.th("Parameter"), tags.th("Value ± uncertainty",
+                                                                                class_="num"))),
+                               tags.tbody(rows), class_="params", id="parameters"))
+        plots = sorted((name for name, _ in self.resultFiles if name.lower().endswith(".png")), key=_plotOrder)
+        if plots:
+            figures = [tags.figure(tags.a(tags.img(src=_fileURL(job.id, name, inline=True),
+                                                   alt=_plotCaption(name)),
+                                          href=_fileURL(job.id, name, inline=True)),
+                                   tags.figcaption(_plotCaption(name)))
+                       for name in plots]
+            section(tags.div(figures, class_="plots"))
+        return section
+
+    @renderer
+    def files(self, request, tag):
+        job = self.job
+        if not self.resultFiles and not self.uploadFiles:
+            return ""
+        rows = []
+        for kind, files in (("result", self.resultFiles), ("upload", self.uploadFiles)):
+            for name, size in files:
+                rows.append(tags.tr(tags.td(tags.a(name, href=_fileURL(job.id, name, kind), download=name)),
+                                    tags.td(kind), tags.td(_size(size), class_="num")))
+        return tags.section(tags.h2("Files"),
+                            tags.table(tags.thead(tags.tr(tags.th("Name"), tags.th("Kind"),
+                                                          tags.th("Size", class_="num"))),
+                                       tags.tbody(rows), class_="files"),
+                            class_="card")
+
+    @renderer
+    def logs(self, request, tag):
+        present = dict(self.resultFiles)
+        parts = []
+        for name in LOG_NAMES:
+            if name not in present:
+                continue
+            text, size = _tail(self.store.path(self.job.id, "result", name))
+            if text is None:
+                continue
+            heading = tags.h3(name, " ", tags.a("(whole file)", href=_fileURL(self.job.id, name)))
+            if size > LOG_TAIL:
+                heading(" ", tags.span("last %s of %s" % (_size(LOG_TAIL), _size(size)), class_="hint"))
+            parts.append(tags.div(heading, tags.pre(text or "(empty)", class_="log"), class_="logpart"))
+        if not parts:
+            return ""
+        return tags.section(tags.h2("Output"), parts, class_="card logs")
+
+
+class SubmitBody(Element):
+    """The form that submits a refl1d fit."""
+
+    loader = XMLFile(TEMPLATES.child("submit.xml"))
+
+    def __init__(self, values=None, message=None):
+        Element.__init__(self)
+        self.values = values or {}
+        self.message = message
+
+    @renderer
+    def formError(self, request, tag):
+        return tag(self.message) if self.message else ""
+
+    @renderer
+    def value(self, request, tag):
+        field = tag.attributes.get("data-field")
+        return tag(value=self.values.get(field, ""))
+
+    @renderer
+    def fitOptions(self, request, tag):
+        chosen = self.values.get("fit", "")
+        options = []
+        for value, label in FITTERS:
+            option = tags.option(label, value=value)
+            if value == chosen:
+                option(selected="selected")
+            options.append(option)
+        return tag(options)
+
+    @renderer
+    def optionFields(self, request, tag):
+        fields = []
+        for name, label, kind, attributes, fitters in OPTION_FIELDS:
+            value = self.values.get(name, "")
+            if isinstance(kind, tuple):
+                choices = [tags.option("default", value="")]
+                for choice in kind:
+                    option = tags.option(choice, value=choice)
+                    if choice == value:
+                        option(selected="selected")
+                    choices.append(option)
+                control = tags.select(choices, name=name)
+            else:
+                control = tags.input(type="number", name=name, value=value, **attributes)
+            hint = "for %s" % (", ".join(fitters.split()),) if fitters else "any fitter"
+            fields.append(tags.label(label, " ", tags.span(hint, class_="hint"), control,
+                                     class_="option", **{"data-fitters": fitters}))
+        return tags.div(fields, class_="options")
+
+
+class ErrorBody(Element):
+    loader = XMLFile(TEMPLATES.child("error.xml"))
+
+    def __init__(self, heading, message):
+        Element.__init__(self)
+        self._heading, self._message = heading, message
+
+    @renderer
+    def heading(self, request, tag):
+        return tag(self._heading)
+
+    @renderer
+    def message(self, request, tag):
+        return tag(self._message)
+
+
+class JobPages(Routes):
+    """The human pages of the site (``/``, ``/jobs/<id>``, ``/submit``) and
+    the files they load (``/static/…``). ``self.server`` and
+    ``self.maxUpload`` come from ``JobAPI``, which shares this app."""
+
+    _log = Logger()
+
+    @app.route("/", methods=["GET"])
+    def jobsPage(self, request):
+        _pageHeaders(request)
+        status = _arg(request, "status").upper()
+        if status not in Q.STATUSES:
+            status = ""
+        try:
+            page = max(1, int(_arg(request, "page") or 1))
+        except ValueError:
+            page = 1
+        body = JobsBody(self.server.queue, status, _arg(request, "owner"), _arg(request, "queue"), page)
+        return Page("Jobs", body, scripts=["jobs.js"], section="jobs")
+
+    @app.route("/jobs/<int:jobId>", methods=["GET"])
+    def jobPage(self, request, jobId):
+        _pageHeaders(request)
+        try:
+            job = self.server.queue.get(jobId)
+        except QueueError as e:
+            request.setResponseCode(404)
+            return Page("No job %d" % (jobId,), ErrorBody("No job %d" % (jobId,), e.message))
+        ahead = 0
+        if job.status == Q.PENDING:
+            order = self.server.queue.pendingOrder()
+            ahead = order.index(job.id) if job.id in order else 0
+        body = JobBody(job, self.server.store, ahead)
+        return Page("Job %d · %s" % (job.id, job.name or ""), body, scripts=["chart.js", "job.js"])
+
+    @app.route("/submit", methods=["GET"])
+    def submitPage(self, request):
+        _pageHeaders(request)
+        return Page("Submit a fit", SubmitBody(), scripts=["submit.js"], section="submit")
+
+    @app.route("/submit", methods=["POST"])
+    @defer.inlineCallbacks
+    def submitForm(self, request):
+        """The form's POST: the job is submitted like ``POST /api/v1/jobs``
+        and the browser is sent to its page."""
+        _pageHeaders(request)
+        values = {}
+        try:
+            _checkSameOrigin(request)
+            jobRequest, files, values = _formRequest(formParts(request, self.maxUpload))
+            job = yield self.server.submit(jobRequest, files, _origin(request))
+        except (APIError, QueueError, BadName) as e:
+            request.setResponseCode(getattr(e, "code", 400))
+            return Page("Submit a fit", SubmitBody(values, "Not submitted: %s" % (e,)),
+                        scripts=["submit.js"], section="submit")
+        request.redirect(b"/jobs/%d" % (job.id,))
+        request.setResponseCode(303)
+        return b""
+
+    @app.route("/static/<string:name>", methods=["GET", "HEAD"])
+    def staticFile(self, request, name):
+        """A file of ``reflservd/static``, with a fixed type by its suffix."""
+        contentType = STATIC_TYPES.get(os.path.splitext(name)[1])
+        path = os.path.join(STATIC, name)
+        if contentType is None or name.startswith(".") or "/" in name or not os.path.isfile(path):
+            raise APIError(404, "no static file %r" % (name,))
+        with open(path, "rb") as f:
+            body = f.read()
+        request.setHeader(b"Content-Type", contentType.encode())
+        request.setHeader(b"X-Content-Type-Options", b"nosniff")
+        request.setHeader(b"Cache-Control", b"public, max-age=300")
+        return body
+
+
+def _checkSameOrigin(request):
+    """A form POST must come from this site's own pages (a page elsewhere
+    cannot make a visitor's browser submit jobs)."""
+    origin = request.getHeader(b"origin")
+    if origin is None:
+        return
+    host = request.getHeader(b"host") or b""
+    if urllib.parse.urlsplit(origin.decode("latin-1")).netloc.encode("latin-1") != host:
+        raise APIError(403, "the form was sent from another site (%s)" % (origin.decode("latin-1"),))
+
+
+def _formRequest(parts):
+    """The job request and files of a submitted form: ``(request, files,
+    values)``; ``values`` are the text fields, to fill the form again."""
+    values, files, model = {}, [], None
+    for name, fileName, f in parts:
+        if name in ("model", "data"):
+            if not fileName:
+                continue
+            fileName = checkName(os.path.basename(fileName.replace("\\", "/")))
+            if name == "model":
+                if model is not None:
+                    raise APIError(400, "choose one model file")
+                model = fileName
+            files.append((fileName, f))
+        else:
+            try:
+                values[name] = f.read(4096).decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise APIError(400, "the field %r is not UTF-8 text" % (name,))
+    if model is None:
+        raise APIError(400, "choose the model file (.py or .json)")
+    if not model.endswith((".py", ".json")):
+        raise APIError(400, "the model must be a .py script or a .json FitProblem, not %r" % (model,))
+    options = {}
+    if values.get("fit"):
+        if values["fit"] not in [value for value, _ in FITTERS if value]:
+            raise APIError(400, "unknown fitter %r" % (values["fit"],))
+        options["fit"] = values["fit"]
+    fitter = values.get("fit") or "amoeba"
+    for name, label, kind, _, fitters in OPTION_FIELDS:
+        text = values.get(name, "")
+        if not text or (fitters and fitter not in fitters.split()):
+            continue
+        if isinstance(kind, tuple):
+            if text not in kind:
+                raise APIError(400, "%s must be one of %s" % (label, ", ".join(kind)))
+            options[name] = text
+            continue
+        try:
+            options[name] = kind(text)
+        except ValueError:
+            raise APIError(400, "%s must be %s, not %r" % (label, "a whole number" if kind is int else "a number",
+                                                            text))
+        if kind is float and not math.isfinite(options[name]):
+            raise APIError(400, "%s must be a finite number" % (label,))
+    jobRequest = {
+        "name": values.get("name") or os.path.splitext(model)[0],
+        "notify": values.get("notify", ""),
+        "service": "refl1d",
+        "version": VERSION,
+        "data": {"model": model, "options": options},
+    }
+    return jobRequest, files, values
