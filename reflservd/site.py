@@ -2,10 +2,11 @@
 
 from reflservd.api import JobAPI
 from reflservd.legacy import LegacyAPI
+from reflservd.pages import JobPages
 from reflservd.web import Site
 
 
-class SiteRoutes(JobAPI, LegacyAPI):
+class SiteRoutes(JobAPI, LegacyAPI, JobPages):
     """Every route of the site, on the one Klein app (see ``web.Routes``)."""
 
 
