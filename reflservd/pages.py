@@ -359,7 +359,7 @@ class JobBody(Element):
     def progress(self, request, tag):
         job = self.job
         progress = job.progress if isinstance(job.progress, dict) else {}
-        if job.status == Q.PENDING and not progress:
+        if not progress and job.status in (Q.PENDING,) + Q.FINISHED:
             tag(hidden="hidden")
         tag(**{"data-job": str(job.id), "data-status": job.status,
                "data-steps": str(self._totalSteps() or "")})

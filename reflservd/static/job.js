@@ -105,6 +105,8 @@
           if (event.type === "progress" && event.progress) { addProgress(event.progress); }
         });
         if (chart) { chart.setPoints(points); }
+        var canvas = document.getElementById("chart");
+        if (canvas) { canvas.hidden = FINISHED[answer.status] && points.length === 0; }
         after = answer.next;
         var changed = answer.status !== status;
         status = answer.status;
