@@ -10,14 +10,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-
-import pytest
 
 from reflservd import cli
 from reflservd.client import Client
 from test.test_client import (  # noqa: F401  (fixtures)
-    RESULT, FakeWorker, ServerProcess, drain, model, resultFiles, runInThread, server, worker, writeModel)
+    RESULT, drain, model, resultFiles, runInThread, server, worker, writeModel)
 
 REFLQ = os.path.join(os.path.dirname(sys.executable), "reflq")
 

@@ -4,7 +4,6 @@ server mailing a real SMTP sink (aiosmtpd) on loopback."""
 
 import email
 import email.policy
-import os
 import socket
 import threading
 import time

@@ -14,7 +14,7 @@ import pytest
 from reflservd.client import Client
 from reflservd.pages import CSP
 from test.test_client import (  # noqa: F401  (fixtures)
-    RESULT, FakeWorker, ServerProcess, drain, model, progressAt, resultFiles, server, worker, writeModel)
+    RESULT, drain, model, progressAt, resultFiles, server, worker, writeModel)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
