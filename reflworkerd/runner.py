@@ -499,8 +499,11 @@ def preload(warm=False):
     Run in the fork server so that every fork inherits it all: numpy, matplotlib
     with the Agg backend, bumps and refl1d with refl1d's plugin installed the
     way the ``refl1d`` command installs it. ``warm`` runs a tiny refl1d DREAM fit
-    in memory so that the numba-compiled reflectivity and DREAM kernels, and the
-    numba seeding function, are compiled before the first fork.
+    in memory and saves its profiles to a scratch directory, so that the
+    numba-compiled reflectivity, profile and DREAM kernels and the numba
+    seeding function are compiled before the first fork (a confined child may
+    not be able to read or write numba's on-disk cache). It draws no text:
+    FreeType fonts opened here would be shared, broken, by every fork.
     """
     global _preloaded
     if not _preloaded:
@@ -525,9 +528,12 @@ def preload(warm=False):
 def _warm():
     import contextlib
     import io
+    import shutil
+    import tempfile
 
     import numpy as np
     from bumps.fitters import fit
+    from bumps import errplot
     from refl1d.names import Experiment, FitProblem, Material, NeutronProbe, air, silicon
 
     state = np.random.get_state()
@@ -538,9 +544,15 @@ def _warm():
         sample[1].thickness.range(50, 150)
         sample[1].interface.range(0, 10)
         problem = FitProblem(Experiment(probe=probe, sample=sample))
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            fit(problem, method="dream", samples=200, burn=1, pop=4, steps=0)
-            fit(problem, method="lm", steps=2)
+        scratch = tempfile.mkdtemp(prefix="reflworkerd-warm-")
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                sampled = fit(problem, method="dream", samples=200, burn=1, pop=4, steps=0)
+                problem.save(os.path.join(scratch, "warm"))
+                errplot.calc_errors(problem, errplot.error_points_from_state(state=sampled.state))
+                fit(problem, method="lm", steps=2)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
         seedAll(1)
     finally:
         np.random.set_state(state)

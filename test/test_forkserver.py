@@ -14,6 +14,7 @@ import tempfile
 from twisted.internet import defer, reactor, utils
 from twisted.trial import unittest
 
+from reflworkerd import sandbox
 from reflworkerd.forkserver import ForkServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -152,6 +153,23 @@ class FitTests(ForkServerTestCase):
         self.assertEqual(exported - {"stdout.txt", "stderr.txt"}, set(os.listdir(os.path.join(batchDir, "results"))))
         with open(os.path.join(jobDir, "results", "stdout.txt")) as f:
             self.assertIn("[final]", f.read())
+
+    @defer.inlineCallbacks
+    def test_nickelFilmLMInNamespaces(self):
+        """Confined in namespaces (where the host has them), the preloaded fit still runs:
+        the child finds everything it needs in memory or in the sandbox's root, and the job
+        record says what confined it."""
+        try:
+            sandbox.choose("namespaces")
+        except sandbox.SandboxUnavailable as exc:
+            raise unittest.SkipTest(str(exc))
+        server = yield self.startServer(sandboxMode="namespaces")
+        jobDir = self.makeJob()
+        outcome = yield server.run(1, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": {"fit": "lm", "seed": 2}}}, lambda p: None).done
+        self.assertEqual(outcome["status"], "COMPLETE", outcome)
+        self.assertTrue(outcome["confinement"].startswith("namespaces("), outcome["confinement"])
+        self.assertNear(outcome["result"]["parameters"]["Ni thickness"]["value"], 100.0, 1.0)
+        self.assertTrue(os.path.exists(os.path.join(jobDir, "results", "nifilm-model0.png")))
 
     @defer.inlineCallbacks
     def test_dreamWithSeedIsBitIdentical(self):
