@@ -1,0 +1,197 @@
+"""The runner's own rules, in this process: option checking, services, tracebacks, outcome files.
+
+The fits themselves run through the fork server in test_forkserver.py; here are
+the parts that need no fork: what is refused and how it is worded, how a
+model's traceback is trimmed, and what the worker accepts as an outcome record.
+"""
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+import pytest
+
+from reflworkerd import runner
+
+
+@pytest.fixture
+def jobDir():
+    path = tempfile.mkdtemp(prefix="reflworkerd-runner-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def outcome(jobDir, request):
+    progress = []
+    return runner.outcomeOf(jobDir, request, progress.append), progress
+
+
+def test_checkOptionsKeepsRefl1dNamesAndTypes():
+    """Valid options by refl1d's own names come back as given (ints promoted to floats where bumps wants floats)."""
+    options = runner.checkOptions(
+        {"fit": "dream", "samples": 2000, "burn": 20, "pop": 10, "init": "lhs", "thin": 1, "alpha": 0.01, "seed": 5, "parallel": 1, "time": 1}
+    )
+    assert options == {
+        "fit": "dream", "samples": 2000, "burn": 20, "pop": 10.0, "init": "lhs", "thin": 1, "alpha": 0.01,
+        "seed": 5, "parallel": 1, "time": 1.0,
+    }
+    assert runner.checkOptions({"fit": "lm", "steps": 200, "xtol": 1e-8, "ftol": 1e-9, "starts": 2}) == {
+        "fit": "lm", "steps": 200, "xtol": 1e-8, "ftol": 1e-9, "starts": 2,
+    }
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"fit": "lm", "stpes": 10}, "unknown fit option 'stpes'"),
+        ({"fit": "lm", "samples": 10}, "fit option 'samples' does not apply to fit=lm"),
+        ({"fit": "levenberg"}, "unknown fitter fit='levenberg'"),
+        ({"fit": "lm", "steps": "many"}, "option steps must be a number, not 'many'"),
+        ({"fit": "lm", "steps": 2.5}, "option steps must be an integer, not 2.5"),
+        ({"fit": "lm", "steps": -1}, "option steps must not be negative (-1)"),
+        ({"fit": "lm", "steps": True}, "option steps must be a number, not True"),
+        ({"fit": "dream", "alpha": 0.5}, "option alpha=0.5 is outside [0, 0.1]"),
+        ({"fit": "dream", "init": "best"}, "option init='best' is not one of eps, lhs, cov, random"),
+        ({"fit": "dream", "trim": 1}, "option trim must be true or false, not 1"),
+        ({"fit": "lm", "seed": 0}, "option seed must be in 1..4294967295, not 0"),
+        ({"fit": "lm", "seed": "x"}, "option seed must be an integer, not 'x'"),
+        ({"fit": "lm", "parallel": -2}, "option parallel must be 0 (all CPUs) or a number of processes, not -2"),
+        ({"fit": "lm", "time": float("nan")}, "option time must be finite, not nan"),
+        ("lm", "options must be an object of refl1d fit options, not str"),
+    ],
+)
+def test_checkOptionsRefusesWithAClearMessage(options, message):
+    """Unknown names, options of another fitter, wrong types and out-of-range values are refused, and the message names them."""
+    with pytest.raises(runner.JobError) as caught:
+        runner.checkOptions(options)
+    assert message in str(caught.value)
+
+
+def test_countServiceCountsToItsData(jobDir):
+    """The count service returns the number it was asked to count to, and reports it as progress."""
+    result, progress = outcome(jobDir, {"service": "count", "data": 1234})
+    assert result == {"status": "COMPLETE", "result": 1234, "error": None, "trace": None}
+    assert progress[-1]["step"] == 1234
+
+
+def test_countServiceRefusesNonNumbers(jobDir):
+    """count with data that is no integer ends ERROR saying so, without a traceback."""
+    result, _ = outcome(jobDir, {"service": "count", "data": "ten"})
+    assert result["status"] == "ERROR"
+    assert result["error"] == "count: data must be an integer, not 'ten'"
+    assert result["trace"] is None
+
+
+def test_unknownServiceNamesTheOfferedServices(jobDir):
+    """A service the worker does not have is refused with the list of the ones it has."""
+    result, _ = outcome(jobDir, {"service": "fitter", "data": "pickle"})
+    assert result["status"] == "ERROR"
+    assert result["error"] == "unknown service 'fitter': this worker offers count, refl1d"
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"model": "../etc/passwd"}, "refl1d: model must be the name of an uploaded .py or .json file"),
+        ({"model": "model.pickle"}, "must be a .py script or a .json serialized FitProblem"),
+        ({"model": "absent.py"}, "refl1d: model file 'absent.py' was not uploaded"),
+        ({"model": "absent.py", "extra": 1}, "unknown data field(s) extra"),
+        ("model.py", 'refl1d: data must be {"model": NAME, "options": {...}}'),
+    ],
+)
+def test_refl1dRefusesBadModelNames(jobDir, data, message):
+    """The model must be a plain name of an uploaded .py or .json file in the job directory."""
+    result, _ = outcome(jobDir, {"service": "refl1d", "data": data})
+    assert result["status"] == "ERROR"
+    assert message in result["error"]
+
+
+def raiseFromJobFile(jobDir):
+    """Raise from code whose file is in the job directory, called through this module's frames."""
+    path = os.path.join(jobDir, "model.py")
+    with open(path, "w") as f:
+        f.write("def inner():\n    raise KeyError('layer')\n\ndef outer():\n    inner()\n")
+    namespace = {}
+    exec(compile(open(path).read(), path, "exec"), namespace)
+    try:
+        namespace["outer"]()
+    except KeyError as exc:
+        return exc
+
+
+def test_modelTracebackStartsInTheJobAndShowsRelativeNames(jobDir):
+    """The traceback given to the user starts at the first frame in the job's files, named relative to the job."""
+    exc = raiseFromJobFile(jobDir)
+    trace = runner.modelTraceback(exc, jobDir)
+    assert trace == (
+        "Traceback (most recent call last):\n"
+        '  File "model.py", line 5, in outer\n'
+        "    inner()\n"
+        '  File "model.py", line 2, in inner\n'
+        "    raise KeyError('layer')\n"
+        "KeyError: 'layer'\n"
+    )
+
+
+def test_modelTracebackWithoutJobFramesDropsOnlyPlumbing(jobDir):
+    """Where no frame is in the job's files, the worker's own frames are dropped and the rest kept."""
+    try:
+        json.loads("{not json")
+    except ValueError as exc:
+        trace = runner.modelTraceback(exc, jobDir)
+    assert trace.startswith("Traceback (most recent call last):\n")
+    assert "json" in trace and "decoder.py" in trace
+    assert "test_runner.py" in trace
+    assert "JSONDecodeError" in trace
+
+
+def test_outcomeRoundTripsThroughTheJobDirectory(jobDir):
+    """What the child writes with writeOutcome the worker reads back with readOutcome; removeOutcome clears it."""
+    record = {"status": "COMPLETE", "result": {"chisq": 1.0}, "error": None, "trace": None, "confinement": "rlimits"}
+    runner.writeOutcome(jobDir, record)
+    assert runner.readOutcome(jobDir) == record
+    runner.removeOutcome(jobDir)
+    assert runner.readOutcome(jobDir) is None
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"{not json", b"[1, 2]", b'{"status": "DONE"}', b'{"status": "ERROR", "error": 5}', b'{"status": "COMPLETE", "trace": []}'],
+)
+def test_readOutcomeRefusesWhatIsNotAnOutcome(jobDir, content):
+    """The outcome file is written by a process running untrusted code: anything not shaped like an outcome is ignored."""
+    with open(os.path.join(jobDir, runner.OUTCOME_NAME), "wb") as f:
+        f.write(content)
+    assert runner.readOutcome(jobDir) is None
+
+
+def test_memoryErrorIsMarkedForTheWorker(jobDir):
+    """A MemoryError is marked so that the worker can name the memory limit in the job's error."""
+    record = runner._errorOutcome(MemoryError("Unable to allocate"), jobDir)
+    assert record["limit"] == "memory"
+    assert record["error"] == "MemoryError: Unable to allocate"
+
+
+def test_seedAllSeedsNumbaToo():
+    """seedAll makes both numpy's and numba's random draws repeat (DREAM draws from numba's)."""
+    import numba
+    import numpy as np
+
+    @numba.njit
+    def draw():
+        return np.random.rand()
+
+    runner.seedAll(99)
+    first = (np.random.rand(), draw())
+    runner.seedAll(99)
+    second = (np.random.rand(), draw())
+    assert first == second
+
+
+def test_drawnSeedsAreInRange():
+    """Seeds drawn for jobs without one are valid numpy seeds, never bumps' 'no seed' 0."""
+    seeds = {runner.drawSeed() for _ in range(100)}
+    assert all(1 <= s <= runner.MAX_SEED for s in seeds)
+    assert len(seeds) > 90
