@@ -59,6 +59,7 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import struct
 import sys
 import tempfile
@@ -557,8 +558,8 @@ def _dieBy(signum):
 
 def _exitOnSignal(signum, frame):
     """pid 1 of a namespace ignores signals it has no handler for; this
-    handler gives TERM and HUP their usual meaning (the reaper turns the
-    exit status back into the signal)."""
+    handler gives TERM, INT and HUP their usual meaning (the reaper turns the
+    exit status back into the signal). A fit may install its own."""
     os._exit(128 + signum)
 
 
@@ -675,13 +676,20 @@ def _changeProfile(profile):
 
 
 def _chownTree(top, uid, gid):
-    """Give the job directory to the slot's uid. Done before the model runs,
-    when every name in it was written by the worker; symlinks are not
-    followed."""
-    os.chown(top, uid, gid, follow_symlinks=False)
+    """
+    Give the job directory to the slot's uid, before the model runs.
+    Symlinks are not followed, and files with more than one link are left
+    alone: a fit of an earlier attempt may have left a hard link to a file
+    elsewhere, which a chown here would give away.
+    """
+    paths = [top]
     for directory, subdirs, files in os.walk(top):
-        for name in subdirs + files:
-            os.chown(os.path.join(directory, name), uid, gid, follow_symlinks=False)
+        paths.extend(os.path.join(directory, name) for name in subdirs + files)
+    for path in paths:
+        info = os.lstat(path)
+        if stat.S_ISLNK(info.st_mode) or (not stat.S_ISDIR(info.st_mode) and info.st_nlink > 1):
+            continue
+        os.chown(path, uid, gid, follow_symlinks=False)
 
 
 def _closeFds(keep):
@@ -736,6 +744,8 @@ def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None)
     if uid is not None:
         gid = uid if gid is None else gid
     jobDir = os.path.realpath(jobDir)
+    if not os.path.isdir(jobDir):
+        raise SandboxUnavailable("job directory %s does not exist" % (jobDir,))
     layers = []
     lifeline = None
     if mode in ("apparmor", "namespaces"):
@@ -744,7 +754,7 @@ def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None)
             _chownTree(jobDir, uid, gid)
         names, lifeline = _enterNamespaces(isRoot)
         # Here: pid 1 of the new pid namespace.
-        for signum in (signal.SIGTERM, signal.SIGHUP):
+        for signum in FORWARDED_SIGNALS:
             signal.signal(signum, _exitOnSignal)
         _RootBuilder(plan, os.getuid() if uid is None else uid,
                      os.getgid() if gid is None else gid,

@@ -379,6 +379,25 @@ def test_confineReturnsInTheFitProcessInItsNamespaces(site, tmp_path):
 
 
 @needsRoot
+def test_chownOfTheJobLeavesHardLinksAlone(site):
+    """Giving the job directory to the slot's uid does not give away a file
+    elsewhere that a hard link (left by an earlier attempt) points at, nor
+    what a symlink points at."""
+    outside = site / "worker" / "state.json"
+    mine = site / "jobs" / "mine"
+    mine.mkdir()
+    os.link(outside, mine / "linked")
+    os.symlink(site / "worker" / "token", mine / "pointer")
+    (mine / "data.dat").write_text("1 2 3\n")
+    uid = slotUid()
+    sandbox._chownTree(str(mine), uid, uid)
+    assert os.stat(outside).st_uid == 0
+    assert os.stat(site / "worker" / "token").st_uid == 0
+    assert os.stat(mine / "data.dat").st_uid == uid
+    assert os.stat(mine).st_uid == uid
+
+
+@needsRoot
 def test_fitCannotReachOtherFiles(site):
     """Another job's directory, the work directory, homes, the host's /tmp
     and /dev/shm, the worker's files and token: none can be read or written
