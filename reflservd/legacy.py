@@ -161,7 +161,9 @@ def parseResults(text):
 
 def inlineFiles(jobRequest):
     """Take the files sent inline in a legacy request's ``data.files``
-    (text, or ``{"base64": …}``) out of it: ``(request, [(name, bytes)])``."""
+    (text, or ``{"base64": …}``) out of it: ``(request, [(name, bytes)])``.
+    The stored request is the same as a multipart submit's: the files are
+    the job's uploads, not part of its request."""
     data = jobRequest.get("data")
     if not isinstance(data, dict) or "files" not in data:
         return jobRequest, []
@@ -180,5 +182,5 @@ def inlineFiles(jobRequest):
                 raise APIError(400, "file %r is not valid base64" % (name,))
         else:
             raise APIError(400, "file %r must be text or {\"base64\": …}" % (name,))
-    stored = dict(jobRequest, data=dict(data, files=sorted(inline)))
+    stored = dict(jobRequest, data={k: v for k, v in data.items() if k != "files"})
     return stored, files

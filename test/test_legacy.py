@@ -109,7 +109,7 @@ class LegacyTests(ServerCase):
                                       "big.bin": {"base64": base64.b64encode(b"\x00\xff").decode()}}}}
         code, submitted, _ = yield self.legacySubmit(request)
         self.assertEqual(code, 200)
-        self.assertEqual(submitted["job"]["data"]["files"], ["big.bin", "model.py"])
+        self.assertEqual(submitted["job"]["data"], {"model": "model.py", "options": {"fit": "lm"}})
         code, body, _ = yield self.call("GET", "/api/v1/jobs/%d/files/big.bin?kind=upload" % submitted["id"])
         self.assertEqual(body, b"\x00\xff")
         _, lease, _ = yield self.lease()
