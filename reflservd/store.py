@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 
+from reflservd.journal import fsyncDirectory
+
 MAX_NAME = 255
 
 
@@ -55,7 +57,7 @@ class Store:
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(os.path.join(path, "uploads"))
         os.makedirs(os.path.join(path, "results"))
-        _syncDir(self.root)
+        fsyncDirectory(self.root)
 
     def writeRequest(self, jobId, request):
         _writeAtomic(os.path.join(self.jobDir(jobId), "request.json"),
@@ -94,7 +96,7 @@ class Store:
         if not last:
             return received
         os.rename(partial, final)
-        _syncDir(os.path.dirname(final))
+        fsyncDirectory(os.path.dirname(final))
         return received
 
     def files(self, jobId, kind):
@@ -140,13 +142,5 @@ def _writeAtomic(path, source):
         f.flush()
         os.fsync(f.fileno())
     os.rename(tmp, path)
-    _syncDir(os.path.dirname(path))
+    fsyncDirectory(os.path.dirname(path))
     return size
-
-
-def _syncDir(path):
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
