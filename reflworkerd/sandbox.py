@@ -63,7 +63,6 @@ import stat
 import struct
 import sys
 import tempfile
-import traceback
 
 from twisted.logger import Logger
 
