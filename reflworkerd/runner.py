@@ -435,13 +435,16 @@ def modelTraceback(exc, jobDir):
 
 
 def writeOutcome(jobDir, outcome):
-    """Write the outcome record where the worker looks for it, whole or not at all."""
+    """Write the outcome record where the worker looks for it, whole or not at all.
+
+    Not fsynced: the worker reads it from the page cache right after the child
+    exits, and a machine that crashes loses the job's lease anyway (the server
+    hands the job out again).
+    """
     path = os.path.join(jobDir, OUTCOME_NAME)
     temporary = path + ".tmp"
     with open(temporary, "w") as f:
         json.dump(outcome, f, allow_nan=False, default=_jsonDefault)
-        f.flush()
-        os.fsync(f.fileno())
     os.rename(temporary, path)
 
 
