@@ -37,7 +37,9 @@ Events::
 
 Each child writes JSON lines on a pipe of its own, relayed as ``message``
 events: ``{"type": "confined", "confinement": DESC, "pid": P}`` once confined,
-then ``{"type": "progress", "progress": {"step", "chisq", "parameters", "elapsed"}}``.
+then ``{"type": "progress", "progress": {"step", "chisq", "parameters", "elapsed"}}``
+and ``{"type": "checkpoint", "path": "results/session.h5"}`` after each
+checkpoint of the session file.
 
 The outcome (status, result summary, error, the model's traceback) does not go
 over the pipe: the child writes it to ``jobDir/.outcome.json`` as it ends
@@ -138,6 +140,7 @@ class FitRun:
         self.jobDir = jobDir
         self.request = request
         self._onProgress = onProgress
+        self._onCheckpoint = None
         self.done = defer.Deferred()
         self.pid = None
         self.uid = self.gid = None
@@ -202,6 +205,13 @@ class FitRun:
                 self._onProgress(message["progress"])
             except Exception:
                 self._log.failure("progress handler for fit {jobId} failed", jobId=self.jobId)
+        elif kind == "checkpoint" and self._onCheckpoint is not None:
+            if message.get("path") != os.path.join(runner.RESULTS_DIR, runner.SESSION_NAME):
+                return
+            try:
+                self._onCheckpoint(os.path.join(self.jobDir, message["path"]))
+            except Exception:
+                self._log.failure("checkpoint handler for fit {jobId} failed", jobId=self.jobId)
 
     def _exited(self, event):
         self._finish(self._outcome(event))
@@ -422,9 +432,15 @@ class ForkServer:
         self.pid = self._process.pid
         self._log.info("fork server started, pid {pid}", pid=self.pid)
 
-    def run(self, jobId, jobDir, request, onProgress, uid=None, gid=None):
+    def run(self, jobId, jobDir, request, onProgress, onCheckpoint=None, uid=None, gid=None):
         """Fork a fit for the job in ``jobDir``; ``onProgress(dict)`` gets its progress.
 
+        ``onCheckpoint(path)`` is called (in the reactor thread) with the
+        absolute path of the session file each time the fit has checkpointed
+        it (every ``checkpointEvery`` seconds): a consistent file, replaced
+        whole by the next checkpoint. A retry given that file as
+        ``results/session.h5`` in its job directory and the option
+        ``"resume": true`` resumes the fit from it.
         ``uid``/``gid``: the slot's unprivileged user, for ``sandbox.confine``
         (used where the worker runs as root).
         """
@@ -433,6 +449,7 @@ class ForkServer:
         runner.removeOutcome(jobDir)
         fitRun = FitRun(self, self._tokens, jobId, jobDir, request, onProgress)
         fitRun.uid, fitRun.gid = uid, gid
+        fitRun._onCheckpoint = onCheckpoint
         self._runs[fitRun.token] = fitRun
         if self._ready:
             self._send(fitRun)
@@ -745,7 +762,11 @@ class _Server:
             _redirect(1, os.path.join(runner.RESULTS_DIR, runner.STDOUT_NAME))
             _redirect(2, os.path.join(runner.RESULTS_DIR, runner.STDERR_NAME))
             outcome = runner.outcomeOf(
-                jobDir, command.get("request"), reporter.progress, checkpointEvery=command.get("checkpointEvery", 300)
+                jobDir,
+                command.get("request"),
+                reporter.progress,
+                checkpointEvery=command.get("checkpointEvery", 300),
+                checkpoint=reporter.checkpoint,
             )
             outcome["confinement"] = confinement
             runner.writeOutcome(jobDir, outcome)
@@ -838,6 +859,9 @@ class _Reporter:
             self.send({"type": "progress", "progress": _finite(progress)})
         except ValueError:
             pass
+
+    def checkpoint(self, path):
+        self.send({"type": "checkpoint", "path": path})
 
 
 def _finite(value):

@@ -256,8 +256,15 @@ class _FitEvents:
         )
 
 
-def runRefl1d(jobDir, data, progress, checkpointEvery=300):
-    """Run ``refl1d --batch`` on the job's model, in this process; return the result summary."""
+def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
+    """Run ``refl1d --batch`` on the job's model, in this process; return the result summary.
+
+    bumps saves the session file (``results/session.h5``, written to a
+    temporary name and renamed) when the fit starts, every ``checkpointEvery``
+    seconds while it runs, and at the end; ``checkpoint(relativePath)`` is
+    called after each save during the fit, so that the worker can ship it
+    and a retry can resume from it (option ``resume``).
+    """
     modelPath = _modelPath(jobDir, data)
     options = checkOptions(data.get("options"))
     seed = options.pop("seed", None) or drawSeed()
@@ -265,14 +272,14 @@ def runRefl1d(jobDir, data, progress, checkpointEvery=300):
     resume = options.pop("resume", False)
     fitterId = options["fit"]
 
-    preload()
-    from bumps.webview.server import api, cli, fit_thread
-
     resultsDir = os.path.join(jobDir, RESULTS_DIR)
-    os.makedirs(resultsDir, exist_ok=True)
     sessionPath = os.path.join(resultsDir, SESSION_NAME)
     if resume and not os.path.exists(sessionPath):
         raise JobError("resume: there is no session file %s/%s to resume from" % (RESULTS_DIR, SESSION_NAME))
+    os.makedirs(resultsDir, exist_ok=True)
+
+    preload()
+    from bumps.webview.server import api, cli, fit_thread
 
     started = time.monotonic()
     events = _FitEvents(progress, started)
@@ -291,6 +298,15 @@ def runRefl1d(jobDir, data, progress, checkpointEvery=300):
             fit_thread.FitThread.run(self)
 
     api.FitThread = SeededFitThread
+
+    saveSession = api.state.save
+
+    def saveAndTell():
+        saveSession()
+        if checkpoint is not None and events.complete is None and os.path.exists(sessionPath):
+            checkpoint(os.path.join(RESULTS_DIR, SESSION_NAME))
+
+    api.state.save = saveAndTell
 
     batch = cli.BumpsOptions(
         filename=modelPath,
@@ -362,24 +378,26 @@ SERVICES = {"refl1d": runRefl1d, "count": runCount}
 """The services a worker offers, by the name a job asks for."""
 
 
-def runJob(jobDir, request, progress, checkpointEvery=300):
+def runJob(jobDir, request, progress, checkpointEvery=300, checkpoint=None):
     """Run the service a job asks for in ``jobDir``; return its result summary.
 
     ``request`` is ``{"service": NAME, "data": ...}``; ``progress(dict)`` is
-    called with ``{"step", "chisq", "parameters", "elapsed"}`` as the fit goes.
+    called with ``{"step", "chisq", "parameters", "elapsed"}`` as the fit goes,
+    ``checkpoint(path)`` (path relative to ``jobDir``) after each checkpoint of
+    the session file.
     """
     if not isinstance(request, dict):
         raise JobError("the request must be an object with service and data")
     service = request.get("service")
     if service not in SERVICES:
         raise JobError("unknown service %r: this worker offers %s" % (service, ", ".join(sorted(SERVICES))))
-    return SERVICES[service](jobDir, request.get("data"), progress, checkpointEvery=checkpointEvery)
+    return SERVICES[service](jobDir, request.get("data"), progress, checkpointEvery=checkpointEvery, checkpoint=checkpoint)
 
 
-def outcomeOf(jobDir, request, progress, checkpointEvery=300):
+def outcomeOf(jobDir, request, progress, checkpointEvery=300, checkpoint=None):
     """Run the job and return its outcome record; never raises for the job's own failures."""
     try:
-        result = runJob(jobDir, request, progress, checkpointEvery=checkpointEvery)
+        result = runJob(jobDir, request, progress, checkpointEvery=checkpointEvery, checkpoint=checkpoint)
     except JobError as exc:
         return {"status": "ERROR", "result": None, "error": str(exc), "trace": None}
     except _FitThreadError as exc:

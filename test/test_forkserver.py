@@ -245,6 +245,38 @@ class CancelTests(ForkServerTestCase):
         self.assertProcessGone(stray)
 
     @defer.inlineCallbacks
+    def test_checkpointedFitResumesAfterCancel(self):
+        """A long fit checkpoints its session file every ``checkpointEvery`` seconds and says so;
+        after it is cancelled, a retry in the same job directory with ``resume`` goes on from
+        the checkpoint (its first step is past the first) and completes."""
+        server = yield self.startServer(checkpointEvery=1)
+        jobDir = self.makeJob()
+        checkpoints = []
+        enough = defer.Deferred()
+
+        def onCheckpoint(path):
+            checkpoints.append(path)
+            if len(checkpoints) == 3:
+                enough.callback(None)
+
+        fitRun = server.run(1, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": SLOW_DREAM}},
+                            lambda p: None, onCheckpoint=onCheckpoint)
+        yield enough
+        fitRun.cancel()
+        outcome = yield fitRun.done
+        self.assertEqual(outcome["status"], "CANCEL")
+        session = os.path.join(jobDir, "results", "session.h5")
+        self.assertEqual(set(checkpoints), {session})
+        self.assertTrue(os.path.getsize(session) > 0)
+
+        progress = []
+        options = {"fit": "dream", "samples": 3000, "burn": 0, "seed": 1, "resume": True}
+        outcome = yield server.run(2, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": options}}, progress.append).done
+        self.assertEqual(outcome["status"], "COMPLETE", outcome)
+        self.assertGreater(progress[0]["step"], 1)
+        self.assertNear(outcome["result"]["parameters"]["Ni thickness"]["value"], 100.0, 5.0)
+
+    @defer.inlineCallbacks
     def test_wallClockLimitEndsError(self):
         """A fit that outlives the wall-clock limit is ended and its job is an ERROR saying so."""
         server = yield self.startServer(limits={"wall": 1})

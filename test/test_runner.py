@@ -195,3 +195,12 @@ def test_drawnSeedsAreInRange():
     seeds = {runner.drawSeed() for _ in range(100)}
     assert all(1 <= s <= runner.MAX_SEED for s in seeds)
     assert len(seeds) > 90
+
+
+def test_resumeWithoutASessionIsRefused(jobDir):
+    """Resuming needs the session file of an earlier attempt in results/: without one the job is refused."""
+    with open(os.path.join(jobDir, "model.py"), "w") as f:
+        f.write("raise SystemExit('not to be run')\n")
+    result, _ = outcome(jobDir, {"service": "refl1d", "data": {"model": "model.py", "options": {"fit": "dream", "resume": True}}})
+    assert result["status"] == "ERROR"
+    assert result["error"] == "resume: there is no session file results/session.h5 to resume from"
