@@ -36,7 +36,8 @@ Events::
     {"event": "exited", "run": N, "code": C|null, "signal": S|null, "cpu": SECONDS, "leftover": BOOL}
 
 Each child writes JSON lines on a pipe of its own, relayed as ``message``
-events: ``{"type": "confined", "confinement": DESC, "pid": P}`` once confined,
+events (at most one of each type per ``RELAY_INTERVAL``, the latest):
+``{"type": "confined", "confinement": DESC, "pid": P}`` once confined,
 then ``{"type": "progress", "progress": {"step", "chisq", "parameters", "elapsed"}}``
 and ``{"type": "checkpoint", "path": "results/session.h5"}`` after each
 checkpoint of the session file.
@@ -72,6 +73,10 @@ COMMANDS_FD = 3
 EVENTS_FD = 4
 MAX_LINE = 16 * 1024 * 1024
 LEFTOVER_TIMEOUT = 10.0
+RELAY_INTERVAL = 0.1
+"""At most one message of each type per child per this many seconds goes to the
+worker (the latest wins): a fit that floods its pipe cannot flood the worker."""
+RELAYED_TYPES = ("confined", "progress", "checkpoint")
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -619,6 +624,8 @@ class _Child:
         self.lines = _LineBuffer()
         self.exit = None
         self.drainDeadline = None
+        self.pending = {}
+        self.lastRelay = {}
 
 
 class _Server:
@@ -651,9 +658,9 @@ class _Server:
         poller.register(self.commandsFd, select.POLLIN)
         poller.register(self.wakeRead, select.POLLIN)
         while not (self.closing and not self.children):
-            draining = any(c.exit is not None for c in self.children.values())
+            waiting = any(c.exit is not None or c.pending for c in self.children.values())
             try:
-                ready = poller.poll(50 if draining or self.closing else None)
+                ready = poller.poll(50 if waiting or self.closing else None)
             except InterruptedError:
                 ready = []
             for fd, mask in ready:
@@ -664,6 +671,7 @@ class _Server:
                 elif fd in self.byFd:
                     self._readChild(poller, self.byFd[fd])
             self._reap()
+            self._relayDue()
             self._finishExited(poller)
             if self.closing:
                 for child in self.children.values():
@@ -798,7 +806,17 @@ class _Server:
                 return
             for line in child.lines.feed(data):
                 message = _parseLine(line)
-                if message is not None:
+                if message is not None and message.get("type") in RELAYED_TYPES:
+                    child.pending[message["type"]] = message
+            self._relayDue(child)
+
+    def _relayDue(self, only=None, force=False):
+        now = time.monotonic()
+        for child in [only] if only is not None else list(self.children.values()):
+            for kind, message in list(child.pending.items()):
+                if force or now - child.lastRelay.get(kind, -RELAY_INTERVAL) >= RELAY_INTERVAL:
+                    del child.pending[kind]
+                    child.lastRelay[kind] = now
                     self.send({"event": "message", "run": child.token, "message": message})
 
     def _reap(self):
@@ -829,6 +847,7 @@ class _Server:
                     poller.unregister(child.readFd)
                     del self.byFd[child.readFd]
                     os.close(child.readFd)
+            self._relayDue(child, force=True)
             del self.children[child.token]
             leftover = _groupExists(child.pid)
             self.send(dict(child.exit, event="exited", run=child.token, leftover=leftover))

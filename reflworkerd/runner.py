@@ -295,7 +295,14 @@ def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
             seedAll(seed)
             events.problem = self.problem
             events.labels = self.problem.labels()
-            fit_thread.FitThread.run(self)
+            try:
+                fit_thread.FitThread.run(self)
+            except BaseException as exc:
+                # bumps catches Exception only: a model's SystemExit would end the
+                # thread without the completion event the batch loop waits for.
+                fit_thread.EVT_FIT_COMPLETE.send(
+                    {"message": "error", "error_string": str(exc), "traceback": traceback.format_exc()}
+                )
 
     api.FitThread = SeededFitThread
 
@@ -402,7 +409,7 @@ def outcomeOf(jobDir, request, progress, checkpointEvery=300, checkpoint=None):
         return {"status": "ERROR", "result": None, "error": str(exc), "trace": None}
     except _FitThreadError as exc:
         return _errorOutcome(exc.exc, jobDir)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:
         return _errorOutcome(exc, jobDir)
     return {"status": "COMPLETE", "result": result, "error": None, "trace": None}
 

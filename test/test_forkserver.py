@@ -322,11 +322,12 @@ import numpy as np
 from bumps.names import Curve, FitProblem
 
 calls = [0]
+ERROR = RuntimeError
 
 def line(x, m, b):
     calls[0] += 1
     if calls[0] > 5:
-        raise RuntimeError("the model broke at call %d" % calls[0])
+        raise ERROR("the model broke at call %d" % calls[0])
     return m * x + b
 
 x = np.linspace(0, 1, 10)
@@ -337,7 +338,37 @@ problem = FitProblem(curve)
 """
 
 
+FLOOD_MODEL = """\
+import json, os, stat
+def isPipe(fd):
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
+pipes = [fd for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2 and isPipe(fd)]
+line = lambda n: (json.dumps({"type": "progress", "progress": {"step": n}}) + "\\n").encode()
+for fd in pipes:
+    for n in range(100000):
+        os.write(fd, line(n))
+    os.write(fd, b"not json\\n" + b"x" * 100000 + b"\\n")
+raise SystemExit("flooded %d pipe(s)" % len(pipes))
+"""
+
+
 class ErrorTests(ForkServerTestCase):
+    @defer.inlineCallbacks
+    def test_floodedMessagesAreThinnedToTheLatest(self):
+        """A model that floods its message pipe with 100000 progress lines (and garbage) reaches
+        the worker as a few messages, the last one written among them; the job still ends."""
+        server = yield self.startServer()
+        progress = []
+        outcome = yield server.run(1, self.makeJob(modelText=FLOOD_MODEL, modelName="flood.py", data=False),
+                                   {"service": "refl1d", "data": {"model": "flood.py", "options": {"fit": "lm"}}}, progress.append).done
+        self.assertEqual(outcome["status"], "ERROR")
+        self.assertEqual(outcome["error"], "SystemExit: flooded 1 pipe(s)")
+        self.assertLess(len(progress), 1000)
+        self.assertEqual(progress[-1], {"step": 99999})
+
     @defer.inlineCallbacks
     def test_modelThatRaisesGivesItsTraceback(self):
         """A model script that raises while loading ends ERROR with its own message and a
@@ -365,8 +396,21 @@ class ErrorTests(ForkServerTestCase):
         outcome = yield fitRun.done
         self.assertEqual(outcome["status"], "ERROR", outcome)
         self.assertTrue(outcome["error"].startswith("RuntimeError: the model broke at call"), outcome["error"])
-        self.assertIn('File "curve.py", line 9, in line', outcome["trace"])
+        self.assertIn('File "curve.py", line 10, in line', outcome["trace"])
         self.assertNotIn("reflworkerd", outcome["trace"])
+
+    @defer.inlineCallbacks
+    def test_modelThatExitsDuringTheFitEndsError(self):
+        """A model that calls sys.exit inside the fit (which bumps' fit thread does not catch)
+        ends ERROR with that exit instead of leaving the batch loop waiting."""
+        server = yield self.startServer()
+        model = RAISING_DURING_FIT_MODEL.replace("ERROR = RuntimeError", "ERROR = SystemExit")
+        fitRun = server.run(1, self.makeJob(modelText=model, modelName="curve.py", data=False),
+                            {"service": "refl1d", "data": {"model": "curve.py", "options": {"fit": "lm"}}}, lambda p: None)
+        outcome = yield fitRun.done
+        self.assertEqual(outcome["status"], "ERROR", outcome)
+        self.assertTrue(outcome["error"].startswith("SystemExit: the model broke at call"), outcome["error"])
+        self.assertIn('File "curve.py", line 10, in line', outcome["trace"])
 
     @defer.inlineCallbacks
     def test_unknownServiceNamesTheOfferedOnes(self):
