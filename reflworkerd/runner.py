@@ -26,7 +26,6 @@ import math
 import os
 import secrets
 import sys
-import threading
 import time
 import traceback
 

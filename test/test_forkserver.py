@@ -464,11 +464,20 @@ class RestartTests(ForkServerTestCase):
         self.assertNotEqual(server.pid, oldPid)
 
     @defer.inlineCallbacks
-    def test_stopEndsTheServerProcess(self):
-        """``stop`` ends the server process; nothing is left of it."""
+    def test_stopEndsTheServerAndItsFits(self):
+        """``stop`` ends the server process and the fit running in it (ERROR, saying the worker
+        stopped, its process group gone); nothing is left of either."""
         server = ForkServer(reactor, python=PYTHON, env=dict(os.environ))
         yield server.start()
         pid = server.pid
+        progress = []
+        first, onProgress = self.firstProgress(progress)
+        running = server.run(1, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": SLOW_DREAM}}, onProgress)
+        yield first
         yield server.stop()
+        outcome = yield running.done
+        self.assertEqual(outcome["status"], "ERROR")
+        self.assertEqual(outcome["error"], "the worker stopped while this fit ran")
+        self.assertGroupGone(running.pid)
         self.assertIsNone(server.pid)
         self.assertProcessGone(pid)

@@ -8,7 +8,6 @@ model's traceback is trimmed, and what the worker accepts as an outcome record.
 import json
 import os
 import shutil
-import sys
 import tempfile
 
 import pytest
