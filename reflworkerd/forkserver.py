@@ -25,7 +25,7 @@ stderr stay free for whatever libraries print; the worker logs them).
 Commands::
 
     {"op": "run", "run": N, "jobId": ..., "jobDir": ABS, "request": {...},
-     "sandbox": MODE, "limits": {...}, "checkpointEvery": S}
+     "sandbox": MODE, "limits": {...}, "checkpointEvery": S, "uid": U|null, "gid": G|null}
     {"op": "signal", "run": N, "signal": SIGNUM}
 
 Events::
@@ -51,7 +51,10 @@ was killed, or died, leaves none, and the worker describes how it ended instead.
 Each fit runs in its own process group (its pid). When the child exits the
 server KILLs whatever is left in that group and reaps it (the server is a child
 subreaper, so orphans of the fit come back to it) before it reports ``exited``:
-nothing a fit started outlives it. Each child also dies with the server
+nothing a fit started outlives it (in the ``none`` sandbox mode, short of a
+process that leaves the group with ``setsid``; the namespace modes run the fit
+as pid 1 of its own pid namespace, which the kernel empties when it ends).
+Each child also dies with the server
 (``PR_SET_PDEATHSIG``); if the server dies anyway, the worker KILLs the groups
 of the fits that were in it, fails those jobs alone and starts a new server.
 """
@@ -72,6 +75,7 @@ from reflworkerd import runner, sandbox
 COMMANDS_FD = 3
 EVENTS_FD = 4
 MAX_LINE = 16 * 1024 * 1024
+MAX_CHILD_LINE = 1024 * 1024
 LEFTOVER_TIMEOUT = 10.0
 RELAY_INTERVAL = 0.1
 """At most one message of each type per child per this many seconds goes to the
@@ -94,9 +98,10 @@ def _prctl(option, value):
 
 
 class _LineBuffer:
-    """Split a byte stream into lines; drop a line longer than ``MAX_LINE``."""
+    """Split a byte stream into lines; drop a line longer than ``limit``."""
 
-    def __init__(self):
+    def __init__(self, limit=MAX_LINE):
+        self.limit = limit
         self.pending = b""
         self.discarding = False
 
@@ -107,7 +112,7 @@ class _LineBuffer:
         if self.discarding and lines:
             lines.pop(0)
             self.discarding = False
-        if len(self.pending) > MAX_LINE:
+        if len(self.pending) > self.limit:
             self.pending = b""
             self.discarding = True
         return lines
@@ -556,6 +561,9 @@ class ForkServer:
             preload=event.get("preload", 0.0),
             threads=event.get("threads"),
         )
+        if event.get("threads", 1) != 1:
+            self._log.warn("fork server has {threads} threads after preloading: forks copy only one",
+                           threads=event.get("threads"))
         queued, self._queue = self._queue, []
         for fitRun in queued:
             self._send(fitRun)
@@ -621,7 +629,7 @@ class _Child:
         self.token = token
         self.pid = pid
         self.readFd = readFd
-        self.lines = _LineBuffer()
+        self.lines = _LineBuffer(MAX_CHILD_LINE)
         self.exit = None
         self.drainDeadline = None
         self.pending = {}
