@@ -5,6 +5,7 @@ spawned by the reactor) and stops it; the fits are the nickel film of
 refl1d's examples, run like ``refl1d --batch`` would.
 """
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +13,9 @@ import sys
 import tempfile
 
 from twisted.internet import defer, reactor, utils
+from twisted.internet.error import ProcessTerminated
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from reflworkerd import sandbox
@@ -481,3 +485,165 @@ class RestartTests(ForkServerTestCase):
         self.assertGroupGone(running.pid)
         self.assertIsNone(server.pid)
         self.assertProcessGone(pid)
+
+
+class FakeServerProcess:
+    """The transport spawnProcess would return: records what the worker writes and signals."""
+
+    def __init__(self, pid):
+        self.pid = pid
+        self.commands = []
+        self.closed = []
+        self.signals = []
+
+    def writeToChild(self, fd, data):
+        assert fd == 3
+        self.commands.extend(json.loads(line) for line in data.decode().splitlines())
+
+    def closeStdin(self):
+        pass
+
+    def closeChildFD(self, fd):
+        self.closed.append(fd)
+
+    def signalProcess(self, name):
+        self.signals.append(name)
+
+
+class FakeProcessReactor(Clock):
+    """A clock that also spawns fake processes, for the worker-side logic of ForkServer."""
+
+    def __init__(self):
+        Clock.__init__(self)
+        self.spawned = []
+
+    def spawnProcess(self, processProtocol, executable, args, env=None, path=None, childFDs=None, **kw):
+        process = FakeServerProcess(40000 + len(self.spawned))
+        self.spawned.append((processProtocol, process, args, env, childFDs))
+        processProtocol.makeConnection(process)
+        return process
+
+
+def event(proto, **fields):
+    proto.childDataReceived(4, json.dumps(fields).encode() + b"\n")
+
+
+class ForkServerLogicTests(unittest.SynchronousTestCase):
+    """ForkServer's own policy (timers, signals, restarts), on a fake process and a Clock."""
+
+    def setUp(self):
+        self.reactor = FakeProcessReactor()
+        self.jobDir = tempfile.mkdtemp(prefix="reflworkerd-logic-")
+        self.addCleanup(shutil.rmtree, self.jobDir, True)
+
+    def startedServer(self, **kw):
+        server = ForkServer(self.reactor, python="/usr/bin/python3", env={"PATH": "/usr/bin"}, **kw)
+        started = server.start()
+        proto, process, args, env, childFDs = self.reactor.spawned[-1]
+        self.assertEqual(args, ["/usr/bin/python3", "-m", "reflworkerd.forkserver"])
+        self.assertEqual(childFDs, {0: "w", 1: "r", 2: "r", 3: "w", 4: "r"})
+        self.assertEqual(env["PATH"], "/usr/bin")
+        self.assertEqual(env["OPENBLAS_NUM_THREADS"], "1")
+        self.assertNoResult(started)
+        event(proto, event="ready", pid=process.pid, preload=1.0, threads=1)
+        self.successResultOf(started)
+        return server, proto, process
+
+    def test_cancelSendsTermThenKillAfterGraceOnTheClock(self):
+        """cancel TERMs the fit's group through the server at once and KILLs it when the grace
+        period has passed on the injected clock; the run ends CANCEL when the server reports it gone."""
+        server, proto, process = self.startedServer()
+        fitRun = server.run(7, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        [command] = process.commands
+        self.assertEqual((command["op"], command["jobId"], command["jobDir"]), ("run", 7, self.jobDir))
+        event(proto, event="started", run=command["run"], pid=1234)
+        fitRun.cancel(grace=5.0)
+        self.assertEqual(process.commands[-1], {"op": "signal", "run": command["run"], "signal": signal.SIGTERM})
+        self.reactor.advance(4.9)
+        self.assertEqual(len(process.commands), 2)
+        self.reactor.advance(0.1)
+        self.assertEqual(process.commands[-1], {"op": "signal", "run": command["run"], "signal": signal.SIGKILL})
+        self.assertNoResult(fitRun.done)
+        event(proto, event="exited", run=command["run"], code=None, signal=9, cpu=0.1, leftover=False)
+        self.assertEqual(self.successResultOf(fitRun.done)["status"], "CANCEL")
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_wallClockLimitEndsErrorFromTheParent(self):
+        """The wall-clock limit is kept by the worker: when it passes, the fit is TERMed (KILLed after
+        the grace) and ends ERROR naming the limit."""
+        server, proto, process = self.startedServer(limits={"wall": 30, "cpu": 100})
+        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        command = process.commands[0]
+        self.assertEqual(command["limits"], {"cpu": 100})
+        event(proto, event="started", run=command["run"], pid=1234)
+        self.reactor.advance(30)
+        self.assertEqual(process.commands[-1]["signal"], signal.SIGTERM)
+        self.reactor.advance(5)
+        self.assertEqual(process.commands[-1]["signal"], signal.SIGKILL)
+        event(proto, event="exited", run=command["run"], code=None, signal=9, cpu=29.0, leftover=False)
+        outcome = self.successResultOf(fitRun.done)
+        self.assertEqual((outcome["status"], outcome["error"]), ("ERROR", "wall-clock limit of 30 s exceeded"))
+
+    def test_progressAndConfinementReachTheRun(self):
+        """Messages relayed from the child reach onProgress and the run's confinement, in the reactor thread."""
+        server, proto, process = self.startedServer()
+        progress = []
+        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, progress.append)
+        run = process.commands[0]["run"]
+        event(proto, event="started", run=run, pid=1234)
+        event(proto, event="message", run=run, message={"type": "confined", "confinement": "rlimits+nice19"})
+        event(proto, event="message", run=run, message={"type": "progress", "progress": {"step": 3, "chisq": 2.0}})
+        self.assertEqual(fitRun.confinement, "rlimits+nice19")
+        self.assertEqual(progress, [{"step": 3, "chisq": 2.0}])
+
+    def test_deathWithoutOutcomeIsDescribed(self):
+        """A child that leaves no outcome is described by how it ended: the CPU limit by name, other signals by name."""
+        server, proto, process = self.startedServer(limits={"cpu": 10})
+        first = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        second = server.run(2, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        runs = [c["run"] for c in process.commands]
+        event(proto, event="exited", run=runs[0], code=None, signal=9, cpu=10.01, leftover=False)
+        event(proto, event="exited", run=runs[1], code=None, signal=11, cpu=0.5, leftover=False)
+        self.assertEqual(self.successResultOf(first.done)["error"], "CPU time limit of 10 s exceeded")
+        self.assertEqual(self.successResultOf(second.done)["error"], "the fit process was killed by SIGSEGV without a result")
+
+    def test_runsGivenWhileRestartingWaitForTheNewServer(self):
+        """After the server ends it is started again after restartDelay on the clock; a job given
+        meanwhile is sent to the new server once it is ready."""
+        server, proto, process = self.startedServer(restartDelay=2.0)
+        proto.processEnded(Failure(ProcessTerminated(exitCode=None, signal=9)))
+        self.assertIsNone(server.pid)
+        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        self.assertEqual(len(self.reactor.spawned), 1)
+        self.reactor.advance(2.0)
+        self.assertEqual(len(self.reactor.spawned), 2)
+        newProto, newProcess = self.reactor.spawned[-1][:2]
+        self.assertEqual(newProcess.commands, [])
+        event(newProto, event="ready", pid=newProcess.pid, preload=1.0, threads=1)
+        self.assertEqual([c["op"] for c in newProcess.commands], ["run"])
+        self.assertNoResult(fitRun.done)
+
+    def test_cancelBeforeSendingEndsAtOnce(self):
+        """A run cancelled before the server got it is never sent and ends CANCEL at once."""
+        server, proto, process = self.startedServer(restartDelay=2.0)
+        proto.processEnded(Failure(ProcessTerminated(exitCode=1)))
+        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        fitRun.cancel()
+        self.assertEqual(self.successResultOf(fitRun.done)["status"], "CANCEL")
+        self.reactor.advance(2.0)
+        newProto, newProcess = self.reactor.spawned[-1][:2]
+        event(newProto, event="ready", pid=newProcess.pid, preload=1.0, threads=1)
+        self.assertEqual(newProcess.commands, [])
+
+    def test_stopClosesTheCommandPipeAndKillsAfterTimeout(self):
+        """stop closes the server's command pipe (it then ends its fits and exits), KILLs it if it
+        has not ended after stopTimeout, and fires once it has ended."""
+        server, proto, process = self.startedServer(stopTimeout=10.0)
+        stopped = server.stop()
+        self.assertEqual(process.closed, [3])
+        self.reactor.advance(10.0)
+        self.assertEqual(process.signals, ["KILL"])
+        self.assertNoResult(stopped)
+        proto.processEnded(Failure(ProcessTerminated(exitCode=None, signal=9)))
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.reactor.spawned), 1)
