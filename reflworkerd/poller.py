@@ -154,9 +154,11 @@ class ServerClient:
 
     def complete(self, jobId, lease, outcome):
         body = {"lease": lease, "status": outcome.get("status")}
-        for field in ("result", "error", "trace", "confinement"):
+        for field in ("result", "error", "trace"):
             if outcome.get(field) is not None:
                 body[field] = outcome[field]
+        if outcome.get("confinement"):
+            body["confinement"] = outcome["confinement"]
         return self._call("POST", "/api/v1/jobs/%d/complete" % (jobId,), body=body)
 
     def release(self, jobId, lease):
@@ -857,9 +859,8 @@ class Poller(service.Service):
 
     def fill(self):
         """Hold one lease long-poll for each free slot (none while backing off)."""
-        if not self.running or self._draining or not self._ready or self._retryCall is not None:
-            return
-        while len(self.leasing) + len(self.runningFits()) < self.slots:
+        while (self.running and self._ready and not self._draining and self._retryCall is None
+               and len(self.leasing) + len(self.runningFits()) < self.slots):
             self._requestLease()
 
     def _requestLease(self):
