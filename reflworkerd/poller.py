@@ -296,8 +296,10 @@ class Reachability:
     def failed(self, error):
         if not self.down:
             self.down = True
-            self._log.warn("server {url} unreachable ({why}); retrying with backoff",
-                           url=self.url, why=str(error))
+            code = getattr(error, "code", None)
+            what = "unreachable" if code is None else "answers %d" % (code,)
+            self._log.warn("server {url} {what} ({why}); retrying with backoff",
+                           url=self.url, what=what, why=str(error))
 
     def ok(self):
         if self.down:
