@@ -350,14 +350,21 @@ class LeasedJob:
     # ---- state on disk
 
     def saveState(self):
+        """Write the worker's state of this job (for a restart); True when it is on disk."""
         state = {"id": self.jobId, "lease": self.lease, "leaseTimeout": self.leaseTimeout,
                  "outcome": self.outcome, "uploaded": sorted(self.uploaded)}
         temporary = self.statePath + ".tmp"
-        with open(temporary, "w") as f:
-            json.dump(finite(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(temporary, self.statePath)
+        try:
+            with open(temporary, "w") as f:
+                json.dump(finite(state), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(temporary, self.statePath)
+        except OSError as e:
+            self._log.warn("job {jobId}: its state could not be saved ({why}); a restart "
+                           "of the worker would lose it", jobId=self.jobId, why=e.strerror)
+            return False
+        return True
 
     def cleanUp(self):
         shutil.rmtree(self.jobDir, ignore_errors=True)
@@ -372,7 +379,12 @@ class LeasedJob:
     def start(self):
         """Download the uploads, run the fit, deliver its outcome."""
         shutil.rmtree(self.jobDir, ignore_errors=True)
-        os.makedirs(self.jobDir)
+        try:
+            os.makedirs(self.jobDir)
+        except OSError as e:
+            self._log.error("job {jobId}: cannot make {path} ({why}); handing it back",
+                            jobId=self.jobId, path=self.jobDir, why=e.strerror)
+            return self.releaseLost()
         self.saveState()
         self._scheduleBeat()
         self._working = self._run()
@@ -879,11 +891,7 @@ class Poller(service.Service):
 
     def _leaseAnswered(self, result, d, started):
         if d not in self.leasing:
-            if not isinstance(result, Failure):
-                self._log.warn("a lease came in after its long-poll was cancelled: "
-                               "job {jobId} will wait for its lease to run out",
-                               jobId=result and result.get("id"))
-            return None
+            return None     # we cancelled it: stopping, or backing off
         self.leasing.discard(d)
         if isinstance(result, Failure):
             result.trap(ServerError)

@@ -6,6 +6,7 @@ events long-poll) or a daemon's log, always with a bound.
 """
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -45,7 +46,6 @@ def processGone(pid, timeout=30.0):
 
 
 def forkServerPid(worker):
-    import re
     found = re.findall(r"fork server started, pid (\d+)", worker.log(sinceStart=True))
     return int(found[-1])
 
@@ -151,6 +151,13 @@ def test_a_stale_workers_late_results_are_refused(serverProcess, workerProcess):
     server.api.waitFor(job["id"], hasProgress, timeout=60, what="progress")
     stale.process.send_signal(signal.SIGSTOP)
     try:
+        # The frozen worker's fit goes on in its fork server and ends: its
+        # results are ready to go the moment the worker wakes.
+        outcome = os.path.join(stale.workDir, "jobs", str(job["id"]), ".outcome.json")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(outcome) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(outcome), "the frozen worker's fit did not end"
         server.api.waitStatus(job["id"], "PENDING", timeout=30)
         workerProcess(server, queue="fresh")
         record = server.api.waitFor(job["id"], ended, timeout=120, what="its end")
@@ -159,6 +166,8 @@ def test_a_stale_workers_late_results_are_refused(serverProcess, workerProcess):
     assert record["status"] == "COMPLETE" and record["attempts"] == 2
     stale.waitForLog("lease 1 is not current")
     stale.waitForLog("dropped")
+    refusedUpload = re.compile(r'"PUT /api/v1/jobs/%d/files/\S+\?lease=1&[^"]*" 409' % (job["id"],))
+    assert refusedUpload.search(server.log()), "the stale worker's late result was not refused with 409"
     after = server.api.job(job["id"])
     assert (after["status"], after["lease"], after["queue"], after["finished"], after["result"]) == (
         record["status"], record["lease"], "fresh", record["finished"], record["result"])
