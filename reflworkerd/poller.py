@@ -384,7 +384,7 @@ class LeasedJob:
         except OSError as e:
             self._log.error("job {jobId}: cannot make {path} ({why}); handing it back",
                             jobId=self.jobId, path=self.jobDir, why=e.strerror)
-            return self.releaseLost()
+            return self.handBack()
         self.saveState()
         self._scheduleBeat()
         self._working = self._run()
@@ -399,8 +399,9 @@ class LeasedJob:
         self._working.addErrback(self._failed)
         return self.finished
 
-    def releaseLost(self):
-        """Give back a job whose fit a previous run of the worker lost."""
+    def handBack(self):
+        """Give the job back to the queue: its fit was lost with a previous run of the
+        worker, or cannot be set up here."""
         self._endFit(None)
         self._working = self._release()
         self._working.addBoth(lambda _: self._finish())
@@ -835,7 +836,7 @@ class Poller(service.Service):
             else:
                 self._log.info("job {jobId}: its fit was lost with a previous run; releasing it",
                                jobId=job.jobId)
-                job.releaseLost()
+                job.handBack()
 
     @defer.inlineCallbacks
     def stopService(self):

@@ -57,7 +57,7 @@ def test_lm_fit_completes_with_its_results_on_the_server(serverProcess, workerPr
     token = tmp_path / "token"
     token.write_text("e2e-token\n")
     server = serverProcess(tokenFile=token)
-    worker = workerProcess(server, tokenFile=token)
+    worker = workerProcess(server, tokenFile=token, sandbox="auto")
     job = server.api.submit(nifilmRequest(LM), nifilmFiles())
     record = server.api.waitFor(job["id"], ended, timeout=120, what="its end")
     assert record["status"] == "COMPLETE", record
