@@ -695,3 +695,13 @@ def test_tap_service_tree(tmp_path):
     assert poller.slots == 3 and poller.drain == "release" and poller.queueName == "q1"
     assert poller.workDir == str(tmp_path)
     assert poller.client.baseURL == "http://127.0.0.1:8080"
+
+
+def test_a_runner_that_cannot_start_is_fatal_and_no_work_is_taken(tmp_path):
+    """When the fork server cannot start, the worker asks for no lease and says so through onFatal."""
+    fatal = []
+    w = World(tmp_path / "work", onFatal=fatal.append)
+    w.runner.start = lambda: defer.fail(RuntimeError("the fork server failed to start (exit code 1)"))
+    w.start()
+    assert fatal == ["the fork server failed to start (exit code 1)"]
+    assert not w.server.of("lease")
