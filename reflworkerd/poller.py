@@ -27,6 +27,7 @@ import os
 import random as _random
 import shutil
 import socket
+import stat
 
 import treq
 from twisted.application import service
@@ -226,7 +227,6 @@ def _openPlain(path):
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     f = os.fdopen(fd, "rb")
     info = os.fstat(fd)
-    import stat
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
         f.close()
         raise OSError("%s is not a plain file" % (path,))
@@ -235,7 +235,6 @@ def _openPlain(path):
 
 def resultFiles(jobDir):
     """The names of the plain files the fit left in ``jobDir/results``, sorted."""
-    import stat
     folder = os.path.join(jobDir, RESULTS_DIR)
     try:
         if not stat.S_ISDIR(os.lstat(folder).st_mode):
