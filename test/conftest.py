@@ -10,6 +10,14 @@ processes they started, by pid.
   (``.url``, ``.port``, ``.stateDir``, ``.api``, ``.stop()``, ``.kill()``, ``.restart()``)
 - ``workerProcess(server, queue=…, slots=…, args=[…])`` → a started `WorkerProcess`
   (``.workDir``, ``.stop()``, ``.kill()``, ``.restart()``, ``.waitForLog(text)``)
+- ``server``: one `ServerProcess` for a whole test module, for tests that share it
+  (each drains the queue first); ``worker``: a `test.support.FakeWorker` of it on
+  queue ``q``; ``model``: ``(modelPath, dataPaths)`` written by `test.support.writeModel`.
+
+A daemon keeps its port and state directory across ``kill()``/``stop()`` and
+``start()``: a restart comes back on the same state, at the same address. Its log
+is ``.log()`` (``.log(sinceStart=True)`` for this start's part), and
+``.waitForLog(text)`` waits for a line.
 - `Api`: a small synchronous client of the HTTP API for the tests themselves
   (``submit``, ``job``, ``cancel``, ``files``, ``download``, ``waitFor``).
 - `nifilmFiles()`: the nickel film model and its four data files.
@@ -32,6 +40,8 @@ import uuid
 
 import pytest
 from hypothesis import settings
+
+from test.support import FakeWorker, writeModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -364,3 +374,24 @@ def workerProcess(tmp_path, serverProcess):
     yield make
     for worker in reversed(started):
         worker.stop(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One reflservd for the whole test module: its tests share it (and its job ids),
+    which keeps a module of many small client tests fast."""
+    process = ServerProcess(tmp_path_factory.mktemp("reflservd")).start()
+    yield process
+    process.stop(timeout=30)
+
+
+@pytest.fixture
+def worker(server):
+    """A `FakeWorker` of the module's ``server``, on queue ``q``."""
+    return FakeWorker(server.url, queue="q")
+
+
+@pytest.fixture
+def model(tmp_path):
+    """``(modelPath, dataPaths)``: a small model script and two data files."""
+    return writeModel(str(tmp_path / "fit"))

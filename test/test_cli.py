@@ -7,14 +7,13 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 from reflservd import cli
 from reflservd.client import Client
-from test.test_client import (  # noqa: F401  (fixtures)
-    RESULT, drain, model, resultFiles, runInThread, server, worker, writeModel)
+from test.conftest import freePort
+from test.support import RESULT, resultFiles, runInThread, writeModel
 
 REFLQ = os.path.join(os.path.dirname(sys.executable), "reflq")
 
@@ -39,19 +38,11 @@ def reflqProcess(url, *argv, **kwargs):
     return subprocess.run([REFLQ] + list(argv), env=env, capture_output=True, text=True, timeout=120, **kwargs)
 
 
-def freePortURL():
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    listener.close()
-    return "http://127.0.0.1:%d" % (port,)
-
-
 def test_submitPrintsTheJobAndWarnsOfUnlistedDataFiles(server, worker, tmp_path):
     """``reflq submit`` (the console script, server from REFLQ_SERVER) prints
     the job's id and page, and warns about a file in the model's folder that
     the script names through a %d pattern but that was not sent."""
-    drain(worker)
+    worker.drain()
     modelPath, dataPaths = writeModel(str(tmp_path / "fit"), ("nifilm-1.dat", "nifilm-2.dat", "nifilm-3.dat"))
     with open(modelPath, "w") as f:
         f.write('files = ["nifilm-%d.dat" % i for i in (1, 2, 3)]\nother = "notes.txt"\n')
@@ -71,7 +62,7 @@ def test_submitPrintsTheJobAndWarnsOfUnlistedDataFiles(server, worker, tmp_path)
 def test_submitWaitShowsProgressAndEndsZeroWhenComplete(server, worker, model):
     """``submit --wait`` follows the job to COMPLETE: exit 0, the live line
     on a terminal shows step/total and χ², the summary gives χ²."""
-    drain(worker)
+    worker.drain()
     join = runInThread(lambda: worker.runFit(worker.lease()))
     err = TTY()
     code, out, _ = reflq(server, "submit", model[0], *model[1], "--fit", "lm", "--steps", "3", "--wait",
@@ -86,7 +77,7 @@ def test_submitWaitShowsProgressAndEndsZeroWhenComplete(server, worker, model):
 
 def test_waitEndsOneWithTheErrorWhenTheJobFails(server, worker, model):
     """``reflq wait`` on a job that ends ERROR exits 1 and says why in one line."""
-    drain(worker)
+    worker.drain()
     job = Client(server.url).submit(model[0], data=model[1])
 
     def fail():
@@ -105,7 +96,7 @@ def test_waitEndsOneWithTheErrorWhenTheJobFails(server, worker, model):
 def test_statusJSONIsTheRecordAndStatusTextShowsTheParameters(server, worker, model):
     """``status --json`` prints the job record; the text form lists the
     parameters with their uncertainties; a COMPLETE job exits 0."""
-    drain(worker)
+    worker.drain()
     job = Client(server.url).submit(model[0], data=model[1])
     worker.runFit(worker.lease())
     code, out, _ = reflq(server, "status", str(job.id), "--json")
@@ -130,7 +121,7 @@ def test_unknownJobExitsFourWithOneLine(server):
 
 def test_unreachableServerExitsThreeWithOneLine():
     """Nothing listening: exit 3, one line naming the server, no traceback."""
-    url = freePortURL()
+    url = "http://127.0.0.1:%d" % (freePort(),)
     done = reflqProcess(url, "list")
     assert done.returncode == 3
     assert len(done.stderr.strip().splitlines()) == 1
@@ -152,7 +143,7 @@ def test_usageErrorsExitTwo(server, tmp_path):
 def test_listFiltersByStatusAndMine(server, worker, model):
     """``list --status`` shows only that status; ``--mine`` the jobs whose
     owner is this machine's address (no notify given); newest first."""
-    drain(worker)
+    worker.drain()
     client = Client(server.url)
     first = client.submit(model[0], data=model[1], name="first fit")
     second = client.submit(model[0], data=model[1], name="second fit")
@@ -173,7 +164,7 @@ def test_listFiltersByStatusAndMine(server, worker, model):
 
 def test_fetchDownloadsTheResultFiles(server, worker, model, tmp_path):
     """``fetch ID -o DIR`` writes every result file into DIR."""
-    drain(worker)
+    worker.drain()
     job = Client(server.url).submit(model[0], data=model[1])
     worker.runFit(worker.lease())
     code, out, _ = reflq(server, "fetch", str(job.id), "-o", str(tmp_path / "res"))
@@ -185,7 +176,7 @@ def test_fetchDownloadsTheResultFiles(server, worker, model, tmp_path):
 def test_cancelThenDeleteThenTheJobIsUnknown(server, worker, model):
     """``cancel`` makes a pending job CANCEL (status then exits 1);
     ``delete`` removes it (status then exits 4)."""
-    drain(worker)
+    worker.drain()
     job = Client(server.url).submit(model[0], data=model[1])
     code, out, _ = reflq(server, "cancel", str(job.id))
     assert code == 0 and out.strip() == "job %d: CANCEL" % (job.id,)
@@ -197,7 +188,7 @@ def test_cancelThenDeleteThenTheJobIsUnknown(server, worker, model):
 
 def test_logsPrintsStdoutAndStderr(server, worker, model):
     """``logs ID`` prints the fit's stdout.txt and stderr.txt under headers."""
-    drain(worker)
+    worker.drain()
     job = Client(server.url).submit(model[0], data=model[1])
     worker.runFit(worker.lease())
     code, out, _ = reflq(server, "logs", str(job.id))
@@ -209,7 +200,7 @@ def test_logsPrintsStdoutAndStderr(server, worker, model):
 def test_logsFollowPrintsWhatArrivesUntilTheJobEnds(server, worker, model):
     """``logs --follow`` prints stdout.txt as the worker sends it and
     returns when the job ends."""
-    drain(worker)
+    worker.drain()
     job = Client(server.url).submit(model[0], data=model[1])
 
     def fit():
@@ -229,7 +220,7 @@ def test_logsFollowPrintsWhatArrivesUntilTheJobEnds(server, worker, model):
 
 def test_ctrlCStopsWatchingAndLeavesTheJobRunning(server, worker, model):
     """SIGINT to ``reflq wait`` ends it with 130 and a note; the job is untouched."""
-    drain(worker)
+    worker.drain()
     job = Client(server.url).submit(model[0], data=model[1])
     env = dict(os.environ, REFLQ_SERVER=server.url)
     process = subprocess.Popen([REFLQ, "wait", str(job.id)], env=env, stdout=subprocess.PIPE,
@@ -252,7 +243,7 @@ def test_ctrlCStopsWatchingAndLeavesTheJobRunning(server, worker, model):
 
 def test_legacyStatusAndList(server, worker, model):
     """``--legacy`` talks the old protocol: submit, list, status."""
-    drain(worker)
+    worker.drain()
     code, out, _ = reflq(server, "--legacy", "submit", model[0], *model[1])
     assert code == 0
     jobId = int(out.split()[1])

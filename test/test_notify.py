@@ -4,9 +4,7 @@ server mailing a real SMTP sink (aiosmtpd) on loopback."""
 
 import email
 import email.policy
-import socket
 import threading
-import time
 import types
 
 import pytest
@@ -14,9 +12,10 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
-from reflservd.notify import Notifier, defaultBaseUrl, isAddress
-from test.test_client import RESULT, FakeWorker, ServerProcess, writeModel
 from reflservd.client import Client
+from reflservd.notify import Notifier, defaultBaseUrl, isAddress
+from test.conftest import freePort
+from test.support import RESULT, FakeWorker, writeModel
 
 MAIL_TIMEOUT = 30.0
 
@@ -163,14 +162,6 @@ class Sink:
         return self.messages
 
 
-def freePort():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture
 def sink():
     from aiosmtpd.controller import Controller
@@ -181,45 +172,37 @@ def sink():
     controller.stop()
 
 
-def test_aRealServerMailsTheStartAndTheEndToARealSMTPSink(sink, tmp_path):
+def test_aRealServerMailsTheStartAndTheEndToARealSMTPSink(sink, serverProcess, tmp_path):
     """``twistd reflservd --smtp`` mails a job's owner through a real SMTP
     server when the job starts and when it ends, with a link built from
     --base-url."""
     handler, port = sink
-    server = ServerProcess(tmp_path / "state", "--smtp", "127.0.0.1:%d" % (port,),
-                           "--smtp-from", "queue@example.org", "--base-url", "http://fits.example.org/")
-    try:
-        model, data = writeModel(str(tmp_path / "fit"))
-        job = Client(server.url).submit(model, data=data, notify="ann@example.org", name="ni film")
-        worker = FakeWorker(server.url)
-        lease = worker.lease()
-        rcpt, started = handler.waitFor(1)[0]
-        assert rcpt == ["ann@example.org"]
-        assert started["Subject"] == "[reflservd] job %d (ni film) started" % (job.id,)
-        assert started["From"] == "queue@example.org"
-        worker.runFit(lease)
-        _, ended = handler.waitFor(2)[1]
-        assert ended["Subject"] == "[reflservd] job %d (ni film) finished" % (job.id,)
-        assert "Its page: http://fits.example.org/jobs/%d" % (job.id,) in ended.get_content()
-    finally:
-        server.stop()
+    server = serverProcess(args=["--smtp", "127.0.0.1:%d" % (port,), "--smtp-from", "queue@example.org",
+                                 "--base-url", "http://fits.example.org/"])
+    model, data = writeModel(str(tmp_path / "fit"))
+    job = Client(server.url).submit(model, data=data, notify="ann@example.org", name="ni film")
+    worker = FakeWorker(server.url)
+    lease = worker.lease()
+    rcpt, started = handler.waitFor(1)[0]
+    assert rcpt == ["ann@example.org"]
+    assert started["Subject"] == "[reflservd] job %d (ni film) started" % (job.id,)
+    assert started["From"] == "queue@example.org"
+    worker.runFit(lease)
+    _, ended = handler.waitFor(2)[1]
+    assert ended["Subject"] == "[reflservd] job %d (ni film) finished" % (job.id,)
+    assert "Its page: http://fits.example.org/jobs/%d" % (job.id,) in ended.get_content()
+    server.stop()
     assert len(handler.messages) == 2
 
 
-def test_aServerWhoseMailFailsStillRunsTheJob(tmp_path):
+def test_aServerWhoseMailFailsStillRunsTheJob(serverProcess, tmp_path):
     """With the SMTP server unreachable the job is leased and completes as
     usual; the failure shows in the log."""
-    server = ServerProcess(tmp_path / "state", "--smtp", "127.0.0.1:%d" % (freePort(),))
-    try:
-        model, data = writeModel(str(tmp_path / "fit"))
-        job = Client(server.url).submit(model, data=data, notify="ann@example.org")
-        worker = FakeWorker(server.url)
-        record = worker.runFit(worker.lease())
-        assert record["status"] == "COMPLETE"
-        assert job.status == "COMPLETE"
-        deadline = time.monotonic() + MAIL_TIMEOUT
-        while "was not sent" not in server.logText() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert "job %d: the mail to ann@example.org was not sent" % (job.id,) in server.logText()
-    finally:
-        server.stop()
+    server = serverProcess(args=["--smtp", "127.0.0.1:%d" % (freePort(),)])
+    model, data = writeModel(str(tmp_path / "fit"))
+    job = Client(server.url).submit(model, data=data, notify="ann@example.org")
+    worker = FakeWorker(server.url)
+    record = worker.runFit(worker.lease())
+    assert record["status"] == "COMPLETE"
+    assert job.status == "COMPLETE"
+    server.waitForLog("job %d: the mail to ann@example.org was not sent" % (job.id,), timeout=MAIL_TIMEOUT)

@@ -13,8 +13,7 @@ import pytest
 
 from reflservd.client import Client
 from reflservd.pages import CSP
-from test.test_client import (  # noqa: F401  (fixtures)
-    RESULT, drain, model, progressAt, resultFiles, server, worker, writeModel)
+from test.support import RESULT, progressAt, resultFiles, writeModel
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -59,7 +58,7 @@ class Markup(html.parser.HTMLParser):
 
 def someJobs(server, worker, model):
     """A COMPLETE job (with plots and logs) and a PENDING one."""
-    drain(worker)
+    worker.drain()
     client = Client(server.url)
     done = client.submit(model[0], data=model[1], fit="lm", steps=3, name="done <b>fit</b>")
     worker.runFit(worker.lease())
@@ -190,7 +189,7 @@ def test_submitThroughTheFormAndWatchTheFitLive(browser, server, worker, tmp_pat
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select
 
-    drain(worker)
+    worker.drain()
     modelPath, dataPaths = writeModel(str(tmp_path / "fit"))
     browser.get(server.url + "/submit")
     browser.find_element(By.NAME, "model").send_keys(modelPath)
@@ -248,7 +247,7 @@ def test_submitThroughTheFormAndWatchTheFitLive(browser, server, worker, tmp_pat
 
 def test_theCancelButtonCancelsAPendingJob(browser, server, worker, model):
     """The cancel button (after the confirm) cancels the job and the page says CANCEL."""
-    drain(worker)
+    worker.drain()
     job = Client(server.url).submit(model[0], data=model[1], name="to cancel")
     browser.get(server.url + "/jobs/%d" % job.id)
     from selenium.webdriver.common.by import By
