@@ -10,6 +10,17 @@ most once per ``progressInterval`` (the latest progress wins) and at least
 every third of the lease timeout, and a heartbeat that answers ``cancel``
 cancels the fit.
 
+Where the worker runs as root, each slot runs its fits as a uid of its own
+(``slotUidBase + slot``; the fork server's child chowns the job directory to
+it before dropping to it).
+
+A DREAM or DE fit checkpoints its session file (``results/session.h5``): the
+worker uploads it as the job's result file ``session.h5``, at most every
+``checkpointEvery`` seconds. When the server hands out a job with such a
+checkpoint of an earlier attempt (``"checkpoint"`` in the lease answer), the
+worker downloads it into ``results/`` and runs the fit with ``resume``: it goes
+on from where the lost attempt left off instead of starting over.
+
 When the fit ends, every file it left in ``results/`` is uploaded in bounded
 parts and the job is completed with its lease token. Until the server has
 acknowledged the completion the outcome stays on disk
@@ -21,6 +32,7 @@ a worker that restarts delivers what its previous run could not. A 409 (or
 over an injected treq client.
 """
 
+import copy
 import json
 import math
 import os
@@ -36,6 +48,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 RESULTS_DIR = "results"
+SESSION_NAME = "session.h5"
+RESUMABLE_FITTERS = ("dream", "de")
+"""Fitters whose session file lets a later attempt resume the fit (bumps ``--resume``)."""
 PART_SIZE = 8 * 1024 * 1024
 """Bytes per PUT of a result file: the server buffers each request body whole."""
 
@@ -166,13 +181,14 @@ class ServerClient:
         return self._call("POST", "/api/v1/jobs/%d/release" % (jobId,), body={"lease": lease})
 
     @defer.inlineCallbacks
-    def download(self, jobId, name, path):
-        """Stream the job's upload ``name`` to ``path`` (written aside, then renamed); its size."""
+    def download(self, jobId, name, path, kind="upload"):
+        """Stream the job's file ``name`` (an upload, or with ``kind="result"`` a
+        result) to ``path`` (written aside, then renamed); its size."""
         url = "%s/api/v1/jobs/%d/files/%s" % (self.baseURL, jobId, name)
         temporary = os.path.join(os.path.dirname(path), ".download-" + os.path.basename(path))
         try:
             response = yield self.http.request(
-                "GET", url, params={"kind": "upload"}, headers=self._headers(),
+                "GET", url, params={"kind": kind}, headers=self._headers(),
                 reactor=self.reactor, timeout=self.requestTimeout, unbuffered=True)
         except Exception as e:
             raise ServerError(None, "GET %s: %s" % (url, _describe(e)))
@@ -317,7 +333,7 @@ class LeasedJob:
     _log = Logger()
 
     def __init__(self, poller, jobId, lease, leaseTimeout, request=None, files=(),
-                 outcome=None, uploaded=()):
+                 outcome=None, uploaded=(), checkpoint=None, slot=None):
         self.poller = poller
         self.reactor = poller.reactor
         self.client = poller.client
@@ -330,6 +346,8 @@ class LeasedJob:
         self.uploaded = set(uploaded)
         self.jobDir = os.path.join(poller.jobsDir, str(int(jobId)))
         self.statePath = self.jobDir + ".json"
+        self.checkpoint = checkpoint
+        self.slot = slot
         self.fitRun = None
         self.dropped = False
         self.releasing = False
@@ -345,6 +363,10 @@ class LeasedJob:
         self._working = None
         self._stopped = False
         self.halted = False
+        self._checkpointWanted = None
+        self._checkpointCall = None
+        self._checkpointUpload = None
+        self._lastCheckpoint = None
 
     # ---- state on disk
 
@@ -422,8 +444,10 @@ class LeasedJob:
 
     @defer.inlineCallbacks
     def _run(self):
+        request = self.request
         try:
             yield self._download()
+            request = yield self._resumeRequest()
         except _Dropped:
             pass
         except ServerError as e:
@@ -435,7 +459,10 @@ class LeasedJob:
         if self.outcome is None and not (self.dropped or self.releasing or self.cancelled):
             self._log.info("job {jobId} (lease {lease}): fit starts", jobId=self.jobId,
                            lease=self.lease)
-            self.fitRun = self.poller.runner.run(self.jobId, self.jobDir, self.request, self.progress)
+            uid = self.poller.slotUid(self.slot)
+            self.fitRun = self.poller.runner.run(
+                self.jobId, self.jobDir, request, self.progress,
+                onCheckpoint=self.checkpointed if self.resumable() else None, uid=uid, gid=uid)
             try:
                 self.outcome = yield self.fitRun.done
             except Exception as e:
@@ -445,6 +472,7 @@ class LeasedJob:
         elif self.outcome is None:
             self.outcome = {"status": "CANCEL", "result": None, "error": None, "trace": None}
         self._endFit(self.outcome)
+        yield self._stopCheckpoints()
         if self.dropped:
             self._finish()
             return
@@ -487,6 +515,109 @@ class LeasedJob:
                 if size is not None and got != size:
                     raise ServerError(None, "upload %r is %d bytes, the server said %d" % (name, got, size))
                 break
+
+    def resumable(self):
+        """Whether this job's fit can go on from a checkpoint (a DREAM or DE fit of refl1d)."""
+        request = self.request if isinstance(self.request, dict) else {}
+        data = request.get("data")
+        options = data.get("options") if isinstance(data, dict) else None
+        return (request.get("service") == "refl1d" and isinstance(options, dict)
+                and options.get("fit") in RESUMABLE_FITTERS)
+
+    @defer.inlineCallbacks
+    def _resumeRequest(self):
+        """The request to run: with ``resume`` where the server has a checkpoint of an
+        earlier attempt and it came down into ``results/``; else the request as it is
+        (a fit that cannot resume, or whose checkpoint cannot be had, starts over)."""
+        if not self.checkpoint or not self.resumable():
+            return self.request
+        folder = os.path.join(self.jobDir, RESULTS_DIR)
+        path = os.path.join(folder, SESSION_NAME)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            size = yield self.client.download(self.jobId, checkName(self.checkpoint), path, kind="result")
+        except ServerError as e:
+            self._log.warn("job {jobId}: its checkpoint could not be downloaded ({why}); "
+                           "the fit starts over", jobId=self.jobId, why=str(e))
+            shutil.rmtree(folder, ignore_errors=True)
+            return self.request
+        except (OSError, ValueError) as e:
+            self._log.warn("job {jobId}: its checkpoint could not be stored ({why}); "
+                           "the fit starts over", jobId=self.jobId, why=e)
+            shutil.rmtree(folder, ignore_errors=True)
+            return self.request
+        self._log.info("job {jobId}: resuming the fit from the checkpoint of an earlier attempt "
+                       "({size} bytes)", jobId=self.jobId, size=size)
+        request = copy.deepcopy(self.request)
+        request["data"]["options"]["resume"] = True
+        return request
+
+    # ---- checkpoints
+
+    def checkpointed(self, path):
+        """The fit saved its session file at ``path``: upload it as the job's
+        ``session.h5``, at most every ``checkpointEvery`` seconds (the latest wins)."""
+        if self.dropped or self.fitEnded.called:
+            return
+        self._checkpointWanted = path
+        self._scheduleCheckpoint()
+
+    def _scheduleCheckpoint(self):
+        if (self._checkpointWanted is None or self._checkpointUpload is not None
+                or self._checkpointCall is not None):
+            return
+        now = self.reactor.seconds()
+        due = now if self._lastCheckpoint is None else self._lastCheckpoint + self.poller.checkpointEvery
+        self._checkpointCall = self.reactor.callLater(max(0.0, due - now), self._uploadCheckpoint)
+
+    def _uploadCheckpoint(self):
+        self._checkpointCall = None
+        path, self._checkpointWanted = self._checkpointWanted, None
+        if path is None or self.dropped or self.fitEnded.called:
+            return
+        self._lastCheckpoint = self.reactor.seconds()
+        d = self._checkpointUpload = self.client.putFile(self.jobId, self.lease, SESSION_NAME, path,
+                                                         self.poller.partSize)
+        d.addCallbacks(self._checkpointSent, self._checkpointFailed)
+        d.addBoth(self._checkpointDone)
+
+    def _checkpointSent(self, size):
+        self.poller.reachability.ok()
+        self._log.info("job {jobId}: checkpoint sent ({size} bytes)", jobId=self.jobId, size=size)
+
+    def _checkpointFailed(self, failure):
+        if failure.check(ServerError):
+            error = failure.value
+            if error.stale:
+                self.drop(str(error))
+            elif error.transient:
+                self.poller.reachability.failed(error)
+            else:
+                self._log.warn("job {jobId}: checkpoint refused ({why})", jobId=self.jobId, why=str(error))
+        elif failure.check(OSError):
+            self._log.warn("job {jobId}: checkpoint not sent ({why})", jobId=self.jobId,
+                           why=failure.getErrorMessage())
+        else:
+            self._log.failure("job {jobId}: checkpoint upload", failure, jobId=self.jobId)
+
+    def _checkpointDone(self, _):
+        self._checkpointUpload = None
+        self._scheduleCheckpoint()
+
+    def _stopCheckpoints(self):
+        """No more checkpoints; fires once the one on its way (if any) is done, so that
+        the final session file never races a checkpoint to the same name."""
+        self._checkpointWanted = None
+        if self._checkpointCall is not None and self._checkpointCall.active():
+            self._checkpointCall.cancel()
+        self._checkpointCall = None
+        if self._checkpointUpload is None:
+            return defer.succeed(None)
+        idle = defer.Deferred()
+        self._checkpointUpload.addBoth(lambda _: idle.callback(None))
+        return idle
+
+    # ---- delivery
 
     @defer.inlineCallbacks
     def _deliverThenFinish(self):
@@ -732,7 +863,8 @@ class Poller(service.Service):
     def __init__(self, reactor, client, runner, queueName, workDir, slots=1,
                  pollTimeout=30.0, drain="finish", workerName=None, random=_random.random,
                  backoffInitial=0.5, backoffCap=30.0, progressInterval=1.0,
-                 partSize=PART_SIZE, cancelGrace=5.0, deliverGrace=30.0, onFatal=None):
+                 partSize=PART_SIZE, cancelGrace=5.0, deliverGrace=30.0, slotUidBase=None,
+                 checkpointEvery=60.0, onFatal=None):
         if drain not in ("finish", "release"):
             raise ValueError("drain is 'finish' or 'release', not %r" % (drain,))
         self.reactor = reactor
@@ -752,6 +884,8 @@ class Poller(service.Service):
         self.partSize = partSize
         self.cancelGrace = cancelGrace
         self.deliverGrace = deliverGrace
+        self.slotUidBase = slotUidBase
+        self.checkpointEvery = checkpointEvery
         self.onFatal = onFatal
         self.reachability = Reachability(client.baseURL)
         self.leaseBackoff = self.makeBackoff()
@@ -779,6 +913,18 @@ class Poller(service.Service):
 
     def runningFits(self):
         return [job for job in self.jobs.values() if not job.fitEnded.called]
+
+    def freeSlot(self):
+        """The lowest slot number no running fit holds (None when all are taken)."""
+        held = {job.slot for job in self.runningFits()}
+        free = [slot for slot in range(self.slots) if slot not in held]
+        return free[0] if free else None
+
+    def slotUid(self, slot):
+        """The uid (and gid) a fit in ``slot`` runs as, or None: the worker's own."""
+        if self.slotUidBase is None or slot is None:
+            return None
+        return self.slotUidBase + slot
 
     # ---- life
 
@@ -927,6 +1073,9 @@ class Poller(service.Service):
             leaseTimeout = float(record.get("leaseTimeout") or 60.0)
             files = [(checkName(n), s) for n, s in record.get("files") or []]
             request = record.get("request")
+            checkpoint = record.get("checkpoint")
+            if checkpoint is not None:
+                checkpoint = checkName(checkpoint)
         except (KeyError, TypeError, ValueError) as e:
             self._log.error("a lease answer that makes no sense ({why}): {record!r}",
                             why=e, record=record)
@@ -935,7 +1084,16 @@ class Poller(service.Service):
             self._log.warn("job {jobId} leased again while this worker still holds it",
                            jobId=jobId)
             return
-        job = LeasedJob(self, jobId, lease, leaseTimeout, request, files)
+        slot = self.freeSlot()
+        if slot is None:
+            self._log.error("job {jobId} leased with every slot busy; handing it back", jobId=jobId)
+            job = LeasedJob(self, jobId, lease, leaseTimeout)
+            self.jobs[jobId] = job
+            job.finished.addCallback(self._jobFinished, job)
+            job.handBack()
+            return
+        job = LeasedJob(self, jobId, lease, leaseTimeout, request, files, checkpoint=checkpoint,
+                        slot=slot)
         self.jobs[jobId] = job
         if self._draining:
             job.releasing = True

@@ -2,15 +2,22 @@
 
 import os
 import re
+import stat
+import sys
 from urllib.parse import urlsplit
 
 from twisted.application import service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from reflworkerd import sandbox
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+SLOT_UID_BASE = 60001
+"""Slot i of a worker running as root runs its fits as uid/gid SLOT_UID_BASE + i."""
+MAX_UID = 2**32 - 2
 
 
 def parseBytes(text):
@@ -47,7 +54,13 @@ class Options(usage.Options):
         ["backend", None, "local", "Where fits run: local (slurm comes later)."],
         ["drain", None, "finish", "On stop: finish the fits in hand, or release them to the queue."],
         ["name", None, None, "This worker's name in the server's records (default host:pid)."],
+        ["slot-uid-base", None, None,
+         "Where the worker is root, slot i runs its fits as uid/gid BASE+i (default %d); "
+         "0 runs them as root without capabilities (unsafe: no process limit, files owned by root)."
+         % (SLOT_UID_BASE,), int],
     ]
+
+    _log = Logger()
 
     def postOptions(self):
         if not self["server"]:
@@ -94,6 +107,69 @@ class Options(usage.Options):
         if self["wall-limit"] is not None:
             limits["wall"] = self["wall-limit"]
         self["limits"] = limits
+        self["slot-uids"] = self._slotUids(os.geteuid() == 0)
+
+    def _slotUids(self, isRoot):
+        """The uid of slot 0 (slot i has this + i), or None: fits run as the worker's uid.
+
+        Only a root worker can change uid. In ``--sandbox none`` the fit sees
+        the host's file system as its uid would: where that uid cannot reach
+        the Python installation or the work directory, an explicit
+        ``--slot-uid-base`` is refused and the default is dropped with a warning
+        (the job records then say ``uid 0 without capabilities``).
+        """
+        base = self["slot-uid-base"]
+        explicit = base is not None
+        if base is None:
+            base = SLOT_UID_BASE
+        if base < 0 or base + self["slots"] - 1 > MAX_UID:
+            raise usage.UsageError("--slot-uid-base must be 0 (off) or a uid with room for %d slot(s)"
+                                   % (self["slots"],))
+        if base == 0:
+            if isRoot:
+                self._log.warn("--slot-uid-base 0: fits run as root without capabilities "
+                               "(no process limit, files owned by root); give each slot a uid")
+            return None
+        if not isRoot:
+            return None
+        if self["sandbox-effective"] == "none":
+            needed = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sandbox.__file__)),
+                      os.path.join(self["work-dir"], "jobs")]
+            blocked = [b for b in (unreachable(path) for path in needed) if b is not None]
+            if blocked:
+                why = ("with --sandbox none a fit runs as uid %d on the host's files, and %s is not "
+                       "open to other users (it needs o+x on the way, o+rx at the end)" % (base, blocked[0]))
+                if explicit:
+                    raise usage.UsageError("--slot-uid-base %d: %s; open it, use --sandbox namespaces, "
+                                           "or --slot-uid-base 0 (unsafe)" % (base, why))
+                self._log.warn("no per-slot uids: {why}; fits run as root without capabilities", why=why)
+                return None
+        return base
+
+
+def unreachable(path):
+    """The first directory on the way to ``path`` that a uid owning nothing and in
+    no group cannot enter (or, for ``path`` itself, list), or None.
+
+    A path that does not exist yet is judged by the part of it that does (the
+    worker makes the rest, mode 0755).
+    """
+    path = os.path.realpath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    parts = path.strip(os.sep).split(os.sep) if path != os.sep else []
+    current = os.sep
+    for n in range(len(parts) + 1):
+        if n:
+            current = os.path.join(current, parts[n - 1])
+        try:
+            mode = os.stat(current).st_mode
+        except OSError:
+            return current
+        need = stat.S_IXOTH | (stat.S_IROTH if n == len(parts) else 0)
+        if stat.S_ISDIR(mode) and mode & need != need:
+            return current
+    return None
 
 
 def _quietFactory():
@@ -132,6 +208,8 @@ def makeService(config, reactor=None):
                     slots=config["slots"], pollTimeout=config["poll-timeout"],
                     drain=config["drain"],
                     workerName=config["name"],
+                    slotUidBase=config["slot-uids"],
+                    checkpointEvery=config["checkpoint-every"],
                     onFatal=fatal)
     poller.setName("poller")
     top = service.MultiService()

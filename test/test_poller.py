@@ -9,6 +9,8 @@ and the lease timeouts are read off the clock, never waited for.
 
 import json
 import os
+import shutil
+import tempfile
 
 import pytest
 from klein import Klein
@@ -80,8 +82,9 @@ class FakeServer:
 
         return d.addCallback(answer)
 
-    def grant(self, jobId, lease=1, files=None, request=None):
-        """Answer the oldest lease long-poll with this job."""
+    def grant(self, jobId, lease=1, files=None, request=None, checkpoint=None):
+        """Answer the oldest lease long-poll with this job (and, with ``checkpoint``
+        bytes, a stored ``session.h5`` result of an earlier attempt)."""
         files = files if files is not None else {"model.py": b"print('fit')\n"}
         for name, data in files.items():
             self.uploads[(jobId, name)] = data
@@ -89,6 +92,9 @@ class FakeServer:
                   "request": request or {"service": "refl1d", "data": {"model": "model.py"}},
                   "files": [[n, len(d)] for n, d in files.items()],
                   "leaseTimeout": self.leaseTimeout}
+        if checkpoint is not None:
+            self.results[(jobId, "session.h5")] = checkpoint
+            record["checkpoint"] = "session.h5"
         self.leaseWaiters.pop(0).callback(record)
 
     def noJob(self):
@@ -96,8 +102,15 @@ class FakeServer:
 
     @app.route("/api/v1/jobs/<int:jobId>/files/<string:name>", methods=["GET"])
     def download(self, request, jobId, name):
-        self.record(request, "download", jobId)
-        return self.refused(request, "download", jobId) or self.uploads[(jobId, name)]
+        entry = self.record(request, "download", jobId)
+        refused = self.refused(request, "download", jobId)
+        if refused is not None:
+            return refused
+        files = self.results if entry["args"].get("kind") == "result" else self.uploads
+        if (jobId, name) not in files:
+            request.setResponseCode(404)
+            return b'{"error": "no such file"}'
+        return files[(jobId, name)]
 
     @app.route("/api/v1/jobs/<int:jobId>/heartbeat", methods=["POST"])
     def heartbeat(self, request, jobId):
@@ -138,18 +151,32 @@ class Switch:
         self.stub = stub
         self.down = False
         self.timeouts = []
+        self.hold = None         # a method whose requests wait in self.held until released
+        self.held = []
 
     def request(self, method, url, **kwargs):
         self.timeouts.append(kwargs.get("timeout"))
         assert kwargs.get("reactor") is not None, "every request names its reactor"
         if self.down:
             return defer.fail(ConnectionRefusedError("the server is down"))
+        if method == self.hold:
+            waiting = defer.Deferred()
+            waiting.addCallback(lambda _: self.stub.request(method, url, **kwargs))
+            self.held.append(waiting)
+            return waiting
         return self.stub.request(method, url, **kwargs)
+
+    def release(self):
+        self.hold = None
+        held, self.held = self.held, []
+        for waiting in held:
+            waiting.callback(None)
 
 
 class FakeRun:
-    def __init__(self, jobId, jobDir, request, onProgress):
+    def __init__(self, jobId, jobDir, request, onProgress, onCheckpoint=None, uid=None, gid=None):
         self.jobId, self.jobDir, self.request, self.onProgress = jobId, jobDir, request, onProgress
+        self.onCheckpoint, self.uid, self.gid = onCheckpoint, uid, gid
         self.done = defer.Deferred()
         self.cancels = []
         self.confinement = ""
@@ -179,8 +206,8 @@ class FakeRunner:
         self.started = True
         return defer.succeed(None)
 
-    def run(self, jobId, jobDir, request, onProgress):
-        fitRun = FakeRun(jobId, jobDir, request, onProgress)
+    def run(self, jobId, jobDir, request, onProgress, onCheckpoint=None, uid=None, gid=None):
+        fitRun = FakeRun(jobId, jobDir, request, onProgress, onCheckpoint, uid, gid)
         self.runs.append(fitRun)
         return fitRun
 
@@ -705,3 +732,228 @@ def test_a_runner_that_cannot_start_is_fatal_and_no_work_is_taken(tmp_path):
     w.start()
     assert fatal == ["the fork server failed to start (exit code 1)"]
     assert not w.server.of("lease")
+
+
+def test_tap_slot_uid_base_defaults_to_60001_for_a_root_worker(monkeypatch):
+    """A root worker gives slot i the uid 60001 + i unless told otherwise; 0 turns
+    slot uids off, and a worker that is not root cannot have them."""
+    monkeypatch.setattr(tap.sandbox, "choose", lambda mode: mode)
+    monkeypatch.setattr(tap.os, "geteuid", lambda: 0)
+    assert parse("--sandbox", "namespaces")["slot-uids"] == 60001
+    assert parse("--sandbox", "namespaces", "--slot-uid-base", "70000")["slot-uids"] == 70000
+    assert parse("--sandbox", "namespaces", "--slot-uid-base", "0")["slot-uids"] is None
+    monkeypatch.setattr(tap.os, "geteuid", lambda: 1000)
+    assert parse("--sandbox", "namespaces")["slot-uids"] is None
+
+
+@pytest.mark.parametrize("base", ["-1", str(2**32 - 2)])
+def test_tap_refuses_slot_uids_out_of_range(monkeypatch, base):
+    """A negative base, or one whose last slot would pass the largest uid, is a usage error."""
+    monkeypatch.setattr(tap.sandbox, "choose", lambda mode: mode)
+    monkeypatch.setattr(tap.os, "geteuid", lambda: 0)
+    with pytest.raises(usage.UsageError, match="--slot-uid-base"):
+        parse("--sandbox", "namespaces", "--slots", "2", "--slot-uid-base", base)
+
+
+def test_tap_slot_uids_without_namespaces_need_a_reachable_installation(monkeypatch, tmp_path, logged):
+    """With --sandbox none the fit sees the host's files as its slot uid: where that
+    uid cannot reach the work directory, an explicit --slot-uid-base is refused
+    and the default is dropped with a warning that says why."""
+    monkeypatch.setattr(tap.sandbox, "choose", lambda mode: mode)
+    monkeypatch.setattr(tap.os, "geteuid", lambda: 0)
+    closed = str(tmp_path / "closed")
+    workDir = os.path.join(closed, "work")
+    monkeypatch.setattr(tap, "unreachable", lambda path: closed if path.startswith(closed) else None)
+    with pytest.raises(usage.UsageError, match="--slot-uid-base 60001: .*%s is not open" % (closed,)):
+        parse("--sandbox", "none", "--work-dir", workDir, "--slot-uid-base", "60001")
+    assert parse("--sandbox", "none", "--work-dir", workDir)["slot-uids"] is None
+    assert messages(logged, "no per-slot uids")
+    assert parse("--sandbox", "none", "--work-dir", str(tmp_path / "open"))["slot-uids"] == 60001
+
+
+def test_unreachable_names_the_first_closed_directory(tmp_path):
+    """unreachable() finds the first directory on the way that others cannot
+    enter, judges a path not made yet by its existing part, and passes an open one."""
+    base = tempfile.mkdtemp(dir="/tmp", prefix="reflpoller-")
+    try:
+        os.chmod(base, 0o755)
+        open_ = os.path.join(base, "open", "deeper")
+        os.makedirs(open_, mode=0o755)
+        os.chmod(os.path.join(base, "open"), 0o755)
+        os.chmod(open_, 0o755)
+        closed = os.path.join(base, "closed")
+        os.makedirs(os.path.join(closed, "inner"))
+        os.chmod(closed, 0o700)
+        assert tap.unreachable(open_) is None
+        assert tap.unreachable(os.path.join(open_, "not", "yet")) is None
+        assert tap.unreachable(os.path.join(closed, "inner")) == closed
+        os.chmod(open_, 0o711)
+        assert tap.unreachable(open_) == open_        # entered, but not listed
+    finally:
+        os.chmod(closed, 0o755)
+        shutil.rmtree(base)
+
+
+def test_tap_service_passes_slot_uids_and_checkpoint_interval(tmp_path, monkeypatch):
+    """makeService hands the slot uids and --checkpoint-every to the poller."""
+    monkeypatch.setattr(tap.sandbox, "choose", lambda mode: mode)
+    monkeypatch.setattr(tap.os, "geteuid", lambda: 0)
+    options = parse("--sandbox", "namespaces", "--work-dir", str(tmp_path), "--slot-uid-base", "61000",
+                    "--checkpoint-every", "5")
+    poller = tap.makeService(options, reactor=Clock()).getServiceNamed("poller")
+    assert poller.slotUidBase == 61000 and poller.checkpointEvery == 5.0
+
+
+# ---- slot uids
+
+
+def test_each_slot_runs_its_fits_as_its_own_uid(world):
+    """With slot uids, a fit runs as base + its slot number (uid and gid); a slot
+    freed by a finished fit gives its uid to the next one, never two at once."""
+    w = world(slots=2, slotUidBase=60001)
+    w.server.grant(1)
+    w.server.grant(2)
+    w.pump()
+    assert [(r.jobId, r.uid, r.gid) for r in w.runner.runs] == [(1, 60001, 60001), (2, 60002, 60002)]
+    w.runner.runs[0].finish()
+    w.pump()
+    w.server.grant(3)
+    w.pump()
+    assert (w.runner.runs[2].jobId, w.runner.runs[2].uid) == (3, 60001)
+    w.runner.runs[2].finish()
+    w.runner.runs[1].finish()
+    w.pump()
+    w.server.grant(4)
+    w.pump()
+    assert w.runner.runs[3].uid == 60001
+
+
+def test_without_slot_uids_fits_run_as_the_worker(world):
+    """No slot uid base (not root, or turned off): the runner is given no uid."""
+    w = world(slots=2)
+    w.server.grant(1)
+    w.pump()
+    assert (w.runner.runs[0].uid, w.runner.runs[0].gid) == (None, None)
+
+
+# ---- checkpoints and resume
+
+DREAM = {"service": "refl1d", "data": {"model": "model.py", "options": {"fit": "dream", "samples": 1000}}}
+
+
+def writeSession(fitRun, data):
+    folder = os.path.join(fitRun.jobDir, "results")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, "session.h5")
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.rename(path + ".tmp", path)
+    return path
+
+
+def test_checkpoints_go_up_as_session_h5_at_most_every_checkpoint_interval(world):
+    """A DREAM fit's first checkpoint is uploaded at once as the result file
+    session.h5 with the lease token; later ones at most every checkpointEvery
+    seconds, the latest one winning."""
+    w = world(checkpointEvery=10.0, partSize=4)
+    w.server.grant(1, lease=2, request=DREAM)
+    w.pump()
+    fitRun = w.runner.runs[0]
+    fitRun.onCheckpoint(writeSession(fitRun, b"first"))
+    w.pump()
+    assert w.server.results[(1, "session.h5")] == b"first"
+    assert {c["args"]["lease"] for c in w.server.of("put")} == {"2"}
+    sent = len(w.server.of("put"))
+    for n in range(1, 4):
+        w.advance(2.0)
+        fitRun.onCheckpoint(writeSession(fitRun, b"checkpoint %d" % n))
+    assert len(w.server.of("put")) == sent
+    w.advance(4.1)
+    assert w.server.results[(1, "session.h5")] == b"checkpoint 3"
+    assert not w.server.of("complete")
+
+
+def test_fits_that_cannot_resume_send_no_checkpoints(world):
+    """An LM fit is given no checkpoint handler: its session file goes up once, with the results."""
+    w = world()
+    w.server.grant(1, request={"service": "refl1d", "data": {"model": "model.py", "options": {"fit": "lm"}}})
+    w.pump()
+    assert w.runner.runs[0].onCheckpoint is None
+
+
+def test_the_final_session_file_waits_for_a_checkpoint_on_its_way(world):
+    """A fit that ends while a checkpoint is being uploaded: the result files go
+    only once that upload is done, so the final session.h5 is the one stored."""
+    w = world(checkpointEvery=1.0)
+    w.server.grant(1, request=DREAM)
+    w.pump()
+    fitRun = w.runner.runs[0]
+    w.http.hold = "PUT"
+    fitRun.onCheckpoint(writeSession(fitRun, b"checkpoint"))
+    w.pump()
+    writeSession(fitRun, b"final session")
+    fitRun.finish(files={"fit.par": b"p"})
+    w.advance(2.0)
+    assert len(w.http.held) == 1
+    assert not w.server.of("complete")
+    w.http.release()
+    w.advance(0.5)
+    assert w.server.results[(1, "session.h5")] == b"final session"
+    assert [c["json"]["status"] for c in w.server.of("complete")] == ["COMPLETE"]
+
+
+def test_a_checkpoint_refused_as_stale_drops_the_job(world):
+    """A 409 on a checkpoint upload means the lease went elsewhere: the fit is
+    cancelled and nothing more is delivered."""
+    w = world()
+    w.server.grant(1, request=DREAM)
+    w.pump()
+    fitRun = w.runner.runs[0]
+    w.server.codes[("put", 1)] = 409
+    fitRun.onCheckpoint(writeSession(fitRun, b"checkpoint"))
+    w.pump()
+    assert fitRun.cancels == [5.0]
+    fitRun.finish("CANCEL")
+    w.advance(5.0)
+    assert not w.server.of("complete")
+    assert not os.path.exists(w.jobDir(1))
+
+
+def test_a_lease_with_a_checkpoint_resumes_the_fit_from_it(world):
+    """A DREAM job leased with the checkpoint of an earlier attempt: the worker
+    downloads the result file session.h5 into results/ and runs the fit with
+    resume, the request otherwise as it was."""
+    w = world()
+    w.server.grant(5, lease=2, request=DREAM, checkpoint=b"HDF5 checkpoint")
+    w.pump()
+    fitRun = w.runner.runs[0]
+    with open(os.path.join(fitRun.jobDir, "results", "session.h5"), "rb") as f:
+        assert f.read() == b"HDF5 checkpoint"
+    assert fitRun.request["data"]["options"] == dict(DREAM["data"]["options"], resume=True)
+    assert "resume" not in DREAM["data"]["options"]
+    assert [(c["args"]["kind"]) for c in w.server.of("download")] == ["upload", "result"]
+
+
+def test_a_checkpoint_is_ignored_by_a_fit_that_cannot_resume(world):
+    """An LM job leased with a checkpoint starts over: nothing is downloaded for it."""
+    w = world()
+    lm = {"service": "refl1d", "data": {"model": "model.py", "options": {"fit": "lm"}}}
+    w.server.grant(5, lease=2, request=lm, checkpoint=b"HDF5")
+    w.pump()
+    fitRun = w.runner.runs[0]
+    assert fitRun.request == lm
+    assert not os.path.exists(os.path.join(fitRun.jobDir, "results"))
+    assert [c["args"]["kind"] for c in w.server.of("download")] == ["upload"]
+
+
+def test_a_checkpoint_that_cannot_be_had_means_starting_over(world, logged):
+    """A checkpoint the server cannot give (gone: 404) is logged, and the fit
+    starts over without resume."""
+    w = world()
+    w.server.grant(5, lease=2, request=DREAM, checkpoint=b"HDF5")
+    del w.server.results[(5, "session.h5")]
+    w.pump()
+    fitRun = w.runner.runs[0]
+    assert fitRun.request == DREAM
+    assert not os.path.exists(os.path.join(fitRun.jobDir, "results", "session.h5"))
+    assert messages(logged, "starts over")
