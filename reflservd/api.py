@@ -13,6 +13,9 @@ from reflservd.web import APIError, Routes, downloadable, formParts, jsonBody, r
 
 app = Routes.app
 MAX_PAGE = 1000
+CHECKPOINT = "session.h5"
+"""The result file a worker sends as a fit's checkpoint; named in the lease answer
+of a later attempt of the same job, so that its worker resumes from it."""
 
 
 class JobAPI(Routes):
@@ -160,12 +163,15 @@ class JobAPI(Routes):
         if job is None:
             request.setResponseCode(204)
             return b""
-        return jsonBody(request, {
+        answer = {
             "id": job.id, "lease": job.lease, "attempts": job.attempts,
             "request": self.server.store.readRequest(job.id),
             "files": [[n, s] for n, s in self.server.store.files(job.id, "upload")],
             "leaseTimeout": self.server.leaseTimeout,
-        })
+        }
+        if job.attempts >= 2 and any(n == CHECKPOINT for n, _ in self.server.store.files(job.id, "result")):
+            answer["checkpoint"] = CHECKPOINT     # an earlier attempt's session: resume from it
+        return jsonBody(request, answer)
 
     @app.route("/api/v1/jobs/<int:jobId>/heartbeat", methods=["POST"])
     def heartbeat(self, request, jobId):
