@@ -19,6 +19,8 @@ LM = {"fit": "lm", "steps": 200}
 SHORT_DREAM = {"fit": "dream", "samples": 12000, "burn": 50, "seed": 7}
 """A DREAM fit of several seconds: long enough to be interrupted, short enough to rerun."""
 ENDLESS_DREAM = {"fit": "dream", "samples": 10**7, "burn": 10**4, "seed": 7}
+CHECKPOINTED_DREAM = {"fit": "dream", "samples": 20000, "burn": 50, "seed": 7}
+"""Long enough to be killed after a checkpoint or two (about ten seconds here)."""
 
 
 def nifilmRequest(options, name="ni film"):
@@ -43,6 +45,23 @@ def processGone(pid, timeout=30.0):
             return True
         time.sleep(0.05)
     return False
+
+
+def checkpointGenerations(api, jobId, scratch):
+    """The DREAM generations in the job's stored checkpoint (result file session.h5);
+    0 when it has none yet or it holds no sampler state (the save at the fit's start)."""
+    import h5py
+
+    if "session.h5" not in api.files(jobId, kind="result"):
+        return 0
+    path = os.path.join(str(scratch), "checkpoint.h5")
+    with open(path, "wb") as f:
+        f.write(api.download(jobId, "session.h5"))
+    with h5py.File(path, "r") as h5:
+        state = h5.get("fitting/fit_state")
+        if state is None or "total_generations" not in state:
+            return 0
+        return int(state["total_generations"][()])
 
 
 def forkServerPid(worker):
@@ -125,6 +144,41 @@ def test_a_job_whose_worker_is_killed_runs_again_elsewhere(serverProcess, worker
     assert record["status"] == "COMPLETE", record
     assert record["attempts"] == 2 and record["queue"] == "second"
     assert 0.8 < record["result"]["chisq"] < 1.3
+
+
+def test_a_dream_fit_whose_worker_dies_resumes_from_its_checkpoint(serverProcess, workerProcess, tmp_path):
+    """A DREAM fit checkpoints its session to the server every --checkpoint-every
+    second; its worker is SIGKILLed once a checkpoint with sampler state is
+    stored. The job goes back to PENDING and a second worker, given that
+    checkpoint with the lease, resumes the fit from it: every progress report
+    of attempt 2 is past the checkpoint's generation (a fresh fit starts at
+    step 1), and the job ends COMPLETE with the right answer."""
+    server = serverProcess(leaseTimeout=3)
+    first = workerProcess(server, queue="first", args=["--checkpoint-every", "1"])
+    job = server.api.submit(nifilmRequest(CHECKPOINTED_DREAM), nifilmFiles())
+    deadline = time.monotonic() + 60
+    while checkpointGenerations(server.api, job["id"], tmp_path) < 2:
+        assert time.monotonic() < deadline, "no checkpoint with sampler state reached the server"
+        assert server.api.job(job["id"])["status"] == "ACTIVE", "the fit ended before a checkpoint"
+        time.sleep(0.1)
+    forkServer = forkServerPid(first)
+    first.kill()
+    assert processGone(forkServer), "the killed worker's fork server outlived it"
+    server.api.waitStatus(job["id"], "PENDING", timeout=30)
+    resumedFrom = checkpointGenerations(server.api, job["id"], tmp_path)
+    assert resumedFrom >= 2
+    seen = server.api.ok("GET", "/api/v1/jobs/%d/events?after=0&timeout=0" % (job["id"],))["next"]
+
+    second = workerProcess(server, queue="second", args=["--checkpoint-every", "1"])
+    record = server.api.waitFor(job["id"], ended, timeout=120, what="its end")
+    assert record["status"] == "COMPLETE", record
+    assert record["attempts"] == 2 and record["queue"] == "second"
+    assert 0.8 < record["result"]["chisq"] < 1.3
+    second.waitForLog("job %d: resuming the fit from the checkpoint of an earlier attempt" % (job["id"],))
+    events = server.api.ok("GET", "/api/v1/jobs/%d/events?after=%d&timeout=0" % (job["id"], seen))["events"]
+    steps = [e["progress"]["step"] for e in events if e["type"] == "progress"]
+    assert steps, events
+    assert min(steps) > resumedFrom, (resumedFrom, steps)
 
 
 def test_a_fit_survives_a_server_restart_and_its_result_arrives(serverProcess, workerProcess):
