@@ -496,7 +496,7 @@ def buildStates(root, records, snapshotTail):
     snapshot, which a start never reads, are left out of ``snapshot``."""
     from itertools import islice
 
-    from reflservd.journal import encodeSnapshot, journalDirectory, segmentName, snapshotName
+    from reflservd.journal import journalDirectory, segmentName
     from reflservd.queue import Queue
 
     plain, snap = os.path.join(root, "plain"), os.path.join(root, "snapshot")
@@ -507,14 +507,23 @@ def buildStates(root, records, snapshotTail):
     with open(os.path.join(journalDirectory(plain), segmentName(0)), "wb") as f:
         writeSegmentTo(f, islice(history, records - snapshotTail))
         lastTime = max(job.finished or job.started or job.submitted for job in queue.jobs.values())
-        body = json.dumps(queue.snapshot(), separators=(",", ":")).encode("utf-8")
-        with open(os.path.join(journalDirectory(snap), snapshotName(1)), "wb") as s:
-            s.write(encodeSnapshot(1, body, time.time(), lastTime))
+        snapshotSize = writeSnapshot(journalDirectory(snap), 1, queue.snapshot(), lastTime)
         with open(os.path.join(journalDirectory(snap), segmentName(1)), "wb") as tail:
             for frames in chunkedFrames(history):
                 f.write(frames)
                 tail.write(frames)
-    return plain, snap, queue, len(body)
+    return plain, snap, queue, snapshotSize
+
+
+def writeSnapshot(journalDir, number, state, lastTime):
+    """Write ``state`` as the server's snapshot thread does; its size."""
+    from reflservd import journal
+    if hasattr(journal, "encodeAndWriteSnapshot"):
+        return journal.encodeAndWriteSnapshot(journalDir, number, state, time.time(), lastTime, 2)[1]
+    body = json.dumps(state, separators=(",", ":")).encode("utf-8")
+    data = journal.encodeSnapshot(number, body, time.time(), lastTime)
+    journal.writeSnapshotFile(journalDir, number, data, 2)
+    return len(data)
 
 
 def chunkedFrames(records, size=10000):
