@@ -50,6 +50,10 @@ class Options(usage.Options):
         ["cpu-limit", None, None, "CPU seconds a fit may use.", _positive],
         ["memory-limit", None, None, "Address space of a fit, in bytes (K/M/G suffixes).", parseBytes],
         ["wall-limit", None, None, "Seconds a fit may run.", _positive],
+        ["process-limit", None, None, "Processes and threads a fit's uid may have (RLIMIT_NPROC; "
+         "counted per uid, so per slot with slot uids).", int],
+        ["file-size-limit", None, None, "Largest file a fit may write, in bytes (K/M/G suffixes).",
+         parseBytes],
         ["checkpoint-every", None, 60.0, "Seconds between session checkpoints of long fits.", _positive],
         ["backend", None, "local", "Where fits run: local (slurm comes later)."],
         ["drain", None, "finish", "On stop: finish the fits in hand, or release them to the queue."],
@@ -106,6 +110,14 @@ class Options(usage.Options):
             limits["memory"] = self["memory-limit"]
         if self["wall-limit"] is not None:
             limits["wall"] = self["wall-limit"]
+        if self["process-limit"] is not None:
+            if self["process-limit"] < 1:
+                raise usage.UsageError("--process-limit must be at least 1")
+            limits["nproc"] = self["process-limit"]
+        if self["file-size-limit"] is not None:
+            if self["file-size-limit"] < 1 << 20:
+                raise usage.UsageError("--file-size-limit below 1 MB leaves a fit no room for its results")
+            limits["fsize"] = self["file-size-limit"]
         self["limits"] = limits
         self["slot-uids"] = self._slotUids(os.geteuid() == 0)
 

@@ -681,10 +681,12 @@ def test_tap_defaults():
 
 
 def test_tap_limits():
-    """CPU, memory (with suffixes) and wall limits become the fork server's limits."""
+    """CPU, memory (with suffixes), wall, process and file-size limits become the
+    fork server's limits."""
     options = parse("--sandbox", "none", "--cpu-limit", "10.5", "--memory-limit", "2G",
-                    "--wall-limit", "60")
-    assert options["limits"] == {"cpu": 11, "memory": 2 << 30, "wall": 60.0}
+                    "--wall-limit", "60", "--process-limit", "64", "--file-size-limit", "16M")
+    assert options["limits"] == {"cpu": 11, "memory": 2 << 30, "wall": 60.0, "nproc": 64,
+                                 "fsize": 16 << 20}
 
 
 @pytest.mark.parametrize("args, says", [
@@ -693,6 +695,8 @@ def test_tap_limits():
     (["--slots", "0"], "--slots"),
     (["--drain", "abandon"], "--drain"),
     (["--poll-timeout", "0"], "--poll-timeout"),
+    (["--process-limit", "0"], "--process-limit"),
+    (["--file-size-limit", "1000"], "--file-size-limit"),
     (["--token-file", "/nonexistent/token"], "--token-file"),
 ])
 def test_tap_refuses_with_a_usage_error(args, says):
