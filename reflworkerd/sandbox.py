@@ -745,6 +745,9 @@ def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None)
     jobDir = os.path.realpath(jobDir)
     if not os.path.isdir(jobDir):
         raise SandboxUnavailable("job directory %s does not exist" % (jobDir,))
+    # A daemonized worker inherits twistd's umask 077; the new root's
+    # directories must stay traversable by the slot's uid.
+    os.umask(0o022)
     layers = []
     lifeline = None
     if mode in ("apparmor", "namespaces"):
