@@ -941,9 +941,11 @@ class Poller(service.Service):
         if not self.running or self._draining:
             return
         self._ready = True
-        self._log.info("worker {worker} taking work from {queue} at {url} with {slots} slot(s)",
-                       worker=self.workerName, queue=self.queueName,
-                       url=self.client.baseURL, slots=self.slots)
+        uids = ("as the worker's uid" if self.slotUidBase is None else
+                "as uid %d-%d" % (self.slotUidBase, self.slotUidBase + self.slots - 1))
+        self._log.info("worker {worker} taking work from {queue} at {url} with {slots} slot(s), "
+                       "fits running {uids}", worker=self.workerName, queue=self.queueName,
+                       url=self.client.baseURL, slots=self.slots, uids=uids)
         self.fill()
 
     def _runnerFailed(self, failure):

@@ -811,21 +811,25 @@ def test_tap_service_passes_slot_uids_and_checkpoint_interval(tmp_path, monkeypa
 # ---- slot uids
 
 
-def test_each_slot_runs_its_fits_as_its_own_uid(world):
+def test_each_slot_runs_its_fits_as_its_own_uid(world, logged):
     """With slot uids, a fit runs as base + its slot number (uid and gid); a slot
-    freed by a finished fit gives its uid to the next one, never two at once."""
+    freed by a finished fit gives its uid to the next one, never two at once.
+    The worker says at start which uids its fits run as."""
     w = world(slots=2, slotUidBase=60001)
+    assert messages(logged, "fits running as uid 60001-60002")
     w.server.grant(1)
     w.server.grant(2)
     w.pump()
-    assert [(r.jobId, r.uid, r.gid) for r in w.runner.runs] == [(1, 60001, 60001), (2, 60002, 60002)]
-    w.runner.runs[0].finish()
+    assert sorted((r.uid, r.gid) for r in w.runner.runs) == [(60001, 60001), (60002, 60002)]
+    first = next(r for r in w.runner.runs if r.uid == 60001)
+    second = next(r for r in w.runner.runs if r.uid == 60002)
+    first.finish()
     w.pump()
     w.server.grant(3)
     w.pump()
     assert (w.runner.runs[2].jobId, w.runner.runs[2].uid) == (3, 60001)
     w.runner.runs[2].finish()
-    w.runner.runs[1].finish()
+    second.finish()
     w.pump()
     w.server.grant(4)
     w.pump()
