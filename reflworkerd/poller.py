@@ -932,7 +932,13 @@ class Poller(service.Service):
         service.Service.startService(self)
         if self.workerName is None:
             self.workerName = "%s:%d" % (socket.gethostname(), os.getpid())
+        created = not os.path.isdir(self.workDir)
         os.makedirs(self.jobsDir, exist_ok=True)
+        if self.slotUidBase is not None:
+            # Slot uids reach their own job directory by its path (in --sandbox none on
+            # the host's tree), whatever umask the worker runs with; they list nothing.
+            for path in ([self.workDir] if created else []) + [self.jobsDir]:
+                os.chmod(path, 0o711)
         self._resumeDeliveries()
         d = defer.maybeDeferred(self.runner.start)
         d.addCallbacks(self._runnerReady, self._runnerFailed)

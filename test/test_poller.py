@@ -836,6 +836,20 @@ def test_each_slot_runs_its_fits_as_its_own_uid(world, logged):
     assert w.runner.runs[3].uid == 60001
 
 
+def test_slot_uids_can_reach_their_job_directories_under_any_umask(tmp_path):
+    """With slot uids, the work and jobs directories the worker makes are 0711
+    even under a daemon's umask 077: a slot uid can reach its own job directory
+    by path, and list neither."""
+    previous = os.umask(0o077)
+    try:
+        w = World(tmp_path / "work", slotUidBase=60001)
+        w.start()
+    finally:
+        os.umask(previous)
+    for path in (w.workDir, os.path.join(w.workDir, "jobs")):
+        assert os.stat(path).st_mode & 0o777 == 0o711, path
+
+
 def test_without_slot_uids_fits_run_as_the_worker(world):
     """No slot uid base (not root, or turned off): the runner is given no uid."""
     w = world(slots=2)
