@@ -255,6 +255,9 @@ class _FitEvents:
         )
 
 
+RESUMABLE_FITTERS = ("dream", "de")
+
+
 def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
     """Run ``refl1d --batch`` on the job's model, in this process; return the result summary.
 
@@ -307,7 +310,11 @@ def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
 
     saveSession = api.state.save
 
+    resumable = fitterId in RESUMABLE_FITTERS
+
     def saveAndTell():
+        if events.complete is None and not resumable:
+            return  # a session saved mid-fit serves only to resume, which this fitter cannot
         saveSession()
         if checkpoint is not None and events.complete is None and os.path.exists(sessionPath):
             checkpoint(os.path.join(RESULTS_DIR, SESSION_NAME))
