@@ -28,6 +28,7 @@ cProfile and prints where its time goes.
 import argparse
 import asyncio
 import json
+import math
 import os
 import resource
 import shutil
@@ -329,7 +330,7 @@ def percentile(values, fraction):
     """The nearest-rank percentile of a sorted list."""
     if not values:
         return float("nan")
-    index = min(len(values) - 1, max(0, int(round(fraction * len(values) + 0.5)) - 1))
+    index = min(len(values) - 1, max(0, math.ceil(fraction * len(values)) - 1))
     return values[index]
 
 
