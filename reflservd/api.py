@@ -31,10 +31,14 @@ class JobAPI(Routes):
 
     # ---- helpers
 
-    def jobRecord(self, job, request=False):
+    def jobRecord(self, job, request=None):
+        """The job's record; with its request when ``request`` is given (the
+        stored request, or True to read it from the store)."""
         record = job.toJSON()
-        if request:
-            record["request"] = self.server.store.readRequest(job.id)
+        if request is True:
+            request = self.server.store.readRequest(job.id)
+        if request is not None:
+            record["request"] = request
         return record
 
     def checkWorker(self, request):
@@ -89,7 +93,7 @@ class JobAPI(Routes):
             elif name != "request":
                 raise APIError(400, "unexpected part %r (send 'request' and 'file' parts)" % (name,))
         job = yield self.server.submit(jobRequest, files, _origin(request))
-        return jsonBody(request, self.jobRecord(job, request=True), 201)
+        return jsonBody(request, self.jobRecord(job, request=jobRequest), 201)
 
     @app.route("/api/v1/jobs", methods=["GET"])
     def listJobs(self, request):

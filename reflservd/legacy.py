@@ -51,7 +51,7 @@ class LegacyAPI(Routes):
         jobRequest = readJSON(request, limit=self.maxUpload)
         jobRequest, files = inlineFiles(jobRequest)
         job = yield self.server.submit(jobRequest, files, _origin(request))
-        return jsonBody(request, {"id": job.id, "job": self.server.store.readRequest(job.id)})
+        return jsonBody(request, {"id": job.id, "job": jobRequest})
 
     @app.route("/jobs/<int:jobId>.<string:fmt>", methods=["GET"])
     def legacyJob(self, request, jobId, fmt):

@@ -13,6 +13,7 @@ through the records and through the ``now`` arguments.
 import heapq
 import operator
 from collections import deque
+from sys import intern
 
 PENDING, ACTIVE, COMPLETE, ERROR, CANCEL = "PENDING", "ACTIVE", "COMPLETE", "ERROR", "CANCEL"
 STATUSES = (PENDING, ACTIVE, COMPLETE, ERROR, CANCEL)
@@ -272,8 +273,11 @@ class Queue:
     def _apply_submit(self, r):
         job = Job()
         job.id = r["id"]
-        job.name, job.owner, job.notify, job.origin = r["name"], r["owner"], r["notify"], r["origin"]
-        job.service, job.version, job.priority = r["service"], r["version"], r["priority"]
+        job.name = r["name"]
+        # The same few owners, addresses, services and versions recur in
+        # thousands of jobs: one string each.
+        job.owner, job.notify, job.origin = intern(r["owner"]), intern(r["notify"]), intern(r["origin"])
+        job.service, job.version, job.priority = intern(r["service"]), intern(r["version"]), r["priority"]
         job.status = PENDING
         job.queue = job.worker = job.started = job.finished = None
         job.progress = job.confinement = job.result = job.error = job.trace = None
@@ -281,7 +285,7 @@ class Queue:
         job.leaseExpires = 0.0
         job.legacy = job.cancelRequested = job.resultPosted = False
         job.submitted = r["time"]
-        job.uploads = r.get("uploads") or {}
+        job.uploads = {intern(name): size for name, size in (r.get("uploads") or {}).items()}
         job.files = {}
         job.events = None
         job.eventSeq = 0
@@ -429,6 +433,8 @@ class Queue:
         for row in state["jobs"]:
             job = Job()
             load(job, row)
+            job.owner, job.notify, job.origin = intern(job.owner), intern(job.notify), intern(job.origin)
+            job.service, job.version = intern(job.service), intern(job.version)
             job.leaseExpires = 0.0
             job.eventSeq = 1
             job.events = (1, job.finished or job.started or job.submitted, "status", job.status, None)

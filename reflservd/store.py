@@ -54,7 +54,8 @@ class Store:
         """A fresh directory for a job about to be submitted (a leftover of a
         submit that crashed before its record was written is removed)."""
         path = self.jobDir(jobId)
-        shutil.rmtree(path, ignore_errors=True)
+        if os.path.exists(path):
+            shutil.rmtree(path)
         os.makedirs(os.path.join(path, "uploads"))
         os.makedirs(os.path.join(path, "results"))
         fsyncDirectory(self.root)
