@@ -51,7 +51,7 @@ class Job:
         "status", "priority", "queue", "attempts", "lease", "leaseExpires",
         "legacy", "worker", "submitted", "started", "finished", "progress",
         "confinement", "cancelRequested", "result", "error", "trace",
-        "uploads", "files", "resultPosted", "events", "eventSeq",
+        "resultPosted", "events", "eventSeq",
     )
 
     def toJSON(self):
@@ -70,17 +70,14 @@ class Job:
         }
 
     def snapshot(self):
-        """The job's fields in ``SNAPSHOT_FIELDS`` order, sharing nothing
-        mutable with the live job (the journal encodes it on another thread)."""
-        row = list(_snapshotFields(self))
-        row[_UPLOADS] = dict(self.uploads)
-        row[_FILES] = dict(self.files)
-        return row
+        """The job's fields in ``SNAPSHOT_FIELDS`` order (the dicts in it,
+        result and progress, are replaced on change, never changed in place,
+        so the journal may encode the row on another thread)."""
+        return list(_snapshotFields(self))
 
 
 SNAPSHOT_FIELDS = tuple(name for name in Job.__slots__
                         if name not in ("events", "eventSeq", "leaseExpires"))
-_UPLOADS, _FILES = SNAPSHOT_FIELDS.index("uploads"), SNAPSHOT_FIELDS.index("files")
 _snapshotFields = operator.attrgetter(*SNAPSHOT_FIELDS)
 
 
@@ -88,10 +85,8 @@ def _rowLoader(fields):
     """A function setting a Job's fields from a snapshot row, compiled for
     this snapshot's field order (a plain loop of setattr is several times
     slower, and loading a large queue is on the restart path)."""
-    unknown = set(fields) - set(SNAPSHOT_FIELDS)
-    if unknown:
-        raise ValueError("the snapshot has fields this version does not know: %s" % sorted(unknown))
-    body = "".join("    job.%s = row[%d]\n" % (name, i) for i, name in enumerate(fields))
+    body = "".join("    job.%s = row[%d]\n" % (name, i) for i, name in enumerate(fields)
+                   if name in SNAPSHOT_FIELDS)
     namespace = {}
     exec("def load(job, row):\n" + (body or "    pass\n"), namespace)
     return namespace["load"]
@@ -210,7 +205,7 @@ class Queue:
         return {"type": "file", "time": now, "id": jobId, "name": name, "size": size}
 
     def makeComplete(self, jobId, lease, now, status, result=None, error=None,
-                     trace=None, confinement=None, files=None):
+                     trace=None, confinement=None):
         job = self.checkLease(jobId, lease)
         if status not in FINISHED:
             raise QueueError("status must be one of %s, not %r" % (", ".join(FINISHED), status))
@@ -220,8 +215,6 @@ class Queue:
                   "result": result, "error": _clip(error), "trace": _clip(trace)}
         if confinement:
             record["confinement"] = confinement
-        if files:
-            record["files"] = dict(files)
         return record
 
     def makeRelease(self, jobId, lease, now):
@@ -285,8 +278,6 @@ class Queue:
         job.leaseExpires = 0.0
         job.legacy = job.cancelRequested = job.resultPosted = False
         job.submitted = r["time"]
-        job.uploads = {intern(name): size for name, size in (r.get("uploads") or {}).items()}
-        job.files = {}
         job.events = None
         job.eventSeq = 0
         self.jobs[job.id] = job
@@ -313,11 +304,10 @@ class Queue:
         self._event(job, r["time"], "status")
 
     def _apply_file(self, r):
-        self.jobs[r["id"]].files[r["name"]] = r["size"]
+        """A result file was stored (the store lists files; the record is history)."""
 
     def _apply_complete(self, r):
         job = self.jobs[r["id"]]
-        job.files.update(r.get("files") or {})
         job.result, job.error, job.trace = r.get("result"), r.get("error"), r.get("trace")
         if r.get("confinement"):
             job.confinement = r["confinement"]

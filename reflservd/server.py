@@ -303,9 +303,9 @@ class QueueServer(service.Service):
 
     @defer.inlineCallbacks
     def complete(self, jobId, lease, status, result=None, error=None, trace=None,
-                 confinement=None, files=None):
+                 confinement=None):
         record = self.queue.makeComplete(jobId, lease, self._now(), status, result,
-                                         error, trace, confinement, files)
+                                         error, trace, confinement)
         yield self.commit(record)
         return self.queue.get(jobId)
 
