@@ -482,7 +482,6 @@ def jobHistory(queue, total, start, submitsOnly=False):
         "Ni thickness": {"value": 100.13, "uncertainty": 0.31},
         "Ni interface": {"value": 4.92, "uncertainty": 0.08},
         "Si interface": {"value": 3.11, "uncertainty": 0.12}}}
-    files = {"model.par": 312, "model.err": 2231, "model-refl.dat": 18420, "model.out": 5120}
     leased = []
     now, n, made = start, 0, 0
     while made < total:
@@ -496,7 +495,7 @@ def jobHistory(queue, total, start, submitsOnly=False):
         elif step == 2 and leased:
             jobId, lease = leased.pop(0)
             record = queue.makeComplete(jobId, lease, now, "COMPLETE", result, None, None,
-                                        "namespaces+apparmor+rlimits+uid", files)
+                                        "namespaces+apparmor+rlimits+uid")
         if record is None:
             n += 1
             jobId = queue.reserveId()
