@@ -20,7 +20,7 @@ import traceback
 
 from bench import formatMarkdown, formatTable
 
-MODULES = ("server", "forkserver", "sandbox")
+MODULES = ("server", "forkserver", "sandbox", "worker")
 
 
 def machineDescription():
