@@ -20,7 +20,8 @@ import sys
 import time
 
 from reflservd.client import (
-    DEFAULT_SERVER, FINISHED, Client, ClientError, ServerUnreachable, UnknownJob, formatValue)
+    DEFAULT_SERVER, FINISHED, Client, ClientError, ServerUnreachable, UnknownJob, formatDuration,
+    formatValue)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -97,14 +98,6 @@ class Output:
 
 def when(seconds):
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds)) if seconds else "-"
-
-
-def duration(seconds):
-    if seconds is None:
-        return "-"
-    seconds = int(round(max(0.0, seconds)))
-    hours, rest = divmod(seconds, 3600)
-    return "%d:%02d:%02d" % (hours, rest // 60, rest % 60)
 
 
 def runTime(record, now=None):
@@ -202,7 +195,7 @@ def cmdList(client, args, out):
     rows = [("ID", "STATUS", "NAME", "OWNER", "QUEUE", "SUBMITTED", "RUN TIME")]
     for r in records:
         rows.append((str(r["id"]), r["status"], _clip(r.get("name") or "", 30), _clip(r.get("owner") or "", 28),
-                     r.get("queue") or "-", when(r.get("submitted")), duration(runTime(r, now))))
+                     r.get("queue") or "-", when(r.get("submitted")), formatDuration(runTime(r, now))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.text("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -231,12 +224,12 @@ def cmdStatus(client, args, out):
         ("submitted", when(record.get("submitted"))),
         ("started", when(record.get("started"))),
         ("finished", when(record.get("finished"))),
-        ("run time", duration(runTime(record))),
+        ("run time", formatDuration(runTime(record))),
         ("confinement", record.get("confinement") or "-"),
     ]
     if progress and record["status"] == "ACTIVE":
         lines.append(("progress", "step %s  χ² %s  elapsed %s" % (
-            progress.get("step", "-"), chisqText(progress.get("chisq")), duration(progress.get("elapsed")))))
+            progress.get("step", "-"), chisqText(progress.get("chisq")), formatDuration(progress.get("elapsed")))))
     result = record.get("result") if isinstance(record.get("result"), dict) else None
     if result:
         lines.append(("χ²", chisqText(result.get("chisq"))))
@@ -307,7 +300,7 @@ def follow(job, out):
     if status == "COMPLETE" and result.get("chisq") is not None:
         summary += "  χ² %s" % (chisqText(result["chisq"]),)
     if runTime(record) is not None:
-        summary += "  in %s" % (duration(runTime(record)),)
+        summary += "  in %s" % (formatDuration(runTime(record)),)
     out.text(summary)
     if status == "ERROR" and record.get("error"):
         out.note("reflq: job %d failed: %s" % (job.id, record["error"].strip().splitlines()[-1]))
@@ -324,7 +317,7 @@ def progressLine(jobId, progress, total, width=24):
     else:
         parts.append("step %s" % (step if step is not None else "-",))
     parts.append("χ² %s" % (chisqText(progress.get("chisq")),))
-    parts.append("elapsed %s" % (duration(progress.get("elapsed")),))
+    parts.append("elapsed %s" % (formatDuration(progress.get("elapsed")),))
     return "  ".join(parts)
 
 

@@ -479,6 +479,15 @@ class Job:
         self.record = None
 
 
+def formatDuration(seconds, missing="-"):
+    """``H:MM:SS`` (what reflq, the pages and the mails show), or ``missing``."""
+    if seconds is None:
+        return missing
+    seconds = int(round(max(0.0, seconds)))
+    hours, rest = divmod(seconds, 3600)
+    return "%d:%02d:%02d" % (hours, rest // 60, rest % 60)
+
+
 def formatValue(value, uncertainty=None):
     """``value ± uncertainty`` with the uncertainty to two significant digits
     and the value to the same decimal place; ``%.6g`` without one."""

@@ -110,6 +110,17 @@ def listJournal(journalDir):
     return sorted(segments), sorted(snapshots)
 
 
+def writeAllAndClose(fd, data):
+    """Write all of ``data`` to ``fd``, fsync it, close it (even on error)."""
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsyncDirectory(path):
     """Make a file creation, rename or removal in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -336,13 +347,7 @@ def writeSnapshotFile(journalDir, number, data, keep):
     temporary = final + ".tmp"
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        writeAllAndClose(fd, data)
         os.replace(temporary, final)
         fsyncDirectory(journalDir)
     except OSError as e:
@@ -741,13 +746,7 @@ class Journal:
             except FileExistsError:
                 suffix += 1
                 aside = "%s.%d" % (base, suffix)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        writeAllAndClose(fd, data)
         fsyncDirectory(self.journalDir)
         return aside
 

@@ -18,7 +18,7 @@ from email.utils import formatdate, make_msgid
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from reflservd.client import formatValue
+from reflservd.client import formatDuration, formatValue
 
 MAILED = ("ACTIVE", "COMPLETE", "ERROR", "CANCEL")
 ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")
@@ -108,7 +108,7 @@ class Notifier:
             subject = "%s %s" % (label, word)
             lines.append("Your refl1d fit %s %s (%s)." % (label, word, job.status))
             if job.started and job.finished:
-                lines.append("Run time: %s." % (_duration(job.finished - job.started),))
+                lines.append("Run time: %s." % (formatDuration(job.finished - job.started),))
             result = job.result if isinstance(job.result, dict) else {}
             if job.status == "COMPLETE" and isinstance(result.get("chisq"), (int, float)):
                 lines.append("")
@@ -165,9 +165,3 @@ class Notifier:
     def _done(self, result, d):
         self.sending.discard(d)
         return None
-
-
-def _duration(seconds):
-    seconds = int(round(max(0.0, seconds)))
-    hours, rest = divmod(seconds, 3600)
-    return "%d:%02d:%02d" % (hours, rest // 60, rest % 60)

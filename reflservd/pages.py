@@ -22,7 +22,7 @@ from twisted.web.template import Element, XMLFile, renderer, tags
 
 from reflservd import queue as Q
 from reflservd.api import _origin, selectJobs
-from reflservd.client import VERSION, formatValue
+from reflservd.client import VERSION, formatDuration, formatValue
 from reflservd.queue import QueueError
 from reflservd.store import BadName, checkName
 from reflservd.web import APIError, Routes, formParts
@@ -80,14 +80,6 @@ def _timeTag(seconds):
     moment = datetime.datetime.fromtimestamp(seconds, datetime.timezone.utc)
     return tags.time(moment.strftime("%Y-%m-%d %H:%M:%S UTC"),
                      datetime=moment.strftime("%Y-%m-%dT%H:%M:%SZ"))
-
-
-def _duration(seconds):
-    if seconds is None:
-        return "–"
-    seconds = int(round(max(0.0, seconds)))
-    hours, rest = divmod(seconds, 3600)
-    return "%d:%02d:%02d" % (hours, rest // 60, rest % 60)
 
 
 def _runTime(job, now):
@@ -248,7 +240,7 @@ class JobsBody(Element):
                 tags.td(_badge(job.status)(id="status-%d" % (job.id,))),
                 tags.td(job.queue or "–"),
                 tags.td(_timeTag(job.submitted)),
-                tags.td(_duration(_runTime(job, self.now)), class_="num"),
+                tags.td(formatDuration(_runTime(job, self.now), "–"), class_="num"),
                 class_="job"))
         return tag(rows)
 
@@ -344,8 +336,8 @@ class JobBody(Element):
             ("Submitted", _timeTag(job.submitted)),
             ("Started", _timeTag(job.started)),
             ("Finished", _timeTag(job.finished)),
-            ("Waited", _duration(waited)),
-            ("Run time", _duration(_runTime(job, self.now))),
+            ("Waited", formatDuration(waited, "–")),
+            ("Run time", formatDuration(_runTime(job, self.now), "–")),
         ]
         out = []
         for label, value in items:
@@ -364,7 +356,7 @@ class JobBody(Element):
         tag(**{"data-job": str(job.id), "data-status": job.status,
                "data-steps": str(self._totalSteps() or "")})
         return tag.fillSlots(step=_number(progress.get("step")), chisq=_number(progress.get("chisq")),
-                             elapsed=_duration(progress.get("elapsed")) if progress else "–")
+                             elapsed=formatDuration(progress.get("elapsed"), "–") if progress else "–")
 
     def _totalSteps(self):
         data = self.request.get("data") if isinstance(self.request.get("data"), dict) else {}
