@@ -98,7 +98,9 @@ def _size(n):
 def _number(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "–" if value is None else str(value)
-    if isinstance(value, float) and not math.isfinite(value):
+    if isinstance(value, int):
+        return str(value)  # steps, seeds: every digit counts
+    if not math.isfinite(value):
         return str(value)
     return "%.6g" % (value,)
 

@@ -649,6 +649,11 @@ class LeasedJob:
                                        jobId=self.jobId, name=name, why=str(e))
                     self.uploaded.add(name)
                     self.saveState()
+                if self._pendingProgress is not None:
+                    # The fit's last progress (its final step and chi^2) must not
+                    # wait for the heartbeat's rate limit: the job ends now.
+                    progress, self._pendingProgress = self._pendingProgress, None
+                    yield self.client.heartbeat(self.jobId, self.lease, progress, None)
                 try:
                     yield self.client.complete(self.jobId, self.lease, self.outcome)
                 except ServerError as e:

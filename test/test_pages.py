@@ -87,6 +87,7 @@ def test_everyPageHasTheStrictCSPAndLoadsOnlyFromThisServer(server, worker, mode
         assert markup.urls and all(url.startswith("/") and not url.startswith("//") for url in markup.urls), path
     body = get(server.url + "/jobs/%d" % done.id)[2].decode()
     assert "done &lt;b&gt;fit&lt;/b&gt;" in body and "<b>fit</b>" not in body
+    assert "<b>243896112</b>" in body  # a seed shown with all its digits, to repeat the fit
 
 
 def test_staticFilesHaveFixedTypes(server):

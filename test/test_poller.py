@@ -979,3 +979,20 @@ def test_a_checkpoint_that_cannot_be_had_means_starting_over(world, logged):
     assert fitRun.request == DREAM
     assert not os.path.exists(os.path.join(fitRun.jobDir, "results", "session.h5"))
     assert messages(logged, "starts over")
+
+
+def test_last_progress_reaches_the_server_before_the_job_completes(world):
+    """A fit that reports its final step and ends within the heartbeat's rate
+    limit still gets that last progress to the server, ahead of the complete."""
+    w = world()
+    w.server.grant(1)
+    w.pump()
+    fitRun = w.runner.runs[0]
+    fitRun.onProgress({"step": 1, "chisq": 783.4})
+    w.advance(0.1)
+    fitRun.onProgress({"step": 10, "chisq": 1.01})
+    fitRun.finish()
+    w.pump()
+    routes = [(c["route"], (c.get("json") or {}).get("progress")) for c in w.server.calls
+              if c["route"] in ("heartbeat", "complete")]
+    assert routes[-2:] == [("heartbeat", {"step": 10, "chisq": 1.01}), ("complete", None)]
