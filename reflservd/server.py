@@ -276,12 +276,7 @@ class QueueServer(service.Service):
             self.metrics.leases.inc()
         d = self.commit(record)
         d.addCallback(lambda _: self.queue.get(record["id"]))
-        d.addErrback(self._leaseFailed)
         return d
-
-    def _leaseFailed(self, failure):
-        failure.trap(APIError)
-        return failure
 
     def heartbeat(self, jobId, lease, progress=None, confinement=None):
         return self.queue.heartbeat(jobId, lease, self._now(), progress, confinement)

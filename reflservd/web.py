@@ -4,6 +4,8 @@ reading it."""
 
 import json
 import time
+from io import BytesIO
+from urllib.parse import parse_qsl
 
 import multipart
 from klein import Klein
@@ -98,12 +100,18 @@ def readJSON(request, limit=1 << 20, required=True):
 
 
 def readBody(request, limit):
+    checkSize(request, limit)
+    return request.content.read()
+
+
+def checkSize(request, limit):
+    """The body's size, or 413 past ``limit``; leaves the body at its start."""
     request.content.seek(0, 2)
     size = request.content.tell()
     if size > limit:
         raise APIError(413, "the body is %d bytes; this route takes at most %d" % (size, limit))
     request.content.seek(0)
-    return request.content.read()
+    return size
 
 
 def contentType(request):
@@ -116,14 +124,8 @@ def formParts(request, limit):
     ``[(name, filename or None, file)]``; files are spooled to disk past 1 MB."""
     ctype = request.getHeader(b"content-type") or b""
     kind = contentType(request)
-    request.content.seek(0, 2)
-    size = request.content.tell()
-    if size > limit:
-        raise APIError(413, "the body is %d bytes; this route takes at most %d" % (size, limit))
-    request.content.seek(0)
+    size = checkSize(request, limit)
     if kind == "application/x-www-form-urlencoded":
-        from urllib.parse import parse_qsl
-        from io import BytesIO
         try:
             pairs = parse_qsl(request.content.read().decode("utf-8"), keep_blank_values=True)
         except UnicodeDecodeError:
