@@ -53,6 +53,8 @@ RESUMABLE_FITTERS = ("dream", "de")
 """Fitters whose session file lets a later attempt resume the fit (bumps ``--resume``)."""
 PART_SIZE = 8 * 1024 * 1024
 """Bytes per PUT of a result file: the server buffers each request body whole."""
+UPLOADS_AT_ONCE = 4
+"""Result files uploaded at the same time when a fit ends."""
 
 LEASE_MARGIN = 15.0
 """Seconds a lease long-poll may take past its own timeout before we give up on it."""
@@ -625,6 +627,38 @@ class LeasedJob:
         self._finish()
 
     @defer.inlineCallbacks
+    def _uploadResults(self):
+        """Upload the result files not yet acknowledged, a few at a time (each
+        is a round trip and a journal record on the server). Every upload of
+        a round ends before this does, so a retry never races one in flight;
+        then a stale or transient refusal, if any, is raised."""
+        names = [name for name in resultFiles(self.jobDir) if name not in self.uploaded]
+        limit = defer.DeferredSemaphore(UPLOADS_AT_ONCE)
+        outcomes = yield defer.DeferredList(
+            [limit.run(self._uploadOne, name) for name in names], consumeErrors=True)
+        errors = [result for ok, result in outcomes if not ok]
+        stale = [f for f in errors if f.check(ServerError) and f.value.stale]
+        for failure in stale or errors:
+            failure.raiseException()
+
+    @defer.inlineCallbacks
+    def _uploadOne(self, name):
+        try:
+            yield self.client.putFile(self.jobId, self.lease, name,
+                                      os.path.join(self.jobDir, RESULTS_DIR, name),
+                                      self.poller.partSize)
+        except ServerError as e:
+            if e.stale or e.transient:
+                raise
+            self._log.error("job {jobId}: result file {name} refused ({why}); "
+                            "skipped", jobId=self.jobId, name=name, why=str(e))
+        except OSError as e:
+            self._log.warn("job {jobId}: result file {name} not sent ({why})",
+                           jobId=self.jobId, name=name, why=str(e))
+        self.uploaded.add(name)
+        self.saveState()
+
+    @defer.inlineCallbacks
     def _deliver(self):
         """Upload the result files, then complete; until acknowledged or refused as stale."""
         backoff = self.poller.makeBackoff()
@@ -632,23 +666,7 @@ class LeasedJob:
         while not self.dropped:
             self._checkHalted()
             try:
-                for name in resultFiles(self.jobDir):
-                    if name in self.uploaded:
-                        continue
-                    try:
-                        yield self.client.putFile(self.jobId, self.lease, name,
-                                                  os.path.join(self.jobDir, RESULTS_DIR, name),
-                                                  self.poller.partSize)
-                    except ServerError as e:
-                        if e.stale or e.transient:
-                            raise
-                        self._log.error("job {jobId}: result file {name} refused ({why}); "
-                                        "skipped", jobId=self.jobId, name=name, why=str(e))
-                    except OSError as e:
-                        self._log.warn("job {jobId}: result file {name} not sent ({why})",
-                                       jobId=self.jobId, name=name, why=str(e))
-                    self.uploaded.add(name)
-                    self.saveState()
+                yield self._uploadResults()
                 if self._pendingProgress is not None:
                     # The fit's last progress (its final step and chi^2) must not
                     # wait for the heartbeat's rate limit: the job ends now.

@@ -40,6 +40,7 @@ class FakeServer:
         self.cancel = set()
         self.codes = {}          # (route, jobId) -> status code to answer instead
         self.leaseTimeout = 30.0
+        self.heldPuts = None     # a list: PUT answers wait there until the test releases them
 
     def record(self, request, route, jobId=None):
         body = request.content.read()
@@ -131,6 +132,10 @@ class FakeServer:
         have = self.results.get((jobId, name), b"")[:offset]
         self.results[(jobId, name)] = have + entry["body"]
         request.setResponseCode(201 if entry["args"].get("last") == "1" else 202)
+        if self.heldPuts is not None:
+            held = defer.Deferred()
+            self.heldPuts.append(held)
+            return held.addCallback(lambda _: b"{}")
         return b"{}"
 
     @app.route("/api/v1/jobs/<int:jobId>/complete", methods=["POST"])
@@ -996,3 +1001,25 @@ def test_last_progress_reaches_the_server_before_the_job_completes(world):
     routes = [(c["route"], (c.get("json") or {}).get("progress")) for c in w.server.calls
               if c["route"] in ("heartbeat", "complete")]
     assert routes[-2:] == [("heartbeat", {"step": 10, "chisq": 1.01}), ("complete", None)]
+
+
+def test_result_files_upload_a_few_at_a_time_then_complete(world):
+    """When a fit ends its result files go up four at once (each is a round
+    trip and a journal record), and the job is completed only after all."""
+    w = world()
+    w.server.grant(1)
+    w.pump()
+    w.server.heldPuts = []
+    files = {"r%d.dat" % i: b"%d" % i for i in range(9)}
+    w.runner.runs[0].finish(files=files)
+    w.pump()
+    inFlight = []
+    while w.server.heldPuts:
+        inFlight.append(len(w.server.heldPuts))
+        held, w.server.heldPuts[:] = list(w.server.heldPuts), []
+        assert not w.server.of("complete")
+        for d in held:
+            d.callback(None)
+        w.pump()
+    assert inFlight == [4, 4, 1]
+    assert len(w.server.of("put")) == 9 and len(w.server.of("complete")) == 1
