@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 import multipart
 from klein import Klein
 from twisted.logger import Logger
-from twisted.web import http, resource, server, static
+from twisted.web import resource, server, static
 from werkzeug.exceptions import NotFound
 
 from reflservd.queue import QueueError

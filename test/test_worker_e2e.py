@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from test.conftest import TWISTD, Api, childEnvironment, nifilmFiles
+from test.conftest import TWISTD, childEnvironment, nifilmFiles
 
 LM = {"fit": "lm", "steps": 200}
 SHORT_DREAM = {"fit": "dream", "samples": 12000, "burn": 50, "seed": 7}
