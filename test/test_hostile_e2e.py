@@ -56,6 +56,7 @@ def submitHostile(api, script, config):
     """Submit ``test/hostile/SCRIPT.py`` as the job's model, with its ``hostile.json``."""
     return api.submit(request("hostile " + script),
                       {"model.py": os.path.join(HOSTILE, script + ".py"),
+                       "hostile_common.py": os.path.join(HOSTILE, "hostile_common.py"),
                        "hostile.json": json.dumps(config).encode()})
 
 
@@ -134,7 +135,8 @@ def test_hostile_jobs_fail_inside_and_the_worker_keeps_serving(serverProcess, wo
             "file_size": {"bytes": 64 * 1024 ** 2},
             "cpu_spin": {"seconds": 600},
         }
-        assert set(configs) == {name[:-3] for name in os.listdir(HOSTILE) if name.endswith(".py")}
+        assert set(configs) == {name[:-3] for name in os.listdir(HOSTILE)
+                                if name.endswith(".py") and name != "hostile_common.py"}
         jobs = {}
         for script in ("escape_files", "escape_signals", "escape_network", "escape_privileges", "daemon"):
             jobs[script] = submitHostile(api, script, configs[script])

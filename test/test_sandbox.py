@@ -84,6 +84,13 @@ def processesIn(pidNamespace):
     return found
 
 
+def placeHostile(script, jobDir):
+    """Put a hostile script in a job directory as its ``model.py``, with the
+    ``hostile_common.py`` it imports."""
+    shutil.copy(script, Path(jobDir) / "model.py")
+    shutil.copy(HOSTILE / "hostile_common.py", Path(jobDir) / "hostile_common.py")
+
+
 class ConfinedRun:
     """
     A fit process as the fork server makes one: forked from this (the
@@ -95,7 +102,7 @@ class ConfinedRun:
                  config=None, keepFds=None):
         self.jobDir = Path(jobDir)
         self.jobDir.mkdir(parents=True, exist_ok=True)
-        shutil.copy(script, self.jobDir / "model.py")
+        placeHostile(script, self.jobDir)
         (self.jobDir / "hostile.json").write_text(json.dumps(config or {}))
         self.buffer = b""
         self.info = None
@@ -651,7 +658,7 @@ def test_unprivilegedWorkerConfinesWithAUserNamespace(tmp_path):
             d.chmod(0o755)
         (other / "secret.txt").write_text("readable by all on the host\n")
         (other / "secret.txt").chmod(0o644)
-        shutil.copy(HOSTILE / "escape_files.py", mine / "model.py")
+        placeHostile(HOSTILE / "escape_files.py", mine)
         (mine / "hostile.json").write_text(json.dumps({
             "siblingSecret": str(other / "secret.txt"), "workDir": str(base / "jobs"),
             "nonce": uuid.uuid4().hex}))

@@ -18,35 +18,14 @@ job's private tmpfs: whoever runs this checks the host for the ``written``
 paths afterwards.
 """
 
-import json
 import os
+import sys
 import uuid
 
+sys.path.insert(0, os.getcwd())  # hostile_common.py ships beside this script
+from hostile_common import attempt, load, save  # noqa: E402
+
 HOME_DIRS = ["/root", "/home"]
-
-
-def load():
-    try:
-        with open("hostile.json") as f:
-            return json.load(f)
-    except OSError:
-        return {}
-
-
-def attempt(report, name, action):
-    try:
-        detail = action()
-        report["attempts"][name] = {"succeeded": True, "detail": str(detail)[:500]}
-    except Exception as e:
-        report["attempts"][name] = {"succeeded": False, "detail": "%s: %s" % (type(e).__name__, e)}
-
-
-def save(report):
-    text = json.dumps(report, sort_keys=True)
-    with open("hostile-report.json.tmp", "w") as f:
-        f.write(text)
-    os.replace("hostile-report.json.tmp", "hostile-report.json")
-    print("HOSTILE-REPORT " + text, flush=True)
 
 
 def read(path):

@@ -9,26 +9,13 @@ Writes ``hostile-report.json`` and prints it after ``HOSTILE-REPORT``;
 """
 
 import ctypes
-import json
 import os
 import socket
 import stat
+import sys
 
-
-def attempt(report, name, action):
-    try:
-        detail = action()
-        report["attempts"][name] = {"succeeded": True, "detail": str(detail)[:500]}
-    except Exception as e:
-        report["attempts"][name] = {"succeeded": False, "detail": "%s: %s" % (type(e).__name__, e)}
-
-
-def save(report):
-    text = json.dumps(report, sort_keys=True)
-    with open("hostile-report.json.tmp", "w") as f:
-        f.write(text)
-    os.replace("hostile-report.json.tmp", "hostile-report.json")
-    print("HOSTILE-REPORT " + text, flush=True)
+sys.path.insert(0, os.getcwd())  # hostile_common.py ships beside this script
+from hostile_common import attempt, save  # noqa: E402
 
 
 libc = ctypes.CDLL(None, use_errno=True)

@@ -9,24 +9,11 @@ error that stopped it, ``succeeded``: whether it reached the ceiling) and
 prints it after ``HOSTILE-REPORT``.
 """
 
-import json
 import os
+import sys
 
-
-def load():
-    try:
-        with open("hostile.json") as f:
-            return json.load(f)
-    except OSError:
-        return {}
-
-
-def save(report):
-    text = json.dumps(report, sort_keys=True)
-    with open("hostile-report.json.tmp", "w") as f:
-        f.write(text)
-    os.replace("hostile-report.json.tmp", "hostile-report.json")
-    print("HOSTILE-REPORT " + text, flush=True)
+sys.path.insert(0, os.getcwd())  # hostile_common.py ships beside this script
+from hostile_common import load, save  # noqa: E402
 
 
 config = load()
