@@ -167,15 +167,21 @@ class JobAPI(Routes):
         if job is None:
             request.setResponseCode(204)
             return b""
-        answer = {
-            "id": job.id, "lease": job.lease, "attempts": job.attempts,
-            "request": self.server.store.readRequest(job.id),
-            "files": [[n, s] for n, s in self.server.store.files(job.id, "upload")],
-            "leaseTimeout": self.server.leaseTimeout,
-        }
-        if job.attempts >= 2 and any(n == CHECKPOINT for n, _ in self.server.store.files(job.id, "result")):
-            answer["checkpoint"] = CHECKPOINT     # an earlier attempt's session: resume from it
+        answer = {"id": job.id, "lease": job.lease, "attempts": job.attempts,
+                  "leaseTimeout": self.server.leaseTimeout}
+        answer.update((yield self.server.inThread(self._leaseFiles, job.id, job.attempts)))
         return jsonBody(request, answer)
+
+    def _leaseFiles(self, jobId, attempts):
+        """What a lease hands over from the store: the request, the uploads,
+        and an earlier attempt's checkpoint to resume from. Runs in the store's
+        thread pool, off the reactor (the lease is on the dispatch path)."""
+        store = self.server.store
+        files = {"request": store.readRequest(jobId),
+                 "files": [[n, s] for n, s in store.files(jobId, "upload")]}
+        if attempts >= 2 and any(n == CHECKPOINT for n, _ in store.files(jobId, "result")):
+            files["checkpoint"] = CHECKPOINT
+        return files
 
     @app.route("/api/v1/jobs/<int:jobId>/heartbeat", methods=["POST"])
     def heartbeat(self, request, jobId):

@@ -93,7 +93,8 @@ class LegacyAPI(Routes):
         job = yield self.server.lease(queueName, _origin(request), 0, legacy=True)
         if job is None:
             return jsonBody(request, {"request": None})
-        return jsonBody(request, {"id": job.id, "request": self.server.store.readRequest(job.id)})
+        jobRequest = yield self.server.inThread(self.server.store.readRequest, job.id)
+        return jsonBody(request, {"id": job.id, "request": jobRequest})
 
     @app.route("/jobs/<int:jobId>/postjob", methods=["POST"])
     @defer.inlineCallbacks
