@@ -352,6 +352,7 @@ class LeasedJob:
         self.slot = slot
         self.fitRun = None
         self.dropped = False
+        self.delivered = False
         self.releasing = False
         self.finished = defer.Deferred()
         self.fitEnded = defer.Deferred()
@@ -700,8 +701,7 @@ class LeasedJob:
                     raise _Halted()
                 continue
             self.poller.reachability.ok()
-            self._log.info("job {jobId}: {status} delivered", jobId=self.jobId,
-                           status=self.outcome.get("status"))
+            self.delivered = True
             return
 
     @defer.inlineCallbacks
@@ -727,6 +727,9 @@ class LeasedJob:
     def _finish(self):
         self._stopBeats()
         self.cleanUp()
+        if self.delivered:
+            self._log.info("job {jobId}: {status} delivered; its files are removed",
+                           jobId=self.jobId, status=self.outcome.get("status"))
         if not self.finished.called:
             self.finished.callback(None)
 
