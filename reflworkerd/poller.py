@@ -730,6 +730,9 @@ class LeasedJob:
         if self.delivered:
             self._log.info("job {jobId}: {status} delivered; its files are removed",
                            jobId=self.jobId, status=self.outcome.get("status"))
+        else:
+            self._log.info("job {jobId}: no longer held here; its files are removed",
+                           jobId=self.jobId)
         if not self.finished.called:
             self.finished.callback(None)
 

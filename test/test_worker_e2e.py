@@ -228,9 +228,7 @@ def test_a_stale_workers_late_results_are_refused(serverProcess, workerProcess):
     after = server.api.job(job["id"])
     assert (after["status"], after["lease"], after["queue"], after["finished"], after["result"]) == (
         record["status"], record["lease"], "fresh", record["finished"], record["result"])
-    deadline = time.monotonic() + 30
-    while os.listdir(os.path.join(stale.workDir, "jobs")) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    stale.waitForLog("job %d: no longer held here; its files are removed" % (job["id"],))
     assert os.listdir(os.path.join(stale.workDir, "jobs")) == []
 
 
