@@ -496,10 +496,10 @@ class _SegmentWriter:
 
 
 class _Pending:
-    __slots__ = ("frame", "deferred")
+    __slots__ = ("frame", "deferred", "syncFirst")
 
-    def __init__(self, frame, deferred):
-        self.frame, self.deferred = frame, deferred
+    def __init__(self, frame, deferred, syncFirst):
+        self.frame, self.deferred, self.syncFirst = frame, deferred, syncFirst
 
 
 class _SnapshotMarker:
@@ -528,7 +528,8 @@ class Journal:
     _log = Logger()
 
     def __init__(self, stateDir, reactor, snapshotEvery=100_000, snapshotState=None, lock=True,
-                 *, keepSnapshots=2, runInThread=None, fsync=os.fsync, pwrite=os.pwrite):
+                 *, keepSnapshots=2, runInThread=None, fsync=os.fsync, pwrite=os.pwrite,
+                 syncFirst=None):
         """
         @param stateDir: the server's state directory; files live in
             C{stateDir/journal/} (created if missing, unless read-only).
@@ -550,6 +551,11 @@ class Journal:
         @param fsync: C{fsync(fd)} of segment writes (tests observe it).
         @param pwrite: C{pwrite(fd, data, offset)} of segment writes (tests
             make it fail).
+        @param syncFirst: called on the writer thread before it writes a
+            batch holding a record appended with C{syncFirst=True}: the
+            server's C{Store.sync}, so the files a record names are on disk
+            before the record is. An C{OSError} from it fails the batch as a
+            failed write does.
         """
         self.stateDir = stateDir
         self.journalDir = journalDirectory(stateDir)
@@ -563,6 +569,7 @@ class Journal:
         self._runInThread = runInThread
         self._fsync = fsync
         self._pwrite = pwrite
+        self._syncFirst = syncFirst
         self._lockFD = None
         self._writer = None
         self._pools = []
@@ -798,9 +805,11 @@ class Journal:
 
     # ---- appending
 
-    def append(self, record):
+    def append(self, record, syncFirst=False):
         """Journal ``record`` (a JSON-able dict with a ``"type"``; a missing
-        ``"time"`` is set, in place, to the reactor's time).
+        ``"time"`` is set, in place, to the reactor's time). With
+        ``syncFirst`` the batch holding it is written only after the
+        ``syncFirst`` callable given to the journal has run.
 
         @return: a Deferred that fires None once the record is on disk, or
             fails with JournalWriteError when the disk refused it (or a
@@ -813,7 +822,7 @@ class Journal:
             record["time"] = self.reactor.seconds()
         frame = encodeRecord(record)
         d = defer.Deferred()
-        self._pending.append(_Pending(frame, d))
+        self._pending.append(_Pending(frame, d, syncFirst))
         self._lastTime = record["time"]
         self.recordsSinceSnapshot += 1
         if (self.snapshotState is not None and self.recordsSinceSnapshot >= self.snapshotEvery
@@ -876,11 +885,22 @@ class Journal:
                     break
                 batch.append(self._pending.popleft())
                 size += len(frame)
-            d = self._runWriter(self._writer.writeBatch, [item.frame for item in batch])
+            sync = self._syncFirst if any(item.syncFirst for item in batch) else None
+            d = self._runWriter(self._writeBatch, [item.frame for item in batch], sync)
             d.addCallbacks(self._written, self._writeFailed,
                            callbackArgs=(batch,), errbackArgs=(batch,))
         d.addErrback(lambda f: self._log.failure("journal bookkeeping failed", f))
         d.addBoth(self._flushed)
+
+    def _writeBatch(self, frames, sync):
+        """On the writer thread: ``sync`` (if any), then the frames."""
+        if sync is not None:
+            try:
+                sync()
+            except OSError as e:
+                raise JournalWriteError("cannot make the job files durable: %s"
+                                        % (e.strerror or e,)) from e
+        return self._writer.writeBatch(frames)
 
     def _flushed(self, _):
         self._flushing = False

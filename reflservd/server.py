@@ -84,7 +84,7 @@ class QueueServer(service.Service):
         started = time.monotonic()
         self.journal = Journal(self.stateDir, self.reactor, snapshotEvery=self.snapshotEvery,
                                snapshotState=lambda: self.queue.snapshot(),
-                               runInThread=self._runInThread)
+                               runInThread=self._runInThread, syncFirst=self.store.sync)
         if self.metrics is not None:
             self.journal.onBatch = self.metrics.journalBatch
         recovery = self.journal.load()
@@ -128,11 +128,13 @@ class QueueServer(service.Service):
 
     # ---- the one way state changes
 
-    def commit(self, record):
-        """Apply ``record`` and return a Deferred that fires once it is on disk."""
+    def commit(self, record, namesFiles=False):
+        """Apply ``record`` and return a Deferred that fires once it is on
+        disk; ``namesFiles`` when it names files just written to the store
+        (they are made durable before it)."""
         generation = self._generation
         self.queue.apply(record)
-        d = self.journal.append(record)
+        d = self.journal.append(record, syncFirst=namesFiles)
         d.addErrback(self._journalFailed, generation)
         return d
 
@@ -173,7 +175,7 @@ class QueueServer(service.Service):
             raise APIError(503, "the job's files could not be stored: %s" % (e.strerror,))
         record = self.queue.makeSubmit(jobId, self._now(), name, notify, origin,
                                        serviceName, version, uploads)
-        d = self.commit(record)
+        d = self.commit(record, namesFiles=True)
         self.dispatch()
         yield d
         if self.metrics is not None:
@@ -293,7 +295,8 @@ class QueueServer(service.Service):
         except ValueError as e:
             raise APIError(400, str(e))
         if last:
-            yield self.commit(self.queue.makeFile(jobId, lease, self._now(), name, size))
+            yield self.commit(self.queue.makeFile(jobId, lease, self._now(), name, size),
+                              namesFiles=True)
         return size
 
     @defer.inlineCallbacks

@@ -9,6 +9,7 @@ import tempfile
 from twisted.internet import defer
 from twisted.trial import unittest
 
+from reflservd import store
 from test.test_api import ServerCase
 
 
@@ -44,6 +45,36 @@ class JournalFailureTests(ServerCase):
         code, listing, _ = yield self.call("GET", "/api/v1/jobs")
         self.assertEqual([j["name"] for j in listing["jobs"]], ["after", "kept"])
         self.assertEqual([j["status"] for j in listing["jobs"]], ["PENDING", "PENDING"])
+
+
+class StoreSyncFailureTests(ServerCase):
+
+    @defer.inlineCallbacks
+    def test_a_store_that_cannot_be_synced_gives_503_and_the_job_does_not_exist(self):
+        """The submit's files are made durable (syncfs) before its record is
+        written; when that sync fails (EIO) the submit is refused with 503 and
+        the job is not there, before or after a restart."""
+        _, kept, _ = yield self.submit(name="kept")
+
+        def refuse(fd):
+            raise OSError(errno.EIO, "Input/output error")
+
+        original = store._syncfs
+        store._syncfs = refuse
+        try:
+            code, body, _ = yield self.submit(name="lost")
+        finally:
+            store._syncfs = original
+        self.assertEqual(code, 503, body)
+        self.assertIn("job files", body["error"])
+        code, listing, _ = yield self.call("GET", "/api/v1/jobs")
+        self.assertEqual([j["name"] for j in listing["jobs"]], ["kept"])
+        code, again, _ = yield self.submit(name="after")
+        self.assertEqual(code, 201, again)
+        yield self.stopServer()
+        yield self.startServer()
+        code, listing, _ = yield self.call("GET", "/api/v1/jobs")
+        self.assertEqual([j["name"] for j in listing["jobs"]], ["after", "kept"])
 
 
 class FullDiskTests(ServerCase):

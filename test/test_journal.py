@@ -194,6 +194,57 @@ def test_groupCommitOneFsyncPerBatch(tmp_path):
     assert [r["i"] for r in readRecords(str(tmp_path))[1]] == list(range(100))
 
 
+def test_aBatchNamingFilesIsWrittenAfterOneSyncOfTheStore(tmp_path):
+    """Records appended with ``syncFirst`` reach the segment only after the
+    journal's ``syncFirst`` callable ran, once for their whole batch; a batch
+    without such records does not call it."""
+    events = []
+
+    def sync():
+        events.append(("sync", os.path.getsize(segmentPath(str(tmp_path), 0))))
+
+    def fsync(fd):
+        events.append(("fsync", None))
+        os.fsync(fd)
+
+    runner = ManualRunner()
+    journal = inlineJournal(str(tmp_path), runInThread=runner, fsync=fsync, syncFirst=sync)
+    journal.load()
+    first = journal.append({"type": "t", "i": 0})
+    named = [journal.append({"type": "t", "i": i}, syncFirst=(i % 2 == 0)) for i in range(1, 6)]
+    runner.runNext()
+    assert events == [("fsync", None)] and results([first]) == [None]
+    runner.runNext()
+    # The second batch (five records) had its one sync before any of its bytes.
+    assert events[1:] == [("sync", len(encodeRecord({"type": "t", "i": 0, "time": 0.0}))),
+                          ("fsync", None)]
+    assert results(named) == [None] * 5
+    results([journal.close()])
+    assert [r["i"] for r in readRecords(str(tmp_path))[1]] == list(range(6))
+
+
+def test_aFailedSyncOfTheStoreIsAWriteError(tmp_path):
+    """When the store cannot be synced (EIO), the batch naming its files is
+    refused as a failed write is, and no byte of it is in the segment."""
+    stateDir = str(tmp_path)
+    broken = {"on": True}
+
+    def sync():
+        if broken["on"]:
+            raise OSError(errno.EIO, "Input/output error")
+
+    journal = inlineJournal(stateDir, syncFirst=sync)
+    journal.load()
+    outcome = results([journal.append({"type": "submit", "id": 1}, syncFirst=True)])
+    assert outcome[0].check(JournalWriteError)
+    assert "job files" in str(outcome[0].value)
+    assert os.path.getsize(segmentPath(stateDir, 0)) == 0
+    broken["on"] = False
+    assert results([journal.append({"type": "submit", "id": 2}, syncFirst=True)]) == [None]
+    results([journal.close()])
+    assert [r["id"] for r in readRecords(stateDir)[1]] == [2]
+
+
 def test_groupCommitOnTheWriterThread(tmp_path):
     """With the real writer thread and reactor: while one fsync is held up,
     200 appends queue and then reach the disk in one more batch; the reactor
