@@ -9,6 +9,7 @@ REQUIRES = [
     "treq==26.7.0",
     "prometheus-client==0.26.0",
     "multipart==2.0.1",
+    "orjson==3.13.0",
     "numpy==2.4.6",
     "bumps==1.0.4",
     "refl1d==1.0.1",

@@ -44,6 +44,7 @@ import time
 import zlib
 from collections import deque
 
+import orjson
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -236,9 +237,20 @@ def iterFrames(data, end):
         offset = start + length
 
 
+def parseJSON(data):
+    """``json.loads`` of bytes, by orjson where it can (twice as fast on a
+    large snapshot) and by the standard library where orjson refuses: NaN
+    and Infinity (``json.dumps`` writes them, for instance for the χ² of a
+    failed fit), lone surrogates, integers past 64 bits."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(bytes(data))
+
+
 def decodePayload(payload):
     """The record a checked payload holds."""
-    record = json.loads(payload)
+    record = parseJSON(payload)
     if not isinstance(record, dict) or "type" not in record:
         raise ValueError("not a journal record: %r" % (payload[:80],))
     return record
@@ -260,7 +272,7 @@ def decodeRecords(data, end, chunk=4096):
 
 def _decodeChunk(payloads):
     try:
-        records = json.loads(b"[" + b",".join(payloads) + b"]")
+        records = parseJSON(b"[" + b",".join(payloads) + b"]")
     except ValueError:
         records = None
     if records is None or len(records) != len(payloads) or not all(
@@ -310,12 +322,12 @@ def readSnapshotFile(path, decode=True):
     if newline < 0:
         raise SnapshotError("no header line")
     try:
-        header = json.loads(data[:newline])
+        header = parseJSON(data[:newline])
     except ValueError:
         raise SnapshotError("unreadable header") from None
     if not isinstance(header, dict) or header.get("format") != SNAPSHOT_FORMAT:
         raise SnapshotError("not a reflservd snapshot")
-    body = data[newline + 1:]
+    body = memoryview(data)[newline + 1:]
     if len(body) != header.get("length"):
         raise SnapshotError("%d bytes of state where the header says %r"
                             % (len(body), header.get("length")))
@@ -325,9 +337,9 @@ def readSnapshotFile(path, decode=True):
     if match and int(match.group(1)) != header.get("segment"):
         raise SnapshotError("the header names segment %r" % (header.get("segment"),))
     if not decode:
-        return header, body
+        return header, bytes(body)
     try:
-        return header, json.loads(body)
+        return header, parseJSON(body)
     except ValueError:
         raise SnapshotError("unreadable state") from None
 

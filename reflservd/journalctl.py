@@ -26,7 +26,7 @@ from collections import Counter
 
 from reflservd.journal import (
     HEADER, Journal, JournalCorrupt, JournalLocked, JournalWriteError, SnapshotError, decodePayload,
-    decodeRecords, iterFrames, journalDirectory, listJournal, lockHolder,
+    decodeRecords, iterFrames, journalDirectory, listJournal, lockHolder, parseJSON,
     readSnapshotFile, scanSegment, segmentName, snapshotName,
 )
 
@@ -270,7 +270,7 @@ def stats(args, out, err):
     counts, sizes = Counter(), Counter()
     newest = None
     for number, header, body in files.snapshotsNewestFirst():
-        state = json.loads(body)
+        state = parseJSON(body)
         newest = {"name": snapshotName(number), "segment": number,
                   "bytes": os.path.getsize(files.path(snapshotName(number))),
                   "created": header.get("created"), "lastTime": header.get("lastTime"),
@@ -370,7 +370,7 @@ def _startingSnapshot(files, point):
         if point is not None and point[0] == "time" and header.get("lastTime") is not None \
                 and header["lastTime"] > point[1]:
             continue
-        return number, json.loads(body), snapshotName(number)
+        return number, parseJSON(body), snapshotName(number)
     if not files.segments or files.segments[0] == 0:
         return 0, None, None
     raise CommandError("the history before %s was trimmed and no whole snapshot precedes "

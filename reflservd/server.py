@@ -9,6 +9,7 @@ write, the state is reloaded from what is on disk and the callers get
 ``APIError(503)``: nothing is acknowledged that was not persisted.
 """
 
+import contextlib
 import gc
 import time
 
@@ -25,24 +26,29 @@ from reflservd.web import APIError
 MAX_LONG_POLL = 60.0
 
 
-def loadQueue(recovery, leaseTimeout, maxAttempts):
-    """The queue that a journal's snapshot and records describe.
-
-    The cyclic garbage collector is off while it builds: loading creates
+@contextlib.contextmanager
+def collectorPaused():
+    """The cyclic garbage collector off while a state loads: loading creates
     millions of objects and no garbage, and the collector's passes over them
     took more than half of a restart's time. What was loaded is then frozen
     out of later collections."""
     enabled = gc.isenabled()
     gc.disable()
     try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+        gc.freeze()
+
+
+def loadQueue(recovery, leaseTimeout, maxAttempts):
+    """The queue that a journal's snapshot and records describe."""
+    with collectorPaused():
         queue = Q.Queue.fromSnapshot(recovery.snapshot, leaseTimeout=leaseTimeout,
                                      maxAttempts=maxAttempts)
         for record in recovery.records:
             queue.apply(record)
-    finally:
-        if enabled:
-            gc.enable()
-    gc.freeze()
     return queue
 
 
@@ -87,10 +93,11 @@ class QueueServer(service.Service):
                                runInThread=self._runInThread, syncFirst=self.store.sync)
         if self.metrics is not None:
             self.journal.onBatch = self.metrics.journalBatch
-        recovery = self.journal.load()
-        for torn in recovery.torn:
-            self._log.warn("journal: a torn tail was set aside: {torn}", torn=torn)
-        self._setQueue(loadQueue(recovery, self.leaseTimeout, self.maxAttempts))
+        with collectorPaused():
+            recovery = self.journal.load()
+            for torn in recovery.torn:
+                self._log.warn("journal: a torn tail was set aside: {torn}", torn=torn)
+            self._setQueue(loadQueue(recovery, self.leaseTimeout, self.maxAttempts))
         removed = self.store.removeOthers(set(self.queue.jobs))
         self._log.info(
             "loaded {jobs} jobs ({pending} pending) in {seconds:.2f} s; "
@@ -144,8 +151,9 @@ class QueueServer(service.Service):
             self._generation += 1
             self._log.error("journal write failed ({why}); reloading the state from disk",
                             why=failure.getErrorMessage())
-            recovery = Journal(self.stateDir, self.reactor, lock=False).load()
-            self._setQueue(loadQueue(recovery, self.leaseTimeout, self.maxAttempts))
+            with collectorPaused():
+                recovery = Journal(self.stateDir, self.reactor, lock=False).load()
+                self._setQueue(loadQueue(recovery, self.leaseTimeout, self.maxAttempts))
         raise APIError(503, "the journal cannot be written (%s); nothing was changed"
                        % (failure.getErrorMessage(),))
 

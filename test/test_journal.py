@@ -157,6 +157,27 @@ def test_appendThenLoadReturnsTheRecords(tmp_path):
                        {"type": "lease", "id": 1, "time": 5.0}]
 
 
+def test_recordsOrjsonRefusesComeBackAsWritten(tmp_path):
+    """Replay decodes with orjson, and falls back to the standard library for
+    what it refuses: NaN and infinities (a failed fit's χ²), a lone
+    surrogate, an integer past 64 bits. Each record comes back as written,
+    alone or among ordinary ones."""
+    journal = inlineJournal(str(tmp_path))
+    journal.load()
+    odd = [{"type": "complete", "id": 1, "result": {"chisq": float("inf")}},
+           {"type": "complete", "id": 2, "error": "\ud800 lone"},
+           {"type": "submit", "id": 3, "big": 2 ** 70},
+           {"type": "complete", "id": 4, "result": {"chisq": float("nan")}}]
+    plain = [{"type": "submit", "id": 10 + i} for i in range(3)]
+    assert results([journal.append(dict(r, time=1.0)) for r in plain + odd]) == [None] * 7
+    results([journal.close()])
+    _, records = readRecords(str(tmp_path))
+    assert [r["id"] for r in records] == [10, 11, 12, 1, 2, 3, 4]
+    assert records[3]["result"]["chisq"] == float("inf")
+    assert records[4]["error"] == "\ud800 lone" and records[5]["big"] == 2 ** 70
+    assert records[6]["result"]["chisq"] != records[6]["result"]["chisq"]   # NaN
+
+
 def test_appendRefusesARecordWithoutType(tmp_path):
     journal = inlineJournal(str(tmp_path))
     journal.load()
