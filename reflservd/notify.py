@@ -109,7 +109,8 @@ class Notifier:
             lines.append("Your refl1d fit %s %s (%s)." % (label, word, job.status))
             if job.started and job.finished:
                 lines.append("Run time: %s." % (formatDuration(job.finished - job.started),))
-            result = job.result if isinstance(job.result, dict) else {}
+            result = job.result
+            result = result if isinstance(result, dict) else {}
             if job.status == "COMPLETE" and isinstance(result.get("chisq"), (int, float)):
                 lines.append("")
                 lines.append("chi^2 = %.4g" % (result["chisq"],))

@@ -391,7 +391,8 @@ class JobBody(Element):
     @renderer
     def results(self, request, tag):
         job = self.job
-        result = job.result if isinstance(job.result, dict) else None
+        result = job.result
+        result = result if isinstance(result, dict) else None
         if job.status != Q.COMPLETE or result is None:
             return ""
         facts = []

@@ -148,6 +148,22 @@ def test_complete_for_finished_job_is_refused():
     assert queue.get(jobId).result == {"chisq": 1.0}
 
 
+def test_a_result_survives_a_snapshot_of_either_version():
+    """A finished job's result (kept as JSON text) comes back from a snapshot,
+    and from a version 2 snapshot, which held it as a dict."""
+    queue = Q.Queue()
+    jobId, _ = submit(queue, 0)
+    token = lease(queue, 1)["lease"]
+    result = {"chisq": 1.5, "parameters": {"Ni thickness": {"value": 100.0, "uncertainty": 0.3}}}
+    queue.apply(queue.makeComplete(jobId, token, 2, Q.COMPLETE, result=result))
+    state = json.loads(json.dumps(queue.snapshot()))
+    assert Q.Queue.fromSnapshot(state).get(jobId).result == result
+    old = dict(state, version=2, fields=["result" if f == "resultJSON" else f for f in state["fields"]])
+    column = state["fields"].index("resultJSON")
+    old["jobs"] = [row[:column] + [json.loads(row[column])] + row[column + 1:] for row in state["jobs"]]
+    assert Q.Queue.fromSnapshot(old).get(jobId).toJSON() == queue.get(jobId).toJSON()
+
+
 def test_release_hands_back_without_counting_the_attempt():
     queue = Q.Queue()
     jobId, _ = submit(queue, 0)
