@@ -92,6 +92,16 @@ def test_lm_fit_completes_with_its_results_on_the_server(serverProcess, workerPr
     assert {"nifilm.par", "stdout.txt", "session.h5"} <= set(files)
     par = server.api.download(job["id"], "nifilm.par").decode()
     assert "thickness" in par
+    # The session file holds the fitted model: its parameters are those of the .par file.
+    session = tmp_path / "session.h5"
+    session.write_bytes(server.api.download(job["id"], "session.h5"))
+    from bumps.webview.server.state_hdf5_backed import State
+    state = State()
+    state.read_problem_from_session(str(session))
+    fitted = state.problem.fitProblem
+    exported = dict(line.rsplit(" ", 1) for line in par.splitlines() if line.strip())
+    assert exported == {label: "%.15g" % (value,)        # the .par file's own format
+                        for label, value in zip(fitted.labels(), fitted.getp())}
     worker.waitForLog("job %d: COMPLETE delivered" % (job["id"],))
     assert os.listdir(os.path.join(worker.workDir, "jobs")) == []
 
