@@ -157,6 +157,9 @@ def summarize(record, width=100):
     for key, value in record.items():
         if key in ("type", "time", "id"):
             continue
+        if key == "resultJSON" and isinstance(value, str):
+            parts.append("result=%s" % (value,))     # already JSON text
+            continue
         parts.append("%s=%s" % (key, json.dumps(value, separators=(",", ":"))))
     text = " ".join(parts)
     return text if len(text) <= width else text[:width - 3] + "..."

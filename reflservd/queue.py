@@ -238,7 +238,8 @@ class Queue:
         if job.status == CANCEL:
             status = CANCEL
         record = {"type": "complete", "time": now, "id": jobId, "status": status,
-                  "result": result, "error": _clip(error), "trace": _clip(trace)}
+                  "resultJSON": _encodeResult(result), "error": _clip(error),
+                  "trace": _clip(trace)}
         if confinement:
             record["confinement"] = confinement
         return record
@@ -334,7 +335,7 @@ class Queue:
 
     def _apply_complete(self, r):
         job = self.jobs[r["id"]]
-        job.resultJSON = _encodeResult(r.get("result"))
+        job.resultJSON = r["resultJSON"] if "resultJSON" in r else _encodeResult(r.get("result"))
         job.error, job.trace = r.get("error"), r.get("trace")
         if r.get("confinement"):
             job.confinement = r["confinement"]

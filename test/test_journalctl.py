@@ -156,6 +156,8 @@ def test_dumpPrintsALinePerRecordWithItsOffset(tmp_path):
     first = lines[0].split()
     assert first[2:4] == ["submit", "1"] and first[1].startswith("2023-11-")
     assert "owner=\"ann\"" in lines[0]
+    complete = [line for line in lines if line.split()[2] == "complete"]
+    assert len(complete) == 1 and ' result={"' in complete[0]     # the result as JSON, not a quoted string
 
 
 def test_dumpFilters(tmp_path):

@@ -164,6 +164,23 @@ def test_a_result_survives_a_snapshot_of_either_version():
     assert Q.Queue.fromSnapshot(old).get(jobId).toJSON() == queue.get(jobId).toJSON()
 
 
+def test_a_complete_record_of_either_form_gives_the_result():
+    """A complete record carries the result as JSON text; one written before
+    that (the result as a dict) still gives the same job."""
+    result = {"chisq": 0.97, "steps": 12}
+    jobs = []
+    for form in ("text", "dict"):
+        queue = Q.Queue()
+        jobId, _ = submit(queue, 0)
+        token = lease(queue, 1)["lease"]
+        record = queue.makeComplete(jobId, token, 2, Q.COMPLETE, result=result)
+        if form == "dict":
+            record["result"] = json.loads(record.pop("resultJSON"))
+        queue.apply(json.loads(json.dumps(record)))
+        jobs.append(queue.get(jobId).toJSON())
+    assert jobs[0] == jobs[1] and jobs[0]["result"] == result
+
+
 def test_release_hands_back_without_counting_the_attempt():
     queue = Q.Queue()
     jobId, _ = submit(queue, 0)
