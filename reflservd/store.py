@@ -1,13 +1,14 @@
 """Job files on disk: the request, the uploaded files, the result files.
 
-Every file is written under a temporary name and renamed into place before
-the journal record that names it is written. The record is appended with
-``syncFirst``, and the journal's writer calls ``Store.sync`` (one ``syncfs``
-of the store's filesystem) before it writes a batch holding such records: so
-a record never names a file that a crash could have lost, and a batch of 64
-submits costs one sync, not three fsyncs each. A file over ``SYNC_ITSELF``
-bytes is fsynced as it is written, so the batch's sync never waits for bulk
-data.
+Every file is in place before the journal record that names it is written:
+a new job's files inside its new directory (which nothing names until its
+submit record), a result file under a temporary name and then renamed. The
+record is appended with ``syncFirst``, and the journal's writer calls
+``Store.sync`` (one ``syncfs`` of the store's filesystem) before it writes a
+batch holding such records: so a record never names a file that a crash
+could have lost, and a batch of 64 submits costs one sync, not three fsyncs
+each. A file over ``SYNC_ITSELF`` bytes is fsynced as it is written, so the
+batch's sync never waits for bulk data.
 
 The methods block; the server runs them in a thread pool.
 """
@@ -56,17 +57,27 @@ class Store:
     def jobDir(self, jobId):
         return os.path.join(self.root, str(int(jobId)))
 
-    def prepare(self, jobId):
-        """A fresh directory for a job about to be submitted (a leftover of a
-        submit that crashed before its record was written is removed)."""
+    def writeJob(self, jobId, request, files):
+        """Write a job about to be submitted: its request and its uploaded
+        files (``[(name, bytes or file)]``, names checked); ``{name: size}``.
+        Nothing names these files until the submit record is journaled, so
+        they are written in place, not renamed: a submit that crashed before
+        its record leaves a directory that the next start removes (and that a
+        new job given the same id replaces here)."""
         path = self.jobDir(jobId)
-        if os.path.exists(path):
+        try:
+            os.mkdir(path)
+        except FileExistsError:
             shutil.rmtree(path)
-        os.makedirs(path)
-
-    def writeRequest(self, jobId, request):
-        _writeAtomic(os.path.join(self.jobDir(jobId), "request.json"),
-                     json.dumps(request, sort_keys=True).encode("utf-8"))
+            os.mkdir(path)
+        uploads = {}
+        if files:
+            os.mkdir(os.path.join(path, "uploads"))
+            for name, source in files:
+                uploads[name] = _writeNew(self.path(jobId, "upload", name), source)
+        _writeNew(os.path.join(path, "request.json"),
+                  json.dumps(request, sort_keys=True).encode("utf-8"))
+        return uploads
 
     def sync(self):
         """Make every file and rename so far durable: ``syncfs`` of the
@@ -82,18 +93,15 @@ class Store:
         with open(os.path.join(self.jobDir(jobId), "request.json"), "rb") as f:
             return json.loads(f.read())
 
-    def writeUpload(self, jobId, name, source):
-        """Store an uploaded file; ``source`` is bytes or a readable file."""
-        return _writeAtomic(self.path(jobId, "upload", name), source)
-
     def path(self, jobId, kind, name):
         folder = {"upload": "uploads", "result": "results"}[kind]
         return os.path.join(self.jobDir(jobId), folder, checkName(name))
 
     def writeResultPart(self, jobId, name, offset, source, last):
         """Write one part of a result file at ``offset``. With ``last`` the file
-        is fsynced and renamed into place and its size returned; else the bytes
-        received so far. A part must start where the previous one ended."""
+        is renamed into place (fsynced first if it is over ``SYNC_ITSELF``) and
+        its size returned; else the bytes received so far. A part must start
+        where the previous one ended."""
         final = self.path(jobId, "result", name)
         partial = os.path.join(self.jobDir(jobId), "results", ".part-" + name)
         _folder(os.path.dirname(partial))
@@ -160,15 +168,12 @@ def _folder(path):
     return path
 
 
-def _writeAtomic(path, source):
-    folder = _folder(os.path.dirname(path))
-    tmp = os.path.join(folder, ".tmp-" + os.path.basename(path))
-    with open(tmp, "wb") as f:
+def _writeNew(path, source):
+    with open(path, "xb") as f:
         size = _copy(source, f)
         if size > SYNC_ITSELF:
             f.flush()
             os.fsync(f.fileno())
-    os.rename(tmp, path)
     return size
 
 

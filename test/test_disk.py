@@ -102,6 +102,9 @@ class FullDiskTests(ServerCase):
                     f.write(b"\0" * 65536)
             except OSError:
                 pass
+        # Written on the reactor thread (small) and in the store's pool (big): both refused.
+        code, body, _ = yield self.submit(name="small")
+        self.assertEqual(code, 503, body)
         code, body, _ = yield self.submit(name="too much", files={"model.py": b"x" * 300_000})
         self.assertEqual(code, 503, body)
         code, listing, _ = yield self.call("GET", "/api/v1/jobs")
