@@ -36,7 +36,7 @@ class JobAPI(Routes):
         stored request, or True to read it from the store)."""
         record = job.toJSON()
         if request is True:
-            request = self.server.store.readRequest(job.id)
+            request = self.server.readRequest(job.id)
         if request is not None:
             record["request"] = request
         return record
@@ -177,7 +177,7 @@ class JobAPI(Routes):
         and an earlier attempt's checkpoint to resume from. Runs in the store's
         thread pool, off the reactor (the lease is on the dispatch path)."""
         store = self.server.store
-        files = {"request": store.readRequest(jobId),
+        files = {"request": self.server.readRequest(jobId),
                  "files": [[n, s] for n, s in store.files(jobId, "upload")]}
         if attempts >= 2 and any(n == CHECKPOINT for n, _ in store.files(jobId, "result")):
             files["checkpoint"] = CHECKPOINT

@@ -507,11 +507,25 @@ class _SegmentWriter:
 # ---- the journal
 
 
-class _Pending:
-    __slots__ = ("frame", "deferred", "syncFirst")
+def _runBefores(befores):
+    """On the files thread: call each; its OSError, or None, in order."""
+    errors = []
+    for before in befores:
+        try:
+            before()
+        except OSError as e:
+            errors.append(e)
+        else:
+            errors.append(None)
+    return errors
 
-    def __init__(self, frame, deferred, syncFirst):
-        self.frame, self.deferred, self.syncFirst = frame, deferred, syncFirst
+
+class _Pending:
+    __slots__ = ("frame", "deferred", "syncFirst", "filesWritten")
+
+    def __init__(self, frame, deferred, syncFirst, filesWritten):
+        self.frame, self.deferred = frame, deferred
+        self.syncFirst, self.filesWritten = syncFirst or filesWritten is not None, filesWritten
 
 
 class _SnapshotMarker:
@@ -587,6 +601,8 @@ class Journal:
         self._pools = []
         self._shutdownTrigger = None
         self._pending = deque()
+        self._befores = []          # [(before, Deferred)] for the files thread
+        self._filesBusy = False
         self._flushing = False
         self._snapshotsInFlight = 0
         self._idleWaiters = []
@@ -782,7 +798,8 @@ class Journal:
         if self._runInThread is None:
             writerPool = ThreadPool(minthreads=1, maxthreads=1, name="journal-writer")
             snapshotPool = ThreadPool(minthreads=1, maxthreads=1, name="journal-snapshot")
-            self._pools = [writerPool, snapshotPool]
+            filesPool = ThreadPool(minthreads=1, maxthreads=1, name="journal-files")
+            self._pools = [writerPool, snapshotPool, filesPool]
             for pool in self._pools:
                 # A process that exits without close() must not hang on
                 # them; an exit in mid-write is a torn tail, handled.
@@ -790,10 +807,11 @@ class Journal:
                 pool.start()
             self._runWriter = lambda f, *a: deferToThreadPool(self.reactor, writerPool, f, *a)
             self._runSnapshot = lambda f, *a: deferToThreadPool(self.reactor, snapshotPool, f, *a)
+            self._runFiles = lambda f, *a: deferToThreadPool(self.reactor, filesPool, f, *a)
             self._shutdownTrigger = self.reactor.addSystemEventTrigger(
                 "before", "shutdown", self._closeAtShutdown)
         else:
-            self._runWriter = self._runSnapshot = self._runInThread
+            self._runWriter = self._runSnapshot = self._runFiles = self._runInThread
 
     def _records(self, sources):
         """Yield the checked records, reading each segment again (the
@@ -817,11 +835,17 @@ class Journal:
 
     # ---- appending
 
-    def append(self, record, syncFirst=False):
+    def append(self, record, syncFirst=False, before=None):
         """Journal ``record`` (a JSON-able dict with a ``"type"``; a missing
         ``"time"`` is set, in place, to the reactor's time). With
         ``syncFirst`` the batch holding it is written only after the
-        ``syncFirst`` callable given to the journal has run.
+        ``syncFirst`` callable given to the journal has run. ``before``, if
+        given, writes the files the record names (it implies ``syncFirst``):
+        it runs on the journal's files thread, with the other ``before``
+        calls that arrived meanwhile (one hand-off for many jobs), while the
+        writer syncs and writes the batch ahead; the record's batch waits
+        for it. An ``OSError`` from it fails the record's batch as a failed
+        write does.
 
         @return: a Deferred that fires None once the record is on disk, or
             fails with JournalWriteError when the disk refused it (or a
@@ -834,7 +858,12 @@ class Journal:
             record["time"] = self.reactor.seconds()
         frame = encodeRecord(record)
         d = defer.Deferred()
-        self._pending.append(_Pending(frame, d, syncFirst))
+        filesWritten = None
+        if before is not None:
+            filesWritten = defer.Deferred()
+            self._befores.append((before, filesWritten))
+            self._writeFiles()
+        self._pending.append(_Pending(frame, d, syncFirst, filesWritten))
         self._lastTime = record["time"]
         self.recordsSinceSnapshot += 1
         if (self.snapshotState is not None and self.recordsSinceSnapshot >= self.snapshotEvery
@@ -898,7 +927,14 @@ class Journal:
                 batch.append(self._pending.popleft())
                 size += len(frame)
             sync = self._syncFirst if any(item.syncFirst for item in batch) else None
-            d = self._runWriter(self._writeBatch, [item.frame for item in batch], sync)
+            frames = [item.frame for item in batch]
+            files = [item.filesWritten for item in batch if item.filesWritten is not None]
+            if files:
+                d = defer.gatherResults(files, consumeErrors=True)
+                d.addErrback(lambda f: f.value.subFailure if f.check(defer.FirstError) else f)
+                d.addCallback(lambda _: self._runWriter(self._writeBatch, frames, sync))
+            else:
+                d = self._runWriter(self._writeBatch, frames, sync)
             d.addCallbacks(self._written, self._writeFailed,
                            callbackArgs=(batch,), errbackArgs=(batch,))
         d.addErrback(lambda f: self._log.failure("journal bookkeeping failed", f))
@@ -913,6 +949,27 @@ class Journal:
                 raise JournalWriteError("cannot make the job files durable: %s"
                                         % (e.strerror or e,)) from e
         return self._writer.writeBatch(frames)
+
+    def _writeFiles(self):
+        """Hand the ``before`` calls that are waiting to the files thread,
+        unless it is busy (they go when it is done)."""
+        if self._filesBusy or not self._befores:
+            return
+        group, self._befores = self._befores, []
+        self._filesBusy = True
+        d = self._runFiles(_runBefores, [before for before, _ in group])
+        d.addCallback(self._filesDone, group)
+        d.addErrback(lambda f: self._log.failure("journal: the files thread failed", f))
+
+    def _filesDone(self, errors, group):
+        self._filesBusy = False
+        for error, (_, filesWritten) in zip(errors, group):
+            if error is None:
+                filesWritten.callback(None)
+            else:
+                filesWritten.errback(JournalWriteError(
+                    "cannot write the job files: %s" % (error.strerror or error,)))
+        self._writeFiles()
 
     def _flushed(self, _):
         self._flushing = False

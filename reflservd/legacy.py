@@ -57,7 +57,7 @@ class LegacyAPI(Routes):
     def legacyJob(self, request, jobId, fmt):
         checkFormat(fmt)
         self.server.queue.get(jobId)
-        return jsonBody(request, {"id": jobId, "job": self.server.store.readRequest(jobId)})
+        return jsonBody(request, {"id": jobId, "job": self.server.readRequest(jobId)})
 
     @app.route("/jobs/<int:jobId>/status.<string:fmt>", methods=["GET"])
     def legacyStatus(self, request, jobId, fmt):
@@ -93,7 +93,7 @@ class LegacyAPI(Routes):
         job = yield self.server.lease(queueName, _origin(request), 0, legacy=True)
         if job is None:
             return jsonBody(request, {"request": None})
-        jobRequest = yield self.server.inThread(self.server.store.readRequest, job.id)
+        jobRequest = yield self.server.inThread(self.server.readRequest, job.id)
         return jsonBody(request, {"id": job.id, "request": jobRequest})
 
     @app.route("/jobs/<int:jobId>/postjob", methods=["POST"])

@@ -277,14 +277,14 @@ class JobBody(Element):
 
     loader = XMLFile(TEMPLATES.child("job.xml"))
 
-    def __init__(self, job, store, ahead=0):
+    def __init__(self, job, server, ahead=0):
         Element.__init__(self)
         self.job = job
-        self.store = store
+        self.store = store = server.store
         self.ahead = ahead
         self.now = time.time()
         try:
-            self.request = store.readRequest(job.id)
+            self.request = server.readRequest(job.id)
         except (OSError, ValueError):
             self.request = {}
         self.resultFiles = store.files(job.id, "result")
@@ -557,7 +557,7 @@ class JobPages(Routes):
         if job.status == Q.PENDING:
             order = self.server.queue.pendingOrder()
             ahead = order.index(job.id) if job.id in order else 0
-        body = JobBody(job, self.server.store, ahead)
+        body = JobBody(job, self.server, ahead)
         return Page("Job %d · %s" % (job.id, job.name or ""), body, scripts=["chart.js", "job.js"])
 
     @app.route("/submit", methods=["GET"])

@@ -10,6 +10,7 @@ write, the state is reloaded from what is on disk and the callers get
 """
 
 import contextlib
+import functools
 import gc
 import time
 
@@ -26,7 +27,8 @@ from reflservd.web import APIError
 MAX_LONG_POLL = 60.0
 INLINE_WRITE = 256 * 1024
 """A submit whose uploaded files total at most this many bytes (in memory)
-is written to the store on the reactor thread; a bigger one in the pool."""
+is written to the store by the journal's files thread; a bigger one in the
+store's pool before its record is journaled."""
 
 
 @contextlib.contextmanager
@@ -77,6 +79,7 @@ class QueueServer(service.Service):
         self.journal = None
         self._leaseWaiters = []     # [(Deferred, queueName, worker)], FIFO
         self._eventWaiters = {}     # jobId -> [(after, Deferred)]
+        self._unstored = {}         # jobId -> request, until its submit is on disk
         self._expiry = None
         self._generation = 0
         self._runInThread = runInThread
@@ -104,7 +107,7 @@ class QueueServer(service.Service):
         removed = self.store.removeOthers(set(self.queue.jobs))
         self._log.info(
             "loaded {jobs} jobs ({pending} pending) in {seconds:.2f} s; "
-            "{removed} unrecorded job directories removed",
+            "the files of {removed} unrecorded jobs removed",
             jobs=len(self.queue.jobs), pending=self.queue.pendingCount(),
             seconds=time.monotonic() - started, removed=removed)
         if self._runInThread is None:
@@ -138,13 +141,14 @@ class QueueServer(service.Service):
 
     # ---- the one way state changes
 
-    def commit(self, record, namesFiles=False):
+    def commit(self, record, namesFiles=False, before=None):
         """Apply ``record`` and return a Deferred that fires once it is on
         disk; ``namesFiles`` when it names files just written to the store
-        (they are made durable before it)."""
+        (they are made durable before it); ``before`` writes them first
+        (``Journal.append``)."""
         generation = self._generation
         self.queue.apply(record)
-        d = self.journal.append(record, syncFirst=namesFiles)
+        d = self.journal.append(record, syncFirst=namesFiles, before=before)
         d.addErrback(self._journalFailed, generation)
         return d
 
@@ -159,6 +163,12 @@ class QueueServer(service.Service):
                 self._setQueue(loadQueue(recovery, self.leaseTimeout, self.maxAttempts))
         raise APIError(503, "the journal cannot be written (%s); nothing was changed"
                        % (failure.getErrorMessage(),))
+
+    def readRequest(self, jobId):
+        """A job's request: from memory while its submit is on its way to
+        the disk (its file is written with it), else from the store."""
+        request = self._unstored.get(jobId)
+        return request if request is not None else self.store.readRequest(jobId)
 
     def inThread(self, f, *args):
         if self._runInThread is not None:
@@ -179,20 +189,26 @@ class QueueServer(service.Service):
         if len(set(names)) != len(names):
             raise APIError(400, "two files have the same name")
         jobId = self.queue.reserveId()
-        try:
-            if sum(_inlineSize(source) for _, source in files) <= INLINE_WRITE:
-                # A few small writes into the page cache (no flush: the
-                # journal's batch syncs them) cost the reactor less than a
-                # hand-off to the pool and back: 1,200 -> 2,000 submits/s.
-                uploads = self.store.writeJob(jobId, request, files)
-            else:
+        before = None
+        if sum(_inlineSize(source) for _, source in files) <= INLINE_WRITE:
+            # A small job's files are written by the journal's files thread,
+            # many jobs at a time, while the batch ahead is synced: no disk
+            # work on the reactor and no hand-off per job. Until its record
+            # is on disk, its request is served from memory.
+            uploads = {fileName: len(source) for fileName, source in files}
+            before = functools.partial(self.store.writeJob, jobId, request, files)
+        else:
+            try:
                 uploads = yield self.inThread(self.store.writeJob, jobId, request, files)
-        except OSError as e:
-            self.inThread(self.store.remove, jobId)
-            raise APIError(503, "the job's files could not be stored: %s" % (e.strerror,))
+            except OSError as e:
+                self.inThread(self.store.remove, jobId)
+                raise APIError(503, "the job's files could not be stored: %s" % (e.strerror,))
         record = self.queue.makeSubmit(jobId, self._now(), name, notify, origin,
                                        serviceName, version, uploads)
-        d = self.commit(record, namesFiles=True)
+        d = self.commit(record, namesFiles=True, before=before)
+        if before is not None:
+            self._unstored[jobId] = request
+            d.addBoth(_passThrough, self._unstored.pop, jobId, None)
         self.dispatch()
         yield d
         if self.metrics is not None:
@@ -332,6 +348,11 @@ class QueueServer(service.Service):
             self.commit(record).addErrback(lambda f: None)
         if records:
             self.dispatch()
+
+
+def _passThrough(result, f, *args):
+    f(*args)
+    return result
 
 
 def _inlineSize(source):

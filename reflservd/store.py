@@ -48,7 +48,8 @@ def baseName(name):
 
 
 class Store:
-    """``root/<id>/request.json``, ``uploads/<name>``, ``results/<name>``."""
+    """``root/<id>.json`` (the request) and, once the job has files,
+    ``root/<id>/uploads/<name>`` and ``root/<id>/results/<name>``."""
 
     def __init__(self, root):
         self.root = root
@@ -57,26 +58,28 @@ class Store:
     def jobDir(self, jobId):
         return os.path.join(self.root, str(int(jobId)))
 
+    def requestPath(self, jobId):
+        return os.path.join(self.root, "%d.json" % (jobId,))
+
     def writeJob(self, jobId, request, files):
         """Write a job about to be submitted: its request and its uploaded
         files (``[(name, bytes or file)]``, names checked); ``{name: size}``.
         Nothing names these files until the submit record is journaled, so
         they are written in place, not renamed: a submit that crashed before
-        its record leaves a directory that the next start removes (and that a
-        new job given the same id replaces here)."""
+        its record leaves files that the next start removes (and that a new
+        job given the same id replaces here). A job without files makes no
+        directory: one file creation in all."""
         path = self.jobDir(jobId)
-        try:
-            os.mkdir(path)
-        except FileExistsError:
+        if os.path.lexists(path):
             shutil.rmtree(path)
-            os.mkdir(path)
         uploads = {}
         if files:
+            os.mkdir(path)
             os.mkdir(os.path.join(path, "uploads"))
             for name, source in files:
                 uploads[name] = _writeNew(self.path(jobId, "upload", name), source)
-        _writeNew(os.path.join(path, "request.json"),
-                  json.dumps(request, sort_keys=True).encode("utf-8"))
+        with open(self.requestPath(jobId), "wb") as f:
+            f.write(json.dumps(request, sort_keys=True).encode("utf-8"))
         return uploads
 
     def sync(self):
@@ -90,7 +93,7 @@ class Store:
             os.close(fd)
 
     def readRequest(self, jobId):
-        with open(os.path.join(self.jobDir(jobId), "request.json"), "rb") as f:
+        with open(self.requestPath(jobId), "rb") as f:
             return json.loads(f.read())
 
     def path(self, jobId, kind, name):
@@ -104,7 +107,7 @@ class Store:
         where the previous one ended."""
         final = self.path(jobId, "result", name)
         partial = os.path.join(self.jobDir(jobId), "results", ".part-" + name)
-        _folder(os.path.dirname(partial))
+        os.makedirs(os.path.dirname(partial), exist_ok=True)
         have = os.path.getsize(partial) if os.path.exists(partial) else 0
         if offset == 0:
             have = 0
@@ -133,16 +136,25 @@ class Store:
 
     def remove(self, jobId):
         shutil.rmtree(self.jobDir(jobId), ignore_errors=True)
+        try:
+            os.unlink(self.requestPath(jobId))
+        except FileNotFoundError:
+            pass
 
     def removeOthers(self, known):
-        """Remove directories of jobs the journal does not know (submits that
-        crashed before their record); returns how many."""
-        removed = 0
+        """Remove the files of jobs the journal does not know (submits that
+        crashed before their record); returns how many jobs."""
+        removed = set()
         for entry in os.listdir(self.root):
-            if entry.isdigit() and int(entry) not in known:
-                shutil.rmtree(os.path.join(self.root, entry), ignore_errors=True)
-                removed += 1
-        return removed
+            number = entry[:-5] if entry.endswith(".json") else entry
+            if number.isdigit() and int(number) not in known:
+                path = os.path.join(self.root, entry)
+                if os.path.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.unlink(path)
+                removed.add(int(number))
+        return len(removed)
 
 
 def _copy(source, f):
@@ -156,16 +168,6 @@ def _copy(source, f):
             return n
         f.write(chunk)
         n += len(chunk)
-
-
-def _folder(path):
-    """``path``, made if missing; its parent (the job's directory) must exist,
-    so a job deleted meanwhile is not made again."""
-    try:
-        os.mkdir(path)
-    except FileExistsError:
-        pass
-    return path
 
 
 def _writeNew(path, source):

@@ -266,6 +266,45 @@ def test_aFailedSyncOfTheStoreIsAWriteError(tmp_path):
     assert [r["id"] for r in readRecords(stateDir)[1]] == [2]
 
 
+def test_beforeCallsRunTogetherAheadOfTheirBatchesSync(tmp_path):
+    """``before`` calls (a small job's files) that arrive while the files
+    thread is busy run together in its next turn; a batch waits for its
+    records' calls, then syncs, then writes. One that fails refuses its
+    batch (JournalWriteError), and the journal goes on."""
+    events = []
+    runner = ManualRunner()
+    journal = inlineJournal(str(tmp_path), runInThread=runner, syncFirst=lambda: events.append("sync"))
+    journal.load()
+
+    def before(i, fail=False):
+        def write():
+            events.append("files %d" % (i,))
+            if fail:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return write
+
+    first = journal.append({"type": "submit", "id": 1}, before=before(1))
+    later = [journal.append({"type": "submit", "id": i}, before=before(i)) for i in (2, 3)]
+    runner.runNext()                      # the files thread: job 1 alone
+    assert events == ["files 1"]
+    runner.runNext()                      # the writer, for job 1's batch
+    assert events == ["files 1", "sync"] and results([first]) == [None]
+    runner.runNext()                      # the files thread: jobs 2 and 3 together
+    assert events[2:] == ["files 2", "files 3"]
+    runner.runAll()
+    assert results(later) == [None, None] and events[4:] == ["sync"]
+    refused = journal.append({"type": "submit", "id": 4}, before=before(4, fail=True))
+    runner.runAll()
+    assert results([refused])[0].check(JournalWriteError)
+    after = journal.append({"type": "submit", "id": 5})
+    runner.runAll()
+    assert results([after]) == [None]
+    closed = journal.close()
+    runner.runAll()
+    results([closed])
+    assert [r["id"] for r in readRecords(str(tmp_path))[1]] == [1, 2, 3, 5]
+
+
 def test_groupCommitOnTheWriterThread(tmp_path):
     """With the real writer thread and reactor: while one fsync is held up,
     200 appends queue and then reach the disk in one more batch; the reactor

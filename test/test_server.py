@@ -2,6 +2,7 @@
 expiry, long-poll timeouts and wake-ups, and replay after restarts."""
 
 import json
+import os
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -36,6 +37,73 @@ def makeServer(stateDir, clock, **kwargs):
 def submit(server, name="job", notify="a@x"):
     request = {"name": name, "notify": notify, "service": "count", "data": 1}
     return result(server.submit(request, [], "10.0.0.1"))
+
+
+class ManualRunner:
+    """The disk work waits until the test runs it (a thread "in progress")."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, f, *args):
+        d = defer.Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def runAll(self):
+        while self.calls:
+            f, args, d = self.calls.pop(0)
+            d.callback(f(*args))
+
+
+def test_a_small_jobs_request_is_served_from_memory_until_its_file_is_written(tmp_path):
+    """A small submit's files are written on the journal's files thread with
+    its batch. Until the batch is on disk the request is served from memory
+    (nothing on disk yet); then from its file, and the memory is let go. A
+    job without files has no directory, only its request file."""
+    clock = Clock()
+    runner = ManualRunner()
+    server = QueueServer(str(tmp_path), clock, runInThread=runner)
+    server.startService()
+    runner.runAll()
+    request = {"name": "small", "notify": "a@x", "service": "count", "data": 3}
+    answered = server.submit(request, [], "10.0.0.1")
+    jobId = server.queue.pendingOrder()[0]
+    assert not answered.called
+    assert server.readRequest(jobId) == request
+    assert os.listdir(server.store.root) == []
+    runner.runAll()
+    assert result(answered).id == jobId
+    assert server._unstored == {}
+    assert os.listdir(server.store.root) == ["%d.json" % (jobId,)]
+    assert server.readRequest(jobId) == request
+    answered = server.submit(dict(request, name="files"), [("model.py", b"x = 1\n")], "10.0.0.1")
+    runner.runAll()
+    withFiles = result(answered)
+    assert server.store.files(withFiles.id, "upload") == [("model.py", 6)]
+    assert server.readRequest(withFiles.id)["name"] == "files"
+    stopped = server.stopService()
+    runner.runAll()
+    result(stopped)
+
+
+def test_a_start_removes_the_files_of_jobs_the_journal_never_recorded(tmp_path):
+    """Files of a submit that crashed before its record (a request file, a
+    job directory) are removed at the next start; recorded jobs keep theirs."""
+    clock = Clock()
+    server = makeServer(tmp_path, clock)
+    kept = submit(server)
+    result(server.submit({"name": "f", "notify": "", "service": "count", "data": 1},
+                         [("model.py", b"1")], "10.0.0.1"))
+    result(server.stopService())
+    root = server.store.root
+    with open(os.path.join(root, "90.json"), "w") as f:
+        f.write("{}")
+    os.makedirs(os.path.join(root, "91", "uploads"))
+    server = makeServer(tmp_path, clock)
+    assert sorted(os.listdir(root)) == ["%d.json" % (kept.id,), "2", "2.json"]
+    assert server.readRequest(kept.id)["name"] == "job"
+    result(server.stopService())
 
 
 def test_expired_lease_requeues_then_ends_error_worker_lost(tmp_path):
