@@ -537,13 +537,9 @@ def buildStates(root, records, snapshotTail):
 
 def writeSnapshot(journalDir, number, state, lastTime):
     """Write ``state`` as the server's snapshot thread does; its size."""
-    from reflservd import journal
-    if hasattr(journal, "encodeAndWriteSnapshot"):
-        return journal.encodeAndWriteSnapshot(journalDir, number, state, time.time(), lastTime, 2)[1]
-    body = json.dumps(state, separators=(",", ":")).encode("utf-8")
-    data = journal.encodeSnapshot(number, body, time.time(), lastTime)
-    journal.writeSnapshotFile(journalDir, number, data, 2)
-    return len(data)
+    from reflservd import journal, queue
+    return journal.encodeAndWriteSnapshot(journalDir, number, state, time.time(), lastTime, 2,
+                                          queue.encodeSnapshot)[1]
 
 
 def chunkedFrames(records, size=10000):

@@ -344,10 +344,16 @@ def readSnapshotFile(path, decode=True):
         raise SnapshotError("unreadable state") from None
 
 
-def encodeAndWriteSnapshot(journalDir, number, state, created, lastTime, keep):
-    """Encode a state and write it as snapshot ``number`` (on the snapshot
-    thread, so a large state does not hold up the reactor); ``(removed, size)``."""
-    body = json.dumps(state, separators=(",", ":")).encode("utf-8")
+def encodeJSON(state):
+    """A state's snapshot body: compact JSON."""
+    return json.dumps(state, separators=(",", ":")).encode("utf-8")
+
+
+def encodeAndWriteSnapshot(journalDir, number, state, created, lastTime, keep, encode=encodeJSON):
+    """Encode a state (``encode(state)`` gives the JSON bytes) and write it as
+    snapshot ``number`` (on the snapshot thread, so a large state does not
+    hold up the reactor); ``(removed, size)``."""
+    body = encode(state)
     data = encodeSnapshot(number, body, created, lastTime)
     return writeSnapshotFile(journalDir, number, data, keep), len(data)
 
@@ -555,7 +561,7 @@ class Journal:
 
     def __init__(self, stateDir, reactor, snapshotEvery=100_000, snapshotState=None, lock=True,
                  *, keepSnapshots=2, runInThread=None, fsync=os.fsync, pwrite=os.pwrite,
-                 syncFirst=None):
+                 syncFirst=None, encodeState=encodeJSON):
         """
         @param stateDir: the server's state directory; files live in
             C{stateDir/journal/} (created if missing, unless read-only).
@@ -577,6 +583,9 @@ class Journal:
         @param fsync: C{fsync(fd)} of segment writes (tests observe it).
         @param pwrite: C{pwrite(fd, data, offset)} of segment writes (tests
             make it fail).
+        @param encodeState: C{encodeState(state)} gives a snapshot's JSON
+            bytes, on the snapshot thread (the queue writes its shared
+            strings once).
         @param syncFirst: called on the writer thread before it writes a
             batch holding a record appended with C{syncFirst=True}: the
             server's C{Store.sync}, so the files a record names are on disk
@@ -596,6 +605,7 @@ class Journal:
         self._fsync = fsync
         self._pwrite = pwrite
         self._syncFirst = syncFirst
+        self._encodeState = encodeState
         self._lockFD = None
         self._writer = None
         self._pools = []
@@ -1010,7 +1020,7 @@ class Journal:
     def _rotated(self, number, marker):
         state, created, lastTime = marker.data
         d = self._runSnapshot(encodeAndWriteSnapshot, self.journalDir, number, state, created,
-                              lastTime, self.keepSnapshots)
+                              lastTime, self.keepSnapshots, self._encodeState)
         d.addCallbacks(self._snapshotWritten, self._snapshotFailed,
                        callbackArgs=(number, marker), errbackArgs=(marker,))
 

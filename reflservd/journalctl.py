@@ -385,7 +385,7 @@ def compact(args, out, err):
     directory to itself."""
     from twisted.internet import defer, reactor
     from twisted.python.failure import Failure
-    from reflservd.queue import Queue
+    from reflservd.queue import Queue, encodeSnapshot
 
     journalDir = journalDirectory(args.stateDir)
     if not os.path.isdir(journalDir):
@@ -393,7 +393,8 @@ def compact(args, out, err):
     queue = None
     try:
         journal = Journal(args.stateDir, reactor, snapshotState=lambda: queue.snapshot(),
-                          keepSnapshots=1, runInThread=defer.maybeDeferred)
+                          encodeState=encodeSnapshot, keepSnapshots=1,
+                          runInThread=defer.maybeDeferred)
     except JournalLocked as e:
         print("refusing to compact: %s; stop the server first" % (e,), file=err)
         return EXIT_LOCKED

@@ -96,6 +96,7 @@ class QueueServer(service.Service):
         started = time.monotonic()
         self.journal = Journal(self.stateDir, self.reactor, snapshotEvery=self.snapshotEvery,
                                snapshotState=lambda: self.queue.snapshot(),
+                               encodeState=Q.encodeSnapshot,
                                runInThread=self._runInThread, syncFirst=self.store.sync)
         if self.metrics is not None:
             self.journal.onBatch = self.metrics.journalBatch

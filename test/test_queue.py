@@ -164,6 +164,27 @@ def test_a_result_survives_a_snapshot_of_either_version():
     assert Q.Queue.fromSnapshot(old).get(jobId).toJSON() == queue.get(jobId).toJSON()
 
 
+def test_a_snapshot_writes_shared_strings_once_and_loads_as_it_was():
+    """``encodeSnapshot`` writes owner, queue, status and the like once each,
+    rows holding their index; loading it gives the same queue, its shared
+    strings one object each."""
+    queue = Q.Queue()
+    for n in range(6):
+        jobId, _ = submit(queue, n, notify="ann@x" if n % 2 else "", name="job %d" % (n,))
+    token = lease(queue, 10)["lease"]
+    queue.apply(queue.makeComplete(1, token, 11, Q.COMPLETE, result={"chisq": 1.0},
+                                   confinement="namespaces"))
+    encoded = json.loads(Q.encodeSnapshot(queue.snapshot()))
+    assert encoded["shared"] == list(Q.SHARED_FIELDS)
+    assert sorted(encoded["strings"], key=str) == sorted(
+        {None, "ann@x", "", "10.0.0.1", "refl1d", "1", Q.PENDING, Q.COMPLETE, "q", "namespaces"}, key=str)
+    loaded = Q.Queue.fromSnapshot(encoded)
+    assert loaded.snapshot() == queue.snapshot()
+    assert loaded.pendingOrder() == queue.pendingOrder()
+    owners = {id(job.owner) for job in loaded.jobs.values() if job.owner == "ann@x"}
+    assert len(owners) == 1
+
+
 def test_a_complete_record_of_either_form_gives_the_result():
     """A complete record carries the result as JSON text; one written before
     that (the result as a dict) still gives the same job."""
