@@ -514,12 +514,12 @@ class _SegmentWriter:
 
 
 def _runBefores(befores):
-    """On the files thread: call each; its OSError, or None, in order."""
+    """On the files thread: call each; what it raised, or None, in order."""
     errors = []
     for before in befores:
         try:
             before()
-        except OSError as e:
+        except Exception as e:
             errors.append(e)
         else:
             errors.append(None)
@@ -968,17 +968,21 @@ class Journal:
         group, self._befores = self._befores, []
         self._filesBusy = True
         d = self._runFiles(_runBefores, [before for before, _ in group])
-        d.addCallback(self._filesDone, group)
-        d.addErrback(lambda f: self._log.failure("journal: the files thread failed", f))
+        d.addBoth(self._filesDone, group)
 
-    def _filesDone(self, errors, group):
+    def _filesDone(self, outcome, group):
+        """Each record waiting on its files goes on, or fails with what went
+        wrong (so its batch is refused, never left waiting)."""
         self._filesBusy = False
+        errors = outcome if isinstance(outcome, list) else [outcome.value] * len(group)
         for error, (_, filesWritten) in zip(errors, group):
             if error is None:
                 filesWritten.callback(None)
             else:
+                if not isinstance(error, OSError):
+                    self._log.error("journal: writing a job's files failed: {error!r}", error=error)
                 filesWritten.errback(JournalWriteError(
-                    "cannot write the job files: %s" % (error.strerror or error,)))
+                    "cannot write the job files: %s" % (getattr(error, "strerror", None) or error,)))
         self._writeFiles()
 
     def _flushed(self, _):
@@ -1015,6 +1019,8 @@ class Journal:
                 self._snapshotFinished(item, JournalWriteError(
                     "snapshot abandoned: a record before it was not written (%s)" % (error,)))
             else:
+                if item.filesWritten is not None:
+                    item.filesWritten.addErrback(lambda f: None)    # nothing waits on it now
                 item.deferred.errback(JournalWriteError(str(error)))
 
     def _rotated(self, number, marker):

@@ -276,11 +276,11 @@ def test_beforeCallsRunTogetherAheadOfTheirBatchesSync(tmp_path):
     journal = inlineJournal(str(tmp_path), runInThread=runner, syncFirst=lambda: events.append("sync"))
     journal.load()
 
-    def before(i, fail=False):
+    def before(i, fail=None):
         def write():
             events.append("files %d" % (i,))
-            if fail:
-                raise OSError(errno.ENOSPC, "No space left on device")
+            if fail is not None:
+                raise fail
         return write
 
     first = journal.append({"type": "submit", "id": 1}, before=before(1))
@@ -293,9 +293,14 @@ def test_beforeCallsRunTogetherAheadOfTheirBatchesSync(tmp_path):
     assert events[2:] == ["files 2", "files 3"]
     runner.runAll()
     assert results(later) == [None, None] and events[4:] == ["sync"]
-    refused = journal.append({"type": "submit", "id": 4}, before=before(4, fail=True))
+    refused = journal.append({"type": "submit", "id": 4},
+                             before=before(4, OSError(errno.ENOSPC, "No space left on device")))
     runner.runAll()
     assert results([refused])[0].check(JournalWriteError)
+    # Even a bug (not an OSError) refuses its batch rather than leaving it waiting.
+    broken = journal.append({"type": "submit", "id": 6}, before=before(6, TypeError("a bug")))
+    runner.runAll()
+    assert "a bug" in str(results([broken])[0].value)
     after = journal.append({"type": "submit", "id": 5})
     runner.runAll()
     assert results([after]) == [None]
