@@ -166,7 +166,7 @@ def test_recordsOrjsonRefusesComeBackAsWritten(tmp_path):
     journal.load()
     odd = [{"type": "complete", "id": 1, "result": {"chisq": float("inf")}},
            {"type": "complete", "id": 2, "error": "\ud800 lone"},
-           {"type": "submit", "id": 3, "big": 2 ** 70},
+           {"type": "submit", "id": 3, "big": 2 ** 70, "small": -2 ** 63 - 1},
            {"type": "complete", "id": 4, "result": {"chisq": float("nan")}}]
     plain = [{"type": "submit", "id": 10 + i} for i in range(3)]
     assert results([journal.append(dict(r, time=1.0)) for r in plain + odd]) == [None] * 7
@@ -175,6 +175,7 @@ def test_recordsOrjsonRefusesComeBackAsWritten(tmp_path):
     assert [r["id"] for r in records] == [10, 11, 12, 1, 2, 3, 4]
     assert records[3]["result"]["chisq"] == float("inf")
     assert records[4]["error"] == "\ud800 lone" and records[5]["big"] == 2 ** 70
+    assert records[5]["small"] == -2 ** 63 - 1 and isinstance(records[5]["small"], int)
     assert records[6]["result"]["chisq"] != records[6]["result"]["chisq"]   # NaN
 
 
