@@ -15,7 +15,10 @@ The promise: the Deferred that ``Journal.append`` returns fires only once the
 record is on disk (fsync). Records that arrive while a write is in progress
 wait and go together in the next write (group commit), on a dedicated writer
 thread, so the reactor never waits for the disk and a burst of N appends costs
-far fewer than N fsyncs.
+far fewer than N fsyncs. A record may name job files: the writer first syncs
+the store's filesystem (``syncFirst``), and the files of a small job are
+written by a third thread (``before``), many jobs per turn, while the batch
+ahead of them is being synced and written.
 
 A crash in the middle of a write leaves a torn tail: ``load`` keeps every whole
 record, moves the torn bytes aside (``segment-000042.torn-<offset>``) and
@@ -555,8 +558,9 @@ class Journal:
     """The journal of one state directory.
 
     ``append`` may be called from the reactor thread only; the disk work
-    happens on a writer thread (and snapshots on a second one, so a big
-    snapshot does not hold back the acknowledgements of new records).
+    happens on a writer thread (snapshots on a second one, so a big
+    snapshot does not hold back the acknowledgements of new records, and the
+    ``before`` calls that write small jobs' files on a third).
 
     @ivar onBatch: if set, called ``(batchSize, fsyncSeconds)`` in the reactor
         thread after each batch reaches the disk.
