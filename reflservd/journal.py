@@ -174,9 +174,12 @@ def lockHolder(stateDir):
 # ---- framing
 
 
+_compactJSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def encodeRecord(record):
     """The frame of one record: length, crc32, compact JSON."""
-    payload = json.dumps(record, separators=(",", ":")).encode("utf-8")
+    payload = _compactJSON(record).encode("utf-8")
     if len(payload) > MAX_RECORD_BYTES:
         raise ValueError("a journal record is limited to %d bytes, not %d"
                          % (MAX_RECORD_BYTES, len(payload)))
@@ -356,7 +359,7 @@ def readSnapshotFile(path, decode=True):
 
 def encodeJSON(state):
     """A state's snapshot body: compact JSON."""
-    return json.dumps(state, separators=(",", ":")).encode("utf-8")
+    return _compactJSON(state).encode("utf-8")
 
 
 def encodeAndWriteSnapshot(journalDir, number, state, created, lastTime, keep, encode=encodeJSON):

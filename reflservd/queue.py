@@ -112,7 +112,7 @@ def encodeSnapshot(state):
                 strings.append(value)
             row[i] = k
     coded = dict(state, shared=list(SHARED_FIELDS), strings=strings)
-    return json.dumps(coded, separators=(",", ":")).encode("utf-8")
+    return _encodeJSON(coded).encode("utf-8")
 
 
 def _rowsLoader(fields, shared=(), strings=()):
