@@ -93,6 +93,8 @@ _snapshotFields = operator.attrgetter(*SNAPSHOT_FIELDS)
 SHARED_FIELDS = ("owner", "notify", "origin", "service", "version", "status", "queue",
                  "worker", "confinement")
 """Fields whose few values many jobs share: a snapshot writes each value once."""
+_INTERNED = SHARED_FIELDS[:5]
+"""Those that snapshots before version 4 held as strings, interned at a load."""
 
 
 def encodeSnapshot(state):
@@ -125,7 +127,7 @@ def _rowsLoader(fields, shared=(), strings=()):
     for i, name in enumerate(fields):
         if name in shared:
             lines.append("job.%s = strings[row[%d]]" % (name, i))
-        elif name in SHARED_FIELDS[:5]:
+        elif name in _INTERNED:
             lines.append("job.%s = intern(row[%d])" % (name, i))
         elif name in SNAPSHOT_FIELDS:
             lines.append("job.%s = row[%d]" % (name, i))

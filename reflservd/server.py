@@ -48,12 +48,12 @@ def collectorPaused():
 
 
 def loadQueue(recovery, leaseTimeout, maxAttempts):
-    """The queue that a journal's snapshot and records describe."""
-    with collectorPaused():
-        queue = Q.Queue.fromSnapshot(recovery.snapshot, leaseTimeout=leaseTimeout,
-                                     maxAttempts=maxAttempts)
-        for record in recovery.records:
-            queue.apply(record)
+    """The queue that a journal's snapshot and records describe (called
+    with the collector paused, around the journal's load as well)."""
+    queue = Q.Queue.fromSnapshot(recovery.snapshot, leaseTimeout=leaseTimeout,
+                                 maxAttempts=maxAttempts)
+    for record in recovery.records:
+        queue.apply(record)
     return queue
 
 

@@ -122,9 +122,8 @@ class Store:
             f.truncate(offset)
             f.seek(offset)
             received = offset + _copy(source, f)
-            if last and received > SYNC_ITSELF:
-                f.flush()
-                os.fsync(f.fileno())
+            if last:
+                _syncIfLarge(f, received)
         if not last:
             return received
         os.rename(partial, final)
@@ -178,10 +177,16 @@ def _copy(source, f):
 def _writeNew(path, source):
     with open(path, "xb") as f:
         size = _copy(source, f)
-        if size > SYNC_ITSELF:
-            f.flush()
-            os.fsync(f.fileno())
+        _syncIfLarge(f, size)
     return size
+
+
+def _syncIfLarge(f, size):
+    """Bulk data goes to the disk as it is written, so that the journal's
+    once-a-batch sync never waits for it; small files ride that sync."""
+    if size > SYNC_ITSELF:
+        f.flush()
+        os.fsync(f.fileno())
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
