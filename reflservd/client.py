@@ -15,6 +15,11 @@ file's size is checked against the server's listing.
 ``Client(url, legacy=True)`` speaks the old jobqueue's JSON-only protocol
 (files inline in the request, no progress, no cancel) for servers that offer
 nothing else.
+
+A job belongs to whoever holds the key its submit answered: the client keeps
+the keys of the jobs it submitted in ``$XDG_CONFIG_HOME/reflq/keys.json``
+(``~/.config/reflq/keys.json``; readable by its owner alone) and sends a
+job's key when it cancels or deletes it.
 """
 
 import base64
@@ -68,20 +73,58 @@ class WaitTimeout(ClientError, TimeoutError):
     """``Job.wait(timeout=…)`` ran out before the job ended."""
 
 
+def keysPath():
+    """The file of the job keys this user's clients were given."""
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(config, "reflq", "keys.json")
+
+
+class KeyStore:
+    """The keys of the jobs this user submitted, by server and job id, in a
+    file only its owner may read (``keysPath()``)."""
+
+    def __init__(self, path=None):
+        self.path = path or keysPath()
+
+    def _read(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                keys = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return keys if isinstance(keys, dict) else {}
+
+    def get(self, url, jobId):
+        key = self._read().get("%s#%d" % (url, jobId))
+        return key if isinstance(key, str) else None
+
+    def put(self, url, jobId, key):
+        keys = self._read()
+        keys["%s#%d" % (url, jobId)] = key
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        temporary = "%s.%d.tmp" % (self.path, os.getpid())
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(keys, f, indent=0, sort_keys=True)
+        os.replace(temporary, self.path)
+
+
 class Client:
     """One reflservd server, as seen from a script.
 
     @param url: the server's base URL (a path prefix is kept).
     @param legacy: speak the old jobqueue protocol (``/jobs.json`` …).
     @param timeout: seconds to wait for an ordinary answer.
+    @param keys: where the keys of submitted jobs are kept (a `KeyStore`).
     """
 
-    def __init__(self, url=DEFAULT_SERVER, legacy=False, timeout=60.0):
+    def __init__(self, url=DEFAULT_SERVER, legacy=False, timeout=60.0, keys=None):
         if "://" not in url:
             url = "http://" + url
         self.url = url.rstrip("/")
         self.legacy = legacy
         self.timeout = timeout
+        self.keys = keys or KeyStore()
         self._opener = urllib.request.build_opener()
 
     def __repr__(self):
@@ -91,9 +134,15 @@ class Client:
 
     def open(self, method, path, body=None, headers=None, timeout=None, jobId=None):
         """The raw response to one request (a file-like object with
-        ``status`` and ``headers``); errors become `ClientError`s."""
+        ``status`` and ``headers``); errors become `ClientError`s. A
+        request about a job carries its key when this user holds it."""
+        headers = dict(headers or {}, **{"X-Requested-With": "reflq"})
+        if jobId is not None:
+            key = self.keys.get(self.url, jobId)
+            if key is not None:
+                headers["X-Job-Key"] = key
         request = urllib.request.Request(self.url + path, data=body, method=method,
-                                         headers=dict(headers or {}))
+                                         headers=headers)
         try:
             return self._opener.open(request, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as e:
@@ -160,7 +209,12 @@ class Client:
         response = self.open("POST", "/api/v1/jobs", body, headers, timeout=max(self.timeout, 600))
         with response:
             record = json.loads(response.read())
+        self._keep(record)
         return Job(self, record["id"], record)
+
+    def _keep(self, answer):
+        if isinstance(answer.get("key"), str):
+            self.keys.put(self.url, answer["id"], answer["key"])
 
     def _submitLegacy(self, request, files):
         inline = {}
@@ -173,6 +227,7 @@ class Client:
                 inline[fileName] = {"base64": base64.b64encode(content).decode("ascii")}
         request = dict(request, data=dict(request["data"], files=inline))
         answer = self.call("POST", "/jobs.json", request, timeout=max(self.timeout, 600))
+        self._keep(answer)
         return Job(self, answer["id"])
 
     def job(self, jobId):

@@ -21,7 +21,8 @@ from twisted.python.filepath import FilePath
 from twisted.web.template import Element, XMLFile, renderer, tags
 
 from reflservd import queue as Q
-from reflservd.api import _origin, selectJobs
+from reflservd.access import KEY_COOKIE
+from reflservd.api import selectJobs
 from reflservd.client import VERSION, formatDuration, formatValue
 from reflservd.queue import QueueError
 from reflservd.store import BadName, checkName
@@ -573,13 +574,17 @@ class JobPages(Routes):
         _pageHeaders(request)
         values = {}
         try:
-            _checkSameOrigin(request)
+            origin, owner = self.submitter(request)
             jobRequest, files, values = _formRequest(formParts(request, self.maxUpload))
-            job = yield self.server.submit(jobRequest, files, _origin(request))
+            job, key = yield self.server.submit(jobRequest, files, origin, owner)
         except (APIError, QueueError, BadName) as e:
             request.setResponseCode(getattr(e, "code", 400))
             return Page("Submit a fit", SubmitBody(values, "Not submitted: %s" % (e,)),
                         scripts=["submit.js"], section="submit")
+        # The key stays in this browser, for the page's cancel button only.
+        for path in (b"/api/v1/jobs/%d" % (job.id,), b"/jobs/%d" % (job.id,)):
+            request.addCookie((KEY_COOKIE % (job.id,)).encode(), key.encode(), path=path,
+                              httpOnly=True, sameSite="Strict", max_age=b"31536000")
         request.redirect(b"/jobs/%d" % (job.id,))
         request.setResponseCode(303)
         return b""
@@ -597,17 +602,6 @@ class JobPages(Routes):
         request.setHeader(b"X-Content-Type-Options", b"nosniff")
         request.setHeader(b"Cache-Control", b"public, max-age=300")
         return body
-
-
-def _checkSameOrigin(request):
-    """A form POST must come from this site's own pages (a page elsewhere
-    cannot make a visitor's browser submit jobs)."""
-    origin = request.getHeader(b"origin")
-    if origin is None:
-        return
-    host = request.getHeader(b"host") or b""
-    if urllib.parse.urlsplit(origin.decode("latin-1")).netloc.encode("latin-1") != host:
-        raise APIError(403, "the form was sent from another site (%s)" % (origin.decode("latin-1"),))
 
 
 def _formRequest(parts):
