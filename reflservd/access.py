@@ -215,13 +215,14 @@ class Access:
             raise Forbidden("this server answers to %s, not %r"
                             % (", ".join(sorted(self.publicHosts)), host), 421)
 
-    def checkSameOrigin(self, request, simpleAllowed=False):
+    def checkSameOrigin(self, request, simpleAllowed=False, bodiless=False):
         """A state-changing request must come from this site's own pages
         (``Origin`` or ``Sec-Fetch-Site``) or be one that a page elsewhere
         cannot send without asking (a JSON body, or an ``Authorization`` or
         job key header). ``simpleAllowed`` takes a request that carries no
         browser's marks at all (the old worker's ``postjob``, which is held
-        to its lease holder's address)."""
+        to its lease holder's address). ``bodiless`` takes a request with no
+        body and no content type, which no form sends (a worker's lease)."""
         site = (request.getHeader(b"sec-fetch-site") or b"").lower()
         origin = request.getHeader(b"origin")
         if site in (b"cross-site", b"same-site"):
@@ -238,6 +239,9 @@ class Access:
         if site in (b"same-origin", b"none"):
             return
         ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+        if bodiless and not ctype and not request.content.read(1):
+            request.content.seek(0)
+            return
         if (ctype == b"application/json" or simpleAllowed
                 or request.method not in (b"POST", b"GET", b"HEAD")
                 or any(request.getHeader(h) for h in NON_SIMPLE_HEADERS)):

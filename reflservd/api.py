@@ -182,6 +182,7 @@ class JobAPI(Routes):
     @defer.inlineCallbacks
     def leaseJob(self, request, queueName):
         limits.checkQueueName(queueName)
+        self.access.checkSameOrigin(request, bodiless=True)
         self.access.checkWorker(request, queueName)
         timeout = self.intArg(request, "timeout", 0.0, 0, MAX_LONG_POLL)
         body = readJSON(request, required=False)

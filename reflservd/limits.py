@@ -27,6 +27,8 @@ MAX_PARAMETERS = 200
 """Parameters in one progress report."""
 MAX_LABEL = 200
 """Characters in a parameter's label."""
+MAX_PROGRESS_BYTES = 16 * 1024
+"""Bytes of one progress report, as its labels and numbers add up."""
 
 
 def parseJSON(data, what="the body"):
@@ -135,6 +137,9 @@ def checkProgress(progress):
     if not isinstance(parameters, dict) or len(parameters) > MAX_PARAMETERS:
         raise Refused("progress 'parameters' must map at most %d labels to numbers"
                       % (MAX_PARAMETERS,))
+    if sum(len(label) + 24 for label in parameters) > MAX_PROGRESS_BYTES:
+        raise Refused("a progress report is limited to %d bytes of labels and values"
+                      % (MAX_PROGRESS_BYTES,))
     values = {}
     for label, value in parameters.items():
         checkText(label, "a parameter label", MAX_LABEL)

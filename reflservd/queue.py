@@ -21,10 +21,8 @@ STATUSES = (PENDING, ACTIVE, COMPLETE, ERROR, CANCEL)
 FINISHED = (COMPLETE, ERROR, CANCEL)
 FAIR_SHARE_WINDOW = 30 * 24 * 3600.0
 EVENTS_KEPT = 100
-PROGRESS_EVERY = 1.0
-"""Seconds between the progress events a job keeps (a report within this
-of the last one replaces it): what the events long-poll serves is bounded
-in rate as well as in number, whatever a worker sends."""
+"""Events a running job keeps (each progress report is at most
+``limits.MAX_PROGRESS_BYTES``): what the events long-poll serves is bounded."""
 MAX_TEXT = 64 * 1024
 LEGACY_LEASE_TIMEOUT = 24 * 3600.0
 """Seconds a legacy worker's lease lasts without a sign of life from that
@@ -304,21 +302,15 @@ class Queue:
     def heartbeat(self, jobId, lease, now, progress=None, confinement=None):
         """Extend a lease and keep the latest progress (checked by the caller:
         ``limits.checkProgress``). Not journaled: progress is a view, and a
-        lease is renewed by the next heartbeat after a restart. A progress
-        report within ``PROGRESS_EVERY`` of the job's last progress event
-        replaces that event. Returns whether the worker should cancel the fit."""
+        lease is renewed by the next heartbeat after a restart. Returns
+        whether the worker should cancel the fit."""
         job = self.checkLease(jobId, lease)
         job.leaseExpires = now + self._termOf(job)
         if confinement:
             job.confinement = confinement
         if progress is not None:
             job.progress = progress
-            last = job.events[-1] if isinstance(job.events, deque) else None
-            if last is not None and last[2] == "progress" and now - last[1] < PROGRESS_EVERY:
-                job.events.pop()    # replaced by the newer report, under a new number
-                self._event(job, last[1], "progress", progress)
-            else:
-                self._event(job, now, "progress", progress)
+            self._event(job, now, "progress", progress)
         return job.cancelRequested
 
     def _termOf(self, job):
