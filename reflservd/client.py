@@ -526,6 +526,12 @@ def displayText(value, missing="", limit=None):
     return text
 
 
+def lastLine(text):
+    """The last line of an error's text (what a one-line report shows), as `displayText`."""
+    lines = displayText(text).strip().splitlines()
+    return lines[-1] if lines else ""
+
+
 _WIDEST = 30
 """Past this many digits between a value's first and its uncertainty's second,
 the two are written apart (1e+300 ± 1.0e-300) rather than to one place."""
