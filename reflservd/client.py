@@ -486,10 +486,9 @@ def formatDuration(seconds, missing="-"):
     for anything that is not a finite number of seconds."""
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         return missing
-    try:
-        seconds = int(round(max(0.0, seconds)))
-    except (ValueError, OverflowError):
+    if isinstance(seconds, float) and not math.isfinite(seconds):
         return missing
+    seconds = int(round(max(0, seconds)))
     hours, rest = divmod(seconds, 3600)
     return "%d:%02d:%02d" % (hours, rest // 60, rest % 60)
 
