@@ -500,7 +500,8 @@ def displayText(value, missing="", limit=None):
     """Any value a job carries, whatever its JSON type, as text that can be
     written anywhere (a page, a mail, a terminal): a string with its lone
     surrogates replaced by U+FFFD, a number or a boolean as written, an object
-    or a list as compact JSON; ``missing`` for None. ``limit`` clips it."""
+    or a list as compact JSON (as the pages' scripts write it); ``missing``
+    for None. ``limit`` clips it."""
     if value is None:
         return missing
     if isinstance(value, str):
@@ -516,7 +517,7 @@ def displayText(value, missing="", limit=None):
         text = repr(value)
     else:
         try:
-            text = json.dumps(value, ensure_ascii=False, default=repr)
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=repr)
         except (ValueError, TypeError, RecursionError):
             text = "(%s)" % (type(value).__name__,)
     text = _SURROGATES.sub("\ufffd", text)

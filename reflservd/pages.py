@@ -611,8 +611,8 @@ class JobPages(Routes):
             job = yield self.server.submit(jobRequest, files, _origin(request))
         except (APIError, QueueError, BadName) as e:
             request.setResponseCode(getattr(e, "code", 400))
-            page = yield self.render(request, Page("Submit a fit", SubmitBody(values, "Not submitted: " + displayText(str(e))),
-                                                   scripts=["submit.js"], section="submit"))
+            body = SubmitBody(values, "Not submitted: " + displayText(str(e)))
+            page = yield self.render(request, Page("Submit a fit", body, scripts=["submit.js"], section="submit"))
             return page
         request.redirect(b"/jobs/%d" % (job.id,))
         request.setResponseCode(303)

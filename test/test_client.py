@@ -311,8 +311,8 @@ def test_formatValueEndsAndRoundsRightForEveryPairOfFloats(value, uncertainty):
 
 @pytest.mark.parametrize("value, expected", [
     ("fit \ud800 one", "fit \ufffd one"),
-    ({"model": {"a": [1, 2.5]}, "x\udfff": None}, '{"model": {"a": [1, 2.5]}, "x\ufffd": null}'),
-    ([1, "two", float("nan")], '[1, "two", NaN]'),
+    ({"model": {"a": [1, 2.5]}, "x\udfff": None}, '{"model":{"a":[1,2.5]},"x\ufffd":null}'),
+    ([1, "two", float("nan")], '[1,"two",NaN]'),
     (float("inf"), "inf"), (1.5, "1.5"), (10 ** 40, str(10 ** 40)), (True, "true"), (None, ""),
 ])
 def test_displayTextMakesAnyJSONValueText(value, expected):
