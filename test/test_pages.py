@@ -505,3 +505,30 @@ def test_aPageThatCannotBeFlattenedIsALogged500():
     fine = DummyRequest([b""])
     body = done(pages.render(fine, Page("Fine", ErrorBody("heading", "message"))))
     assert fine.responseCode is None and b'<p class="error">message</p>' in body
+
+
+def test_aJobsFilesAreNeverAPageOfThisSite(server, worker, model):
+    """A result or upload file that is HTML or SVG (say, with a script in it)
+    is served as an attachment of a fixed, inert type, with ``nosniff`` and
+    a sandboxing CSP, also when asked ``inline`` and through the legacy
+    route; only a PNG is shown inline, as an image."""
+    worker.drain()
+    evil = b"<html><script>alert(document.cookie)</script></html>"
+    job = Client(server.url).submit(model[0], data=model[1])
+    lease = worker.lease()
+    for name in ("evil.html", "evil.svg", "plot.png"):
+        worker.putFile(lease, name, evil if name != "plot.png" else resultFiles()["nifilm-1-refl.png"])
+    worker.complete(lease, result=RESULT)
+    for path in ("/api/v1/jobs/%d/files/evil.html", "/api/v1/jobs/%d/files/evil.html?inline=1",
+                 "/api/v1/jobs/%d/files/evil.svg?inline=1", "/api/v1/jobs/%d/files/nifilm.py?kind=upload"):
+        status, headers, body = get(server.url + path % (job.id,))
+        assert status == 200, path
+        assert headers["Content-Type"] == "application/octet-stream", path
+        assert headers["Content-Disposition"].startswith("attachment; "), path
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    status, headers, _ = get(server.url + "/jobs/%d/data/evil.html" % (job.id,))
+    assert status == 200 and headers["Content-Type"] == "application/octet-stream"
+    assert headers["Content-Security-Policy"] == "sandbox; default-src 'none'"
+    status, headers, _ = get(server.url + "/api/v1/jobs/%d/files/plot.png?inline=1" % (job.id,))
+    assert status == 200 and headers["Content-Type"] == "image/png" and "Content-Disposition" not in headers
