@@ -20,8 +20,8 @@ import sys
 import time
 
 from reflservd.client import (
-    DEFAULT_SERVER, FINISHED, Client, ClientError, ServerUnreachable, UnknownJob, displayText,
-    formatDuration, formatValue, lastLine)
+    DEFAULT_SERVER, FINISHED, Client, ClientError, ServerUnreachable, UnknownJob, displayText, field,
+    fitSteps, formatDuration, formatParameter, formatValue, lastLine)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -112,15 +112,6 @@ def runTime(record, now=None):
 def chisqText(value):
     return "-" if value is None else formatValue(value, digits=4)
 
-
-def field(value, *keys):
-    """``value[k1][k2]…`` where each step is an object that has the key, else
-    None: a job's request, progress and result may hold any JSON type."""
-    for key in keys:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
 
 
 # ---- commands
@@ -263,11 +254,7 @@ def cmdStatus(client, args, out):
         out.text()
         nameWidth = max(len(name) for name in parameters)
         for name, value in parameters.items():
-            if isinstance(value, dict):
-                text = formatValue(value.get("value"), value.get("uncertainty"))
-            else:
-                text = formatValue(value)
-            out.text("  %s  %s" % (name.ljust(nameWidth), text))
+            out.text("  %s  %s" % (name.ljust(nameWidth), formatParameter(value)))
     return exitFor(record["status"])
 
 
@@ -284,8 +271,7 @@ def follow(job, out):
     """Watch a job until it ends, with a live line (step, χ², elapsed) on a
     terminal and a line per status change otherwise. Ctrl-C stops watching
     only."""
-    steps = field(job.record, "request", "data", "options", "steps")
-    total = steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
+    total = fitSteps(field(job.record, "request"))
     state = {"status": field(job.record, "status"), "progress": None}
 
     def onEvent(event):

@@ -526,6 +526,23 @@ def displayText(value, missing="", limit=None):
     return text
 
 
+def field(value, *keys):
+    """``value[k1][k2]…`` where each step is an object that has the key, else
+    None: a job's request, progress and result may hold any JSON type."""
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def fitSteps(request):
+    """The number of steps a job's request asks for (``data.options.steps``),
+    or None when it names no positive whole number."""
+    steps = field(request, "data", "options", "steps")
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
+
+
 def lastLine(text):
     """The last line of an error's text (what a one-line report shows), as `displayText`."""
     lines = displayText(text).strip().splitlines()
@@ -568,6 +585,14 @@ def formatValue(value, uncertainty=None, digits=6):
         if -4 <= lead < 6:
             return "%s ± %s" % (format(number, "f"), format(spread, "f"))
         return "(%s ± %s)e%+d" % (format(number.scaleb(-lead), "f"), format(spread.scaleb(-lead), "f"), lead)
+
+
+def formatParameter(value):
+    """A fitted parameter of a result: ``{"value", "uncertainty"}`` as
+    `formatValue` writes the pair, anything else as a bare value."""
+    if isinstance(value, dict):
+        return formatValue(value.get("value"), value.get("uncertainty"))
+    return formatValue(value)
 
 
 def _exact(value):

@@ -18,7 +18,7 @@ from email.utils import formatdate, make_msgid
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from reflservd.client import displayText, formatDuration, formatValue, lastLine
+from reflservd.client import displayText, formatDuration, formatParameter, formatValue, lastLine
 
 MAILED = ("ACTIVE", "COMPLETE", "ERROR", "CANCEL")
 ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\\x00-\x1f\x7f\ud800-\udfff]{1,64}"
@@ -120,11 +120,8 @@ class Notifier:
                 parameters = result.get("parameters")
                 if isinstance(parameters, dict):
                     for pname, value in list(parameters.items())[:MAX_PARAMETERS]:
-                        if isinstance(value, dict):
-                            text = formatValue(value.get("value"), value.get("uncertainty"))
-                        else:
-                            text = formatValue(value)
-                        lines.append("  %s = %s" % (displayText(pname, limit=200), displayText(text, limit=500)))
+                        lines.append("  %s = %s" % (displayText(pname, limit=200),
+                                                    displayText(formatParameter(value), limit=500)))
                     if len(parameters) > MAX_PARAMETERS:
                         lines.append("  (%d more on the page)" % (len(parameters) - MAX_PARAMETERS,))
             if job.status == "ERROR" and job.error:

@@ -22,7 +22,8 @@ from twisted.web.template import Element, XMLFile, flattenString, renderer, tags
 
 from reflservd import queue as Q
 from reflservd.api import _origin, selectJobs
-from reflservd.client import VERSION, displayText, formatDuration, formatValue
+from reflservd.client import (VERSION, displayText, field, fitSteps, formatDuration, formatParameter,
+                              formatValue)
 from reflservd.queue import QueueError
 from reflservd.store import BadName, checkName
 from reflservd.web import APIError, Routes, formParts
@@ -331,15 +332,13 @@ class JobBody(Element):
     def summary(self, request, tag):
         job = self.job
         data = self.request.get("data")
-        options = data.get("options") if isinstance(data, dict) else None
-        if isinstance(data, dict):
-            model = _text(data.get("model") or None, VALUE_LIMIT)
+        if isinstance(data, dict) or data is None:
+            model = _text(field(data, "model") or None, VALUE_LIMIT)
         else:
-            model = "– (data: %s)" % (_text(data, VALUE_LIMIT),) if data is not None else "–"
+            model = "– (data: %s)" % (displayText(data, limit=VALUE_LIMIT),)
+        options = field(data, "options")
         if isinstance(options, dict):
             options = " ".join("%s=%s" % (displayText(k), displayText(v)) for k, v in options.items())
-        else:
-            options = displayText(options)
         waited = (job.started - job.submitted) if job.started else None
         items = [
             ("Status", job.status),
@@ -371,15 +370,9 @@ class JobBody(Element):
         if not progress and job.status in (Q.PENDING,) + Q.FINISHED:
             tag(hidden="hidden")
         tag(**{"data-job": str(job.id), "data-status": job.status,
-               "data-steps": str(self._totalSteps() or "")})
+               "data-steps": str(fitSteps(self.request) or "")})
         return tag.fillSlots(step=_number(progress.get("step")), chisq=_number(progress.get("chisq")),
                              elapsed=formatDuration(progress.get("elapsed"), "–") if progress else "–")
-
-    def _totalSteps(self):
-        data = self.request.get("data") if isinstance(self.request.get("data"), dict) else {}
-        options = data.get("options") if isinstance(data.get("options"), dict) else {}
-        steps = options.get("steps")
-        return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
 
     @renderer
     def best(self, request, tag):
@@ -421,11 +414,7 @@ class JobBody(Element):
         rows = []
         parameters = result.get("parameters") if isinstance(result.get("parameters"), dict) else {}
         for name, value in parameters.items():
-            if isinstance(value, dict):
-                v, u = value.get("value"), value.get("uncertainty")
-            else:
-                v, u = value, None
-            rows.append(tags.tr(tags.th(displayText(name)), tags.td(formatValue(v, u), class_="num")))
+            rows.append(tags.tr(tags.th(displayText(name)), tags.td(formatParameter(value), class_="num")))
         if rows:
             section(tags.table(tags.thead(tags.tr(tags.th("Parameter"), tags.th("Value ± uncertainty",
                                                                                 class_="num"))),
