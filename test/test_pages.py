@@ -335,7 +335,8 @@ def test_jobsOfEveryShapeAreListedAndShown(browser, server, worker, model, tmp_p
     surrogate where the server still takes one): ``/`` answers 200 listing
     every job with the strict headers, each job's page answers 200 with its
     values written out, and in Chromium the live page shows the odd progress
-    and then the result, with no script error."""
+    (NaN and Infinity too, which JSON.parse refuses) and then the result,
+    with no script error."""
     from selenium.webdriver.common.by import By
 
     worker.drain()
@@ -377,6 +378,9 @@ def test_jobsOfEveryShapeAreListedAndShown(browser, server, worker, model, tmp_p
     assert text(browser, "#chisq") == '{"best":1}'
     assert "thick [1,2]" in text(browser, "#best")
     assert '{"layers":[1,2]}' in text(browser, "dl")
+    worker.heartbeat(lease, {"step": 2, "chisq": NAN, "elapsed": float("inf"), "parameters": {"thick": NAN}})
+    waitFor(browser, lambda d: text(d, "#step") == "2", "progress holding NaN stopped the live page")
+    assert text(browser, "#chisq") == "–" and text(browser, "#elapsed") == "–" and text(browser, "#live") == "live"
     worker.complete(lease, result=HONEST)
     waitFor(browser, lambda d: text(d, "#status") == "COMPLETE", "the page did not show COMPLETE")
     shown = text(browser, "#parameters")
