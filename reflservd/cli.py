@@ -113,7 +113,6 @@ def chisqText(value):
     return "-" if value is None else formatValue(value, digits=4)
 
 
-
 # ---- commands
 
 
