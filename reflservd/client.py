@@ -560,14 +560,12 @@ def formatValue(value, uncertainty=None, digits=6):
 
     With a finite positive uncertainty: ``value ± uncertainty``, the
     uncertainty to two significant digits and the value to the same decimal
-    place, with a shared power of ten (``(3.00 ± 0.02)e-7``) when the value
-    is very large or very small. Without one: an integer with all its
+    place, with a shared power of ten (``(3.000 ± 0.020)e-7``) when they
+    are very large or very small. Without one: an integer with all its
     digits, a float to ``digits`` significant digits. Anything else (a
     string, an object, NaN …) as `displayText`."""
     number = _exact(value)
     if number is None:
-        if isinstance(value, float):
-            return repr(value)      # nan, inf
         return displayText(value)
     spread = _exact(uncertainty)
     if spread is None or spread <= 0:
