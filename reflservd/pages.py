@@ -7,6 +7,11 @@ that long-poll ``/api/v1/jobs/{id}/events``. Everything a page loads comes
 from this server: no inline script or style, no CDN, and a strict
 Content-Security-Policy on every page, so that text a user put in a job (its
 name, its error) can never run as code in another user's browser.
+
+Every value that comes from a job, whatever its JSON type, is made text
+(`reflservd.client.displayText`, `formatValue`) before it is rendered, and a
+page is flattened to bytes before any is sent: one that still fails is a
+logged 500 for that request alone.
 """
 
 import datetime
