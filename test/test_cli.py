@@ -252,3 +252,82 @@ def test_legacyStatusAndList(server, worker, model):
     code, out, _ = reflq(server, "status", str(jobId), "--legacy")
     assert code == 0 and out.strip() == "job %d: PENDING" % (jobId,)
     Client(server.url).job(jobId).cancel()
+
+
+# ---- jobs whose data, progress and result are of any JSON type
+
+
+def legacySubmit(server, name, data, notify=""):
+    """``POST /jobs.json``, whose ``data`` may be any JSON (a count job's is a number): the id."""
+    status, answer = server.api.call("POST", "/jobs.json", body={"name": name, "notify": notify,
+                                                                 "service": "count", "data": data})
+    assert status == 200, answer
+    return answer["id"]
+
+
+def test_waitFollowsJobsWhoseDataIsNotAnObject(server, worker):
+    """``reflq wait`` follows a job whose data is a number (a count job), a
+    string, a list, or an object whose options or steps are of another type,
+    through progress of odd types shown on the live line, to the end: exit 0
+    and the summary line, never an internal error."""
+    worker.drain()
+    for data in (7, "text", [1, 2], {"options": "fast"}, {"options": {"steps": "many"}},
+                 {"options": {"steps": True}}, {"options": {"steps": 4}}, None):
+        jobId = legacySubmit(server, "count", data)
+
+        def fit():
+            lease = worker.lease()
+            worker.heartbeat(lease, {"step": "three", "chisq": {"x": 1}, "elapsed": "a while"})
+            worker.heartbeat(lease, {"step": 10 ** 30, "chisq": 10 ** 30, "elapsed": 10 ** 30})
+            worker.complete(lease, result={"chisq": "low"})
+
+        join = runInThread(fit)
+        err = TTY()
+        code, out, _ = reflq(server, "wait", str(jobId), stderr=err)
+        join()
+        assert code == 0, (data, err.getvalue())
+        assert out.strip().splitlines()[-1].startswith("job %d COMPLETE  χ² low" % (jobId,)), data
+        assert "internal error" not in err.getvalue()
+
+
+def test_statusShowsAResultThatIsNotAnObject(server, worker):
+    """``reflq status`` shows a result that is a list, a number or a string
+    (it hid them), and one whose chisq and parameters are of odd types."""
+    worker.drain()
+    for result, line in (([1, 2, "three"], 'result       [1,2,"three"]'), (42, "result       42"),
+                         ("only text", "result       only text"),
+                         ({"chisq": 10 ** 30, "parameters": {"p": {"value": 1.5, "uncertainty": 5e-5}, "q": [1]}},
+                          "χ²           %d" % (10 ** 30,))):
+        jobId = legacySubmit(server, "count", 7)
+        lease = worker.lease()
+        assert lease["id"] == jobId
+        worker.complete(lease, result=result)
+        code, out, err = reflq(server, "status", str(jobId))
+        assert code == 0, err
+        assert line in out.splitlines(), out
+    assert "  p  1.500000 ± 0.000050" in out.splitlines() and "  q  [1]" in out.splitlines()
+
+
+def test_aNameWithALoneSurrogateIsPrintedNotACrash(server, worker):
+    """The console script prints a job whose name and error hold lone
+    surrogates (kept from before the server refused them) with U+FFFD, in
+    ``status`` and ``list``; where the server refuses such a name, nothing
+    was submitted."""
+    worker.drain()
+    before = len(Client(server.url).jobs())
+    status, answer = server.api.call("POST", "/jobs.json", body={
+        "name": "fit \ud800 one", "notify": "", "service": "count", "data": 1})
+    if status == 400:
+        assert len(Client(server.url).jobs()) == before
+        return
+    assert status == 200, answer
+    jobId = answer["id"]
+    lease = worker.lease()
+    worker.complete(lease, "ERROR", error="Traceback\nValueError: bad \udfff")
+    done = reflqProcess(server.url, "status", str(jobId))
+    assert done.returncode == 1, done.stderr
+    assert "job          %d  fit \ufffd one" % (jobId,) in done.stdout.splitlines()
+    assert "error        ValueError: bad \ufffd" in done.stdout.splitlines()
+    done = reflqProcess(server.url, "list", "--status", "ERROR")
+    assert done.returncode == 0, done.stderr
+    assert "fit \ufffd one" in done.stdout

@@ -16,8 +16,11 @@
     return Math.floor(s / 3600) + ":" + pad(Math.floor(s / 60) % 60) + ":" + pad(s % 60);
   }
 
+  /* A progress value as the server renders it: any JSON type (an object as JSON). */
   function number(value) {
-    if (typeof value !== "number") { return value === null || value === undefined ? "–" : String(value); }
+    if (value === null || value === undefined) { return "–"; }
+    if (typeof value === "object") { return JSON.stringify(value); }
+    if (typeof value !== "number") { return String(value); }
     return String(Number(value.toPrecision(6)));
   }
 
@@ -90,6 +93,19 @@
       });
   }
 
+  /* The events answer. A worker's progress may hold NaN or Infinity, which
+     the server writes as Python does and JSON.parse refuses: outside strings
+     they are read as null, so that one such report cannot stop the page. */
+  function parseEvents(text) {
+    try {
+      return JSON.parse(text);
+    } catch (error) {
+      return JSON.parse(text.replace(/"(?:[^"\\]|\\.)*"|-?Infinity|NaN/g, function (token) {
+        return token.charAt(0) === '"' ? token : "null";
+      }));
+    }
+  }
+
   function poll(first) {
     var wait = first || FINISHED[status] ? 0 : POLL;
     fetch("/api/v1/jobs/" + jobId + "/events?after=" + after + "&timeout=" + wait,
@@ -97,8 +113,9 @@
       .then(function (response) {
         if (response.status === 404) { throw new Error("gone"); }
         if (!response.ok) { throw new Error("HTTP " + response.status); }
-        return response.json();
+        return response.text();
       })
+      .then(parseEvents)
       .then(function (answer) {
         backoff = 1000;
         answer.events.forEach(function (event) {
