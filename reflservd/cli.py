@@ -176,16 +176,9 @@ def cmdList(client, args, out):
             out.text("%6d  %s" % (jobId, status))
         return EXIT_OK
     if args.mine:
-        owners = {args.owner} if args.owner else set()
-        if not owners:
-            owners = {client.localAddress()}
-            if os.environ.get("REFLQ_NOTIFY"):
-                owners.add(os.environ["REFLQ_NOTIFY"])
-        jobs = []
-        for owner in sorted(owners):
-            jobs.extend(client.jobs(status=args.status, owner=owner, queue=args.queue, limit=args.limit))
-        jobs.sort(key=lambda job: job.id, reverse=True)
-        jobs = jobs[:args.limit]
+        held = client.keys.held(client.url)
+        jobs = [job for job in client.jobs(status=args.status, owner=args.owner, queue=args.queue)
+                if job.id in held][:args.limit]
     else:
         jobs = client.jobs(status=args.status, owner=args.owner, queue=args.queue, limit=args.limit)
     records = [job.record for job in jobs]
@@ -439,7 +432,7 @@ def parser():
     listing.add_argument("--status", type=str.upper, choices=["PENDING", "ACTIVE", "COMPLETE", "ERROR", "CANCEL"],
                          metavar="S")
     listing.add_argument("--mine", action="store_true",
-                         help="only jobs owned by $REFLQ_NOTIFY or this machine's address")
+                         help="only the jobs this user submitted (whose keys it holds)")
     listing.add_argument("--owner", metavar="O")
     listing.add_argument("--queue", metavar="Q")
     listing.add_argument("--limit", type=int, default=50, metavar="N")

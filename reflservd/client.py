@@ -100,6 +100,12 @@ class KeyStore:
         key = self._read().get("%s#%d" % (url, jobId))
         return key if isinstance(key, str) else None
 
+    def held(self, url):
+        """The ids of the jobs on ``url`` whose keys are kept here."""
+        prefix = url + "#"
+        return {int(name[len(prefix):]) for name in self._read()
+                if name.startswith(prefix) and name[len(prefix):].isdigit()}
+
     def put(self, url, jobId, key):
         keys = self._read()
         keys["%s#%d" % (url, jobId)] = key

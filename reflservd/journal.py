@@ -258,17 +258,17 @@ def iterFrames(data, end):
         offset = start + length
 
 
-_LONG_NEGATIVE = re.compile(rb"-[0-9]{19}")
+_LONG_INTEGER = re.compile(rb"[0-9]{19}")
 
 
 def parseJSON(data):
     """``json.loads`` of bytes, by orjson where it can (twice as fast on a
     large snapshot) and by the standard library where orjson refuses: NaN
     and Infinity (``json.dumps`` writes them, for instance for the χ² of a
-    failed fit), lone surrogates, integers past 64 bits. orjson reads an
-    integer below -2**63 as a float rather than refusing it, so text with a
-    negative number of 19 digits or more goes to the standard library."""
-    if _LONG_NEGATIVE.search(data) is None:
+    failed fit), lone surrogates. orjson reads an integer past 64 bits as a
+    float rather than refusing it, so text with a run of 19 digits or more
+    goes to the standard library, which keeps every digit."""
+    if _LONG_INTEGER.search(data) is None:
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:

@@ -8,11 +8,9 @@ UTF-8 can hold (no lone surrogates, which JSON's ``\\ud800`` escapes can
 carry but no file name, page or mail can).
 """
 
-import json
 import math
 
-import orjson
-
+from reflservd import journal
 from reflservd.queue import Refused, TooLarge
 
 MAX_DEPTH = 32
@@ -36,14 +34,11 @@ def parseJSON(data, what="the body"):
     not JSON, not UTF-8, nested deeper than ``MAX_DEPTH``, or holding text
     that is not encodable. NaN and Infinity are taken (a failed fit's χ²)."""
     try:
-        value = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        try:
-            value = json.loads(data)
-        except RecursionError:
-            raise Refused("%s is nested deeper than %d levels" % (what, MAX_DEPTH)) from None
-        except (ValueError, UnicodeDecodeError) as e:
-            raise Refused("%s is not valid JSON: %s" % (what, e)) from None
+        value = journal.parseJSON(data)
+    except RecursionError:
+        raise Refused("%s is nested deeper than %d levels" % (what, MAX_DEPTH)) from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise Refused("%s is not valid JSON: %s" % (what, e)) from None
     checkJSON(value, what)
     return value
 

@@ -338,7 +338,8 @@ def test_progress_is_typed_bounded_and_forgotten_when_the_job_ends(hostile):
     path = "/api/v1/jobs/%d/heartbeat" % (lease["id"],)
     auth = {"Authorization": "Bearer " + QUEUE_A}
     for progress, expected in (
-            ({"step": 1, "parameters": {"p%d" % i: 1.0 for i in range(50_000)}}, 413),
+            ({"step": 1, "parameters": {"p%d" % i: 1.0 for i in range(100_000)}}, 413),
+            ({"step": 1, "parameters": {"p%d" % i: 1.0 for i in range(201)}}, 400),
             ({"step": 1, "parameters": {"x" * 300: 1.0}}, 400),
             ({"step": 1, "elapsed": "an hour"}, 400),
             ({"step": "1"}, 400),
