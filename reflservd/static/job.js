@@ -93,19 +93,6 @@
       });
   }
 
-  /* The events answer. A worker's progress may hold NaN or Infinity, which
-     the server writes as Python does and JSON.parse refuses: outside strings
-     they are read as null, so that one such report cannot stop the page. */
-  function parseEvents(text) {
-    try {
-      return JSON.parse(text);
-    } catch (error) {
-      return JSON.parse(text.replace(/"(?:[^"\\]|\\.)*"|-?Infinity|NaN/g, function (token) {
-        return token.charAt(0) === '"' ? token : "null";
-      }));
-    }
-  }
-
   function poll(first) {
     var wait = first || FINISHED[status] ? 0 : POLL;
     fetch("/api/v1/jobs/" + jobId + "/events?after=" + after + "&timeout=" + wait,
@@ -113,9 +100,8 @@
       .then(function (response) {
         if (response.status === 404) { throw new Error("gone"); }
         if (!response.ok) { throw new Error("HTTP " + response.status); }
-        return response.text();
+        return response.json();     /* the server writes NaN and infinities as null */
       })
-      .then(parseEvents)
       .then(function (answer) {
         backoff = 1000;
         answer.events.forEach(function (event) {
