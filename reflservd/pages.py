@@ -605,7 +605,8 @@ class JobPages(Routes):
         values = {}
         try:
             origin, owner = self.submitter(request)
-            jobRequest, files, values = _formRequest(formParts(request, self.maxUpload))
+            parts = yield self.parseBody(request, formParts, self.maxUpload)
+            jobRequest, files, values = _formRequest(parts)
             job, key = yield self.server.submit(jobRequest, files, origin, owner)
         except (APIError, QueueError, BadName) as e:
             request.setResponseCode(getattr(e, "code", 400))

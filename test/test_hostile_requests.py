@@ -478,3 +478,27 @@ def test_open_workers_is_said_in_so_many_words():
     options = Options()
     options.parseOptions(["--listen", "tcp:0", "--open-workers"])
     assert options["access"].workerTokens is None
+
+
+def test_submitters_behind_a_proxy_and_with_submit_tokens(serverProcess, tmp_path):
+    """Behind ``--trusted-proxy`` a submitter is the address the proxy
+    forwarded (another client's forged header is not believed); with
+    ``--submit-token-file`` submission needs a token, and the token's
+    identity is the owner."""
+    proxied = serverProcess(args=["--trusted-proxy", "127.0.0.5"])
+    code, _, body = sendJSON(proxied, "POST", "/jobs.json", job(),
+                             {"X-Forwarded-For": "10.1.1.1, 10.2.2.2"}, source="127.0.0.5")
+    assert send(proxied, "GET", "/api/v1/jobs/%d" % (body["id"],))[2]["owner"] == "10.2.2.2"
+    code, _, body = sendJSON(proxied, "POST", "/jobs.json", job(),
+                             {"X-Forwarded-For": "10.2.2.2"}, source="127.0.0.6")
+    assert send(proxied, "GET", "/api/v1/jobs/%d" % (body["id"],))[2]["owner"] == "127.0.0.6"
+    tokens = secret(tmp_path / "submitters", "ann ann-secret\n")
+    closed = serverProcess(args=["--submit-token-file", str(tokens)])
+    code, _, body = submitForm(closed, job())
+    assert code == 403 and "submit token" in body["error"]
+    code, _, body = sendJSON(closed, "POST", "/jobs.json", job(),
+                             {"Authorization": "Bearer wrong"})
+    assert code == 403
+    assert state(closed) == []
+    code, _, body = submitForm(closed, job(), headers={"Authorization": "Bearer ann-secret"})
+    assert code == 201 and body["owner"] == "token:ann"
