@@ -10,11 +10,12 @@ class SiteRoutes(JobAPI, LegacyAPI, JobPages):
     """Every route of the site, on the one Klein app (see ``web.Routes``)."""
 
 
-def makeSite(server, maxUpload, workerToken=None, metrics=None):
+def makeSite(server, maxUpload, workerToken=None, metrics=None, **limits):
     """The twisted.web site serving ``server``; bodies past ``maxUpload`` plus
-    a little room for the multipart framing are refused before reading."""
+    a little room for the multipart framing are refused before reading;
+    ``limits`` are `web.Site`'s bounds on connections (and its ``reactor``)."""
     routes = SiteRoutes(server, maxUpload=maxUpload, workerToken=workerToken, metrics=metrics)
-    site = Site(routes.app.resource(), maxBody=maxUpload + (1 << 20))
+    site = Site(routes.app.resource(), maxBody=maxUpload + (1 << 20), **limits)
     site.metrics = metrics
     site.routes = routes
     return site
