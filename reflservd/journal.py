@@ -252,13 +252,18 @@ def parseJSON(data):
     and Infinity (``json.dumps`` writes them, for instance for the χ² of a
     failed fit), lone surrogates, integers past 64 bits. orjson reads an
     integer below -2**63 as a float rather than refusing it, so text with a
-    negative number of 19 digits or more goes to the standard library."""
+    negative number of 19 digits or more goes to the standard library.
+    Text nested past the standard library's recursion limit is a ValueError,
+    as any other text that is not a record is."""
     if _LONG_NEGATIVE.search(data) is None:
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
             pass
-    return json.loads(bytes(data))
+    try:
+        return json.loads(bytes(data))
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to decode") from None
 
 
 def decodePayload(payload):

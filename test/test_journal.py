@@ -2,6 +2,7 @@
 snapshots, disk failures and the state-directory lock, on real files."""
 
 import errno
+import json
 import os
 import shutil
 import threading
@@ -9,7 +10,7 @@ import time
 from collections import deque
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -123,6 +124,89 @@ def test_framingRoundTrip(fields):
     scan = scanSegment(data)
     assert (scan.count, scan.end, scan.error) == (len(records), len(data), None)
     assert [decodePayload(p) for _, p in iterFrames(data, scan.end)] == records
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2 ** 80, max_value=2 ** 80)
+    | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=16)
+
+
+def _frame(payload):
+    return J.HEADER.pack(len(payload), J.zlib.crc32(payload)) + payload
+
+
+segments = st.builds(
+    lambda frames, tail: b"".join(frames) + tail,
+    st.lists(st.one_of(
+        st.binary(min_size=1, max_size=40).map(_frame),
+        json_values.map(lambda v: _frame(json.dumps(v).encode())),
+        st.dictionaries(st.text(max_size=5), json_values, max_size=3).map(
+            lambda d: encodeRecord(dict(d, type="t")))), max_size=6),
+    st.binary(max_size=20))
+
+
+@settings(max_examples=300, deadline=None)
+@given(segments | st.binary(max_size=200))
+@example(_frame(b"[" * 100_000))
+@example(_frame(b'{"type":"t","x":' + b"[" * 100_000 + b"}"))
+@example(_frame(b'{"type":"\\ud800"}') + _frame(b"\xff\xfe"))
+@example(_frame(b"NaN") + _frame(b'{"type":1e999}'))
+def test_anyBytesScanAndDecodeWithinTheDocumentedErrors(data):
+    """Any bytes scan without an exception: the whole frames found end at
+    ``end``, ``error`` says why what follows is not one (None when nothing
+    does); decoding those frames gives records (dicts with a type) or raises
+    ValueError, never anything else."""
+    scan = scanSegment(data)
+    assert 0 <= scan.end <= len(data)
+    assert (scan.error is None) == (scan.end == len(data))
+    assert scan.count == len(list(iterFrames(data, scan.end)))
+    if scan.error is not None:
+        assert J.checkFrame(data, scan.end) == scan.error
+    for decode in (lambda: list(J.decodeRecords(data, scan.end, chunk=2)),
+                   lambda: [decodePayload(p) for _, p in iterFrames(data, scan.end)]):
+        try:
+            records = decode()
+        except ValueError:
+            continue
+        assert all(isinstance(r, dict) and "type" in r for r in records)
+
+
+def test_aPayloadNestedTooDeeplyIsAValueError():
+    """A checked frame holding 100,000 ``[`` (past orjson's depth limit and the
+    standard library's recursion) is refused as not a record, a ValueError,
+    not a RecursionError that would escape the replay's handling."""
+    data = _frame(b"[" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        J.parseJSON(b"[" * 100_000)
+    with pytest.raises(ValueError):
+        list(J.decodeRecords(data, scanSegment(data).end))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(st.text(max_size=5), json_values, max_size=3), min_size=1, max_size=8),
+       st.data())
+def test_aCutOrAFlippedByteLosesOnlyWhatFollowsIt(fields, data):
+    """A segment cut anywhere keeps exactly the records wholly before the
+    cut; one with a byte changed keeps the records before that byte and none
+    changed (the checksum catches it)."""
+    records = [dict(f, type="t") for f in fields]
+    frames = [encodeRecord(r) for r in records]
+    whole = b"".join(frames)
+    ends = [sum(len(f) for f in frames[:i + 1]) for i in range(len(frames))]
+    cut = data.draw(st.integers(min_value=0, max_value=len(whole)), label="cut")
+    scan = scanSegment(whole[:cut])
+    assert scan.count == sum(1 for end in ends if end <= cut)
+    assert list(J.decodeRecords(whole, scan.end)) == records[:scan.count]
+    at = data.draw(st.integers(min_value=0, max_value=len(whole) - 1), label="at")
+    flip = data.draw(st.integers(min_value=1, max_value=255), label="flip")
+    damaged = bytearray(whole)
+    damaged[at] ^= flip
+    scan = scanSegment(bytes(damaged))
+    before = sum(1 for end in ends if end <= at)
+    assert scan.count == before and scan.error is not None
+    assert list(J.decodeRecords(bytes(damaged), scan.end)) == records[:before]
 
 
 def test_frameLayout():
