@@ -133,6 +133,20 @@ json_values = st.recursive(
     max_leaves=16)
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.dictionaries(st.text(max_size=8), json_values, max_size=4), min_size=1, max_size=12),
+       st.integers(min_value=1, max_value=5))
+def test_decodeRecordsRoundTripsAnyJSON(fields, chunk):
+    """Records of any JSON (nested, integers past 64 bits, infinities, any
+    text) come back from decodeRecords as they were encoded, whatever the
+    chunk size of its batched decoding."""
+    records = [dict(f, type="t") for f in fields]
+    data = b"".join(encodeRecord(r) for r in records)
+    scan = scanSegment(data)
+    assert (scan.count, scan.end, scan.error) == (len(records), len(data), None)
+    assert list(J.decodeRecords(data, scan.end, chunk=chunk)) == records
+
+
 def _frame(payload):
     return J.HEADER.pack(len(payload), J.zlib.crc32(payload)) + payload
 
@@ -261,6 +275,19 @@ def test_recordsOrjsonRefusesComeBackAsWritten(tmp_path):
     assert records[4]["error"] == "\ud800 lone" and records[5]["big"] == 2 ** 70
     assert records[5]["small"] == -2 ** 63 - 1 and isinstance(records[5]["small"], int)
     assert records[6]["result"]["chisq"] != records[6]["result"]["chisq"]   # NaN
+
+
+def test_anIntegerPast64BitsAloneInARecordComesBackExact():
+    """orjson reads 2**64 + 1 as the float 1.8446744073709552e+19: a record
+    whose only long number is positive is decoded by the standard library
+    too, and comes back as the integer written, in a batch or alone."""
+    records = [{"type": "complete", "id": 1, "result": {"n": 2 ** 64 + 1}},
+               {"type": "complete", "id": 2, "result": [10 ** 25, -(2 ** 63) - 1]}]
+    for record in records:
+        assert J.parseJSON(encodeRecord(record)[8:]) == record
+    data = b"".join(encodeRecord(r) for r in records)
+    decoded = list(J.decodeRecords(data, len(data)))
+    assert decoded == records and isinstance(decoded[0]["result"]["n"], int)
 
 
 def test_appendRefusesARecordWithoutType(tmp_path):
