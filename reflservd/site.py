@@ -3,7 +3,7 @@
 from reflservd.api import JobAPI
 from reflservd.legacy import LegacyAPI
 from reflservd.pages import JobPages
-from reflservd.web import Site
+from reflservd.web import Site, UTF8Paths
 
 
 class SiteRoutes(JobAPI, LegacyAPI, JobPages):
@@ -15,7 +15,7 @@ def makeSite(server, maxUpload, workerToken=None, metrics=None, **limits):
     a little room for the multipart framing are refused before reading;
     ``limits`` are `web.Site`'s bounds on connections (and its ``reactor``)."""
     routes = SiteRoutes(server, maxUpload=maxUpload, workerToken=workerToken, metrics=metrics)
-    site = Site(routes.app.resource(), maxBody=maxUpload + (1 << 20), **limits)
+    site = Site(UTF8Paths(routes.app.resource()), maxBody=maxUpload + (1 << 20), **limits)
     site.metrics = metrics
     site.routes = routes
     return site

@@ -7,7 +7,7 @@ import json
 import time
 from collections import Counter
 from io import BytesIO
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import multipart
 from klein import Klein
@@ -50,6 +50,25 @@ class Routes:
     @app.handle_errors(NotFound)
     def _notFound(self, request, failure):
         return jsonBody(request, {"error": "no such route: %s" % (request.path.decode("latin-1"),)}, 404)
+
+
+class UTF8Paths(resource.Resource):
+    """The routes' resource, except that a URL path that is not UTF-8 once
+    unquoted is answered as every refusal is, ``{"error": …}`` with a 400
+    (Klein answers it in plain text and logs a traceback each time)."""
+
+    isLeaf = True
+
+    def __init__(self, routes):
+        resource.Resource.__init__(self)
+        self.routes = routes
+
+    def render(self, request):
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            return jsonBody(request, {"error": "the URL path is not UTF-8"}, 400)
+        return self.routes.render(request)
 
 
 def downloadable(path, contentTypes=None, attachment=True):
