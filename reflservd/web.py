@@ -11,10 +11,12 @@ from urllib.parse import parse_qsl, unquote_to_bytes
 
 import multipart
 from klein import Klein
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import http, resource, server, static
 from werkzeug.exceptions import NotFound
+from zope.interface import implementer
 
 from reflservd.queue import QueueError
 from reflservd.store import BadName
@@ -245,7 +247,9 @@ class RateLimitedLog:
             self._last.clear()
         self._last[key] = now
         fields["more"] = self._quiet.pop(key, 0)
-        self._log.info(format + " ({more} more like it since the last such line)", **fields)
+        if fields["more"]:
+            format += " ({more} more like it since the last such line)"
+        self._log.info(format, **fields)
 
 
 def _plainAnswer(transport, code, reason, message):
@@ -254,9 +258,13 @@ def _plainAnswer(transport, code, reason, message):
                     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (code, reason, len(body), body))
 
 
+@implementer(IHalfCloseableProtocol)
 class _Refusal(Protocol):
-    """What a connection over a cap gets: a 503 with a JSON error, then the
-    connection closed (aborted if the client does not let it close)."""
+    """What a connection over a cap gets: a 503 with a JSON error, and the
+    server's side closed at once. The connection itself is closed when the
+    client closes its side, or after ``abortAfter`` seconds: closing it while
+    the client's request is still unread would reset it, and the client
+    could lose the answer."""
 
     def __init__(self, message, clock, abortAfter):
         self.message, self.clock, self.abortAfter = message, clock, abortAfter
@@ -264,10 +272,16 @@ class _Refusal(Protocol):
 
     def connectionMade(self):
         _plainAnswer(self.transport, 503, b"Service Unavailable", self.message)
-        self.transport.loseConnection()
+        self.transport.loseWriteConnection()
         self._abort = self.clock.callLater(self.abortAfter, self.transport.abortConnection)
 
     def dataReceived(self, data):
+        pass
+
+    def readConnectionLost(self):
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
         pass
 
     def connectionLost(self, reason):
@@ -392,14 +406,14 @@ class Site(server.Site):
                 "*", "refused a connection from {address}: {open} connections open (cap {cap})",
                 address=address, open=self.openTotal, cap=self.maxConnections)
             return _Refusal("the server is at its limit of %d connections; try again later"
-                            % (self.maxConnections,), self.reactor, 15)
+                            % (self.maxConnections,), self.reactor, 5)
         if self.maxPerAddress is not None and self.openConnections[address] >= self.maxPerAddress:
             self.refusalLog.info(
                 address, "refused a connection from {address}: {open} open from that address (cap {cap})",
                 address=address, open=self.openConnections[address], cap=self.maxPerAddress)
             return _Refusal("%d connections are open from %s, the most this server takes from one "
                             "address; try again later" % (self.openConnections[address], address),
-                            self.reactor, 15)
+                            self.reactor, 5)
         protocol = server.Site.buildProtocol(self, addr)
         protocol._channel.address = address
         self.openConnections[address] += 1

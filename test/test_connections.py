@@ -120,7 +120,8 @@ def closeAll(sockets):
 
 def test_connectionsOverThePerAddressCapAreRefusedAndLoggedOnce(serverProcess):
     """40 connections held from one address against a cap of 40, then 260
-    more: each of those is answered 503 with a JSON error and closed, the
+    more (half of them sending a request at once): each of those is answered
+    503 with a JSON error and closed, the
     refusals logged in one line (not 260); another address still gets
     ``/healthz`` and a submit answered; once the held ones close, the first
     address is served again."""
@@ -134,6 +135,8 @@ def test_connectionsOverThePerAddressCapAreRefusedAndLoggedOnce(serverProcess):
         for _ in range(13):
             batch = openMany(server.port, 20)
             floods += batch
+            for s in batch[::2]:     # a request sent before the answer is read: the answer still comes
+                s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
             for answer in readUntilClosed(batch, 30.0).values():
                 head, _, body = answer.partition(b"\r\n\r\n")
                 assert head.startswith(b"HTTP/1.1 503 "), answer[:200]
@@ -275,9 +278,16 @@ def clockSite(**kwargs):
     return clock, site
 
 
+class HalfClosingTransport(StringTransport):
+    writeClosed = False
+
+    def loseWriteConnection(self):
+        self.writeClosed = True
+
+
 def openChannel(site):
     protocol = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
-    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    transport = HalfClosingTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
     protocol.makeConnection(transport)
     return protocol, transport
 
@@ -340,11 +350,16 @@ def test_anIdleKeptAliveConnectionIsClosedSilentlyAndAHandlerIsNotTimed():
 
 def test_theCountPerAddressFallsWhenConnectionsClose():
     """The per-address cap counts open connections: the third from one
-    address is refused with a 503, and taken once one of the two closes."""
+    address is refused with a 503, its side closed at once and the whole
+    connection when the client closes its own; a new one is taken once one of
+    the two closes."""
     clock, site = clockSite(maxPerAddress=2)
     channels = [openChannel(site) for _ in range(2)]
     refused, refusedTransport = openChannel(site)
     assert refusedTransport.value().startswith(b"HTTP/1.1 503 ")
+    assert refusedTransport.writeClosed and not refusedTransport.disconnecting
+    refused.readConnectionLost()
+    assert refusedTransport.disconnecting
     refused.connectionLost(None)
     channels[0][0].connectionLost(None)
     again, transport = openChannel(site)
