@@ -92,8 +92,10 @@ class Daemon:
     @classmethod
     def reflservd(cls, stateDir, logPath, *options):
         port = freePort()
+        # Every client of the bench comes from 127.0.0.1, WAITERS of them at once.
         argv = [TWISTD, "-n", "--pidfile=", "reflservd", "--listen",
-                "tcp:%d:interface=127.0.0.1" % (port,), "--state-dir", stateDir] + list(options)
+                "tcp:%d:interface=127.0.0.1" % (port,), "--state-dir", stateDir,
+                "--max-connections-per-address", str(WAITERS + 100)] + list(options)
         return cls(argv, port, logPath)
 
     @classmethod
