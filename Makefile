@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 # Debian packages the tests use: AppArmor's compiler, Chromium for the pages.
 DEBS   := apparmor chromium chromium-driver util-linux iproute2
 
-.PHONY: venv sysdeps test demo bench clean
+.PHONY: venv sysdeps test fuzz demo bench clean
 
 $(STAMP): setup.py
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is needed (CPython 3.11)"; exit 2; }
@@ -32,6 +32,11 @@ sysdeps:
 
 test: venv sysdeps
 	$(BIN)/python -m pytest -q test
+
+# The fuzzing of test/test_fuzz.py at 1,000 cases per operation (make test runs 80).
+FUZZ_EXAMPLES ?= 1000
+fuzz: venv
+	REFLSERVD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q test/test_fuzz.py
 
 demo: venv
 	$(BIN)/python -m reflservd.demo

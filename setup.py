@@ -35,6 +35,7 @@ setup(
             "pytest==9.2.0",
             "pytest-timeout==2.4.0",
             "hypothesis==6.170.17",
+            "schemathesis==4.32.5",
             "aiosmtpd==1.4.6",
             "selenium==4.38.0",
         ],

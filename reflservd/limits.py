@@ -35,7 +35,7 @@ def parseJSON(data, what="the body"):
     that is not encodable. NaN and Infinity are taken (a failed fit's χ²)."""
     try:
         value = journal.parseJSON(data)
-    except RecursionError:
+    except journal.TooDeep:
         raise Refused("%s is nested deeper than %d levels" % (what, MAX_DEPTH)) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise Refused("%s is not valid JSON: %s" % (what, e)) from None

@@ -1,6 +1,8 @@
 """``twistd reflservd``: the options and the service tree of the server."""
 
+import math
 import os
+import resource
 
 from twisted.application import service, strports
 from twisted.python import usage
@@ -48,6 +50,16 @@ class Options(usage.Options):
         ["base-url", None, None, "The server's public URL, for links in mails."],
         ["smtp", None, None, "HOST:PORT of an SMTP server for notification mails (off when unset)."],
         ["smtp-from", None, "reflservd@localhost", "From address of notification mails."],
+        ["max-connections", None, None,
+         "Open connections at most; the rest are answered 503 (default: half the open-file "
+         "limit left after 64 for the journal and the store).", int],
+        ["max-connections-per-address", None, 64,
+         "Open connections from one address at most; the rest are answered 503.", int],
+        ["request-deadline", None, 60.0,
+         "Seconds a request's headers and body may take to arrive, plus one for each "
+         "--min-upload-rate bytes of its body; bytes trickling in do not extend it.", float],
+        ["min-upload-rate", None, 64 * 1024,
+         "Bytes per second a body must at least arrive at (see --request-deadline).", int],
     ]
 
     def postOptions(self):
@@ -61,6 +73,15 @@ class Options(usage.Options):
         for name in ("lease-timeout", "legacy-lease-timeout"):
             if not self[name] > 0:
                 raise usage.UsageError("--%s must be positive" % (name,))
+        for name in ("max-connections-per-address", "min-upload-rate"):
+            if self[name] < 1:
+                raise usage.UsageError("--%s must be at least 1" % (name,))
+        if not 0 < self["request-deadline"] < math.inf:
+            raise usage.UsageError("--request-deadline must be a positive number of seconds")
+        if self["max-connections"] is None:
+            self["max-connections"] = defaultMaxConnections()
+        elif self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be at least 1")
         tokens = {}
         for option, what, named in (("worker-token-file", "worker token file", True),
                                     ("admin-token-file", "admin token file", True),
@@ -90,9 +111,20 @@ class Options(usage.Options):
         self["state-dir"] = os.path.abspath(self["state-dir"])
 
 
+def defaultMaxConnections():
+    """Half of the open files this process may have past 64 kept for the
+    journal, the store and the thread pool: each connection may hold a
+    second descriptor, its spooled body. At least 16."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, (soft - 64) // 2)
+
+
 def makeService(config, reactor=None):
     if reactor is None:
         from twisted.internet import reactor
+    from reflservd.listen import GuardedListeners
     from reflservd.metrics import Metrics
     from reflservd.notify import Notifier
     from reflservd.server import QueueServer, Quotas
@@ -112,8 +144,12 @@ def makeService(config, reactor=None):
         legacyLeaseTimeout=config["legacy-lease-timeout"], salvage=config["salvage"])
     queueServer.setName("queue")
     queueServer.setServiceParent(top)
-    site = makeSite(queueServer, config["max-upload"], config["access"], metrics)
-    web = strports.service(config["listen"], site, reactor=reactor)
+    site = makeSite(queueServer, config["max-upload"], config["access"], metrics,
+                    reactor=reactor, maxConnections=config["max-connections"],
+                    maxPerAddress=config["max-connections-per-address"],
+                    requestDeadline=config["request-deadline"],
+                    minUploadRate=config["min-upload-rate"])
+    web = strports.service(config["listen"], site, reactor=GuardedListeners(reactor))
     web.setName("web")
     web.setServiceParent(top)
     return top

@@ -1,17 +1,22 @@
 """What every HTTP route shares: the Klein app, the error type, JSON bodies,
-multipart parsing, and a request class that refuses an oversized body before
-reading it."""
+multipart parsing, a request class that refuses an oversized body before
+reading it, and a site that bounds what one connection may hold: connections
+per address, and the time a request may take to arrive."""
 
 import json
 import time
+from collections import Counter
 from io import BytesIO
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import multipart
 from klein import Klein
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.web import resource, server, static
+from twisted.web import http, resource, server, static
 from werkzeug.exceptions import MethodNotAllowed, NotFound
+from zope.interface import implementer
 
 from reflservd import limits
 from reflservd.queue import QueueError, RateLimited
@@ -58,6 +63,25 @@ class Routes:
         return jsonBody(request, {"error": "%s is not allowed on %s (allowed: %s)" % (
             request.method.decode("latin-1"), request.path.decode("latin-1"),
             ", ".join(allowed))}, 405)
+
+
+class UTF8Paths(resource.Resource):
+    """The routes' resource, except that a URL path that is not UTF-8 once
+    unquoted is answered as every refusal is, ``{"error": …}`` with a 400
+    (Klein answers it in plain text and logs a traceback each time)."""
+
+    isLeaf = True
+
+    def __init__(self, routes):
+        resource.Resource.__init__(self)
+        self.routes = routes
+
+    def render(self, request):
+        try:
+            unquote_to_bytes(request.path).decode("utf-8")
+        except UnicodeDecodeError:
+            return jsonBody(request, {"error": "the URL path is not UTF-8"}, 400)
+        return self.routes.render(request)
 
 
 def downloadable(path, contentTypes=None, attachment=True):
@@ -222,7 +246,7 @@ class CappedRequest(server.Request):
             try:
                 access.checkHost(self)
             except QueueError as e:
-                self.setResponseCode(e.code)
+                self.setResponseCode(e.code, http.RESPONSES.get(e.code, b"Misdirected Request"))
                 self.setHeader(b"Content-Type", b"application/json")
                 self.write(json.dumps({"error": str(e)}).encode("utf-8"))
                 self.finish()
@@ -236,13 +260,205 @@ class CappedRequest(server.Request):
         server.Request.process(self)
 
 
+class RateLimitedLog:
+    """Log one kind of event at most once per ``interval`` seconds for each
+    key (an address), counting those left out: a flood of refusals writes a
+    line now and then, not a line each."""
+
+    def __init__(self, logger, clock, interval=60.0):
+        self._log, self._clock, self.interval = logger, clock, interval
+        self._last = {}
+        self._quiet = Counter()
+
+    def info(self, key, format, **fields):
+        now = self._clock.seconds()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._quiet[key] += 1
+            return
+        if len(self._last) > 10_000:
+            self._last.clear()
+        self._last[key] = now
+        fields["more"] = self._quiet.pop(key, 0)
+        if fields["more"]:
+            format += " ({more} more like it since the last such line)"
+        self._log.info(format, **fields)
+
+
+def _plainAnswer(transport, code, reason, message):
+    body = json.dumps({"error": message}).encode()
+    transport.write(b"HTTP/1.1 %d %s\r\nContent-Type: application/json\r\nCache-Control: no-store\r\n"
+                    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (code, reason, len(body), body))
+
+
+@implementer(IHalfCloseableProtocol)
+class _Refusal(Protocol):
+    """What a connection over a cap gets: a 503 with a JSON error, and the
+    server's side closed at once. The connection itself is closed when the
+    client closes its side, or after ``abortAfter`` seconds: closing it while
+    the client's request is still unread would reset it, and the client
+    could lose the answer."""
+
+    def __init__(self, message, clock, abortAfter):
+        self.message, self.clock, self.abortAfter = message, clock, abortAfter
+        self._abort = None
+
+    def connectionMade(self):
+        _plainAnswer(self.transport, 503, b"Service Unavailable", self.message)
+        self.transport.loseWriteConnection()
+        self._abort = self.clock.callLater(self.abortAfter, self.transport.abortConnection)
+
+    def dataReceived(self, data):
+        pass
+
+    def readConnectionLost(self):
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+    def connectionLost(self, reason):
+        if self._abort is not None and self._abort.active():
+            self._abort.cancel()
+
+
+class DeadlineChannel(http.HTTPChannel):
+    """An HTTP/1.1 channel whose requests have a total deadline to arrive.
+
+    From the moment a request is awaited (the connection opened, or the
+    previous response sent) its headers and body must be in within
+    ``site.requestDeadline`` seconds, plus one second for each
+    ``site.minUploadRate`` bytes of its body (declared by Content-Length, or
+    received so far when chunked). Bytes arriving do not reset it, unlike
+    twisted.web's idle ``timeOut``, so a client sending a byte a minute is
+    closed as surely as a silent one: with a 408 when part of a request came,
+    silently when the connection was only idle. The handler's own time (a
+    long-poll) is not counted."""
+
+    _deadline = None
+    _awaitedSince = None
+    _requestBytes = 0
+    _bodyBytes = 0
+    address = None
+
+    def connectionMade(self):
+        http.HTTPChannel.connectionMade(self)
+        self._awaitRequest()
+
+    def _now(self):
+        return self.site.reactor.seconds()
+
+    def _awaitRequest(self):
+        self._cancelDeadline()
+        self._awaitedSince = self._now()
+        self._requestBytes = self._bodyBytes = 0
+        self._deadline = self.callLater(self.site.requestDeadline, self._deadlinePassed)
+
+    def _cancelDeadline(self):
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _allowed(self):
+        """Seconds this request may take to arrive, as far as it is known."""
+        body = max(self.length or 0, self._bodyBytes)
+        return self.site.requestDeadline + body / self.site.minUploadRate
+
+    def dataReceived(self, data):
+        if not self._handlingRequest:
+            self._requestBytes += len(data)
+        http.HTTPChannel.dataReceived(self, data)
+
+    def rawDataReceived(self, data):
+        if not self._handlingRequest:
+            self._bodyBytes += len(data)
+        http.HTTPChannel.rawDataReceived(self, data)
+
+    def allContentReceived(self):
+        self._cancelDeadline()
+        http.HTTPChannel.allContentReceived(self)
+
+    def requestDone(self, request):
+        if self.persistent:
+            self._awaitRequest()
+        http.HTTPChannel.requestDone(self, request)
+
+    def _deadlinePassed(self):
+        self._deadline = None
+        if self.transport.disconnecting:
+            return
+        allowed = self._allowed()
+        remaining = self._awaitedSince + allowed - self._now()
+        if remaining > 0:
+            self._deadline = self.callLater(remaining, self._deadlinePassed)
+            return
+        self.site.deadlineLog.info(
+            self.address, "closed a connection from {address}: no whole request within the "
+            "{seconds:.1f} s allowed ({received} bytes came)",
+            address=self.address, seconds=allowed, received=self._requestBytes)
+        if self._requestBytes:
+            _plainAnswer(self.transport, 408, b"Request Timeout",
+                         "the request did not arrive within %.1f s" % (allowed,))
+        self.loseConnection()
+        if self.abortTimeout is not None:
+            self._abortingCall = self.callLater(self.abortTimeout, self.forceAbortClient)
+
+    def connectionLost(self, reason):
+        self._cancelDeadline()
+        self.site.connectionClosed(self.address)
+        http.HTTPChannel.connectionLost(self, reason)
+
+
 class Site(server.Site):
-    """A site whose requests refuse bodies over ``maxBody`` before reading."""
+    """A site whose requests refuse bodies over ``maxBody`` before reading,
+    and whose connections are bounded: at most ``maxConnections`` open, at most
+    ``maxPerAddress`` from one address (the rest answered 503 and closed at
+    once, logged once a minute per address), each request given a total
+    deadline to arrive (`DeadlineChannel`)."""
 
     requestFactory = CappedRequest
+    _log = Logger()
 
-    def __init__(self, resource, maxBody, **kwargs):
+    def __init__(self, resource, maxBody, maxConnections=None, maxPerAddress=None,
+                 requestDeadline=60.0, minUploadRate=64 * 1024, **kwargs):
         server.Site.__init__(self, resource, **kwargs)
         self.maxBody = maxBody
+        self.maxConnections = maxConnections
+        self.maxPerAddress = maxPerAddress
+        self.requestDeadline = requestDeadline
+        self.minUploadRate = minUploadRate
+        self.openConnections = Counter()
+        self.openTotal = 0
+        self.refusalLog = RateLimitedLog(self._log, self.reactor)
+        self.deadlineLog = RateLimitedLog(self._log, self.reactor)
+
+    def buildProtocol(self, addr):
+        address = getattr(addr, "host", None) or "local"
+        if self.maxConnections is not None and self.openTotal >= self.maxConnections:
+            self.refusalLog.info(
+                "*", "refused a connection from {address}: {open} connections open (cap {cap})",
+                address=address, open=self.openTotal, cap=self.maxConnections)
+            return _Refusal("the server is at its limit of %d connections; try again later"
+                            % (self.maxConnections,), self.reactor, 5)
+        if self.maxPerAddress is not None and self.openConnections[address] >= self.maxPerAddress:
+            self.refusalLog.info(
+                address, "refused a connection from {address}: {open} open from that address (cap {cap})",
+                address=address, open=self.openConnections[address], cap=self.maxPerAddress)
+            return _Refusal("%d connections are open from %s, the most this server takes from one "
+                            "address; try again later" % (self.openConnections[address], address),
+                            self.reactor, 5)
+        protocol = server.Site.buildProtocol(self, addr)
+        protocol._channel.address = address
+        self.openConnections[address] += 1
+        self.openTotal += 1
+        return protocol
+
+    def connectionClosed(self, address):
+        self.openTotal -= 1
+        self.openConnections[address] -= 1
+        if self.openConnections[address] <= 0:
+            del self.openConnections[address]
+
+    protocol = staticmethod(lambda: http._GenericHTTPChannelProtocol(DeadlineChannel()))
 
 

@@ -6,8 +6,9 @@ Each daemon runs in the foreground (``twistd -n``) as a child of the test, on
 ``/healthz``; the worker logs that it takes work), and the tests end only the
 processes they started, by pid.
 
-- ``serverProcess(leaseTimeout=…, tokenFile=…, args=[…])`` → a started `ServerProcess`
-  (``.url``, ``.port``, ``.stateDir``, ``.api``, ``.stop()``, ``.kill()``, ``.restart()``)
+- ``serverProcess(leaseTimeout=…, tokenFile=…, args=[…], nofile=N)`` → a started `ServerProcess`
+  (``.url``, ``.port``, ``.stateDir``, ``.api``, ``.stop()``, ``.kill()``, ``.restart()``);
+  ``nofile`` sets its RLIMIT_NOFILE
 - ``workerProcess(server, queue=…, slots=…, args=[…])`` → a started `WorkerProcess`
   (``.workDir``, ``.stop()``, ``.kill()``, ``.restart()``, ``.waitForLog(text)``)
 - ``server``: one `ServerProcess` for a whole test module, for tests that share it
@@ -29,6 +30,7 @@ the default profile keeps exploring.
 
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -126,7 +128,8 @@ class DaemonProcess:
         self._logStart = os.path.getsize(self.logPath) if os.path.exists(self.logPath) else 0
         with open(self.stderrPath, "ab") as stderr:
             self.process = subprocess.Popen(self.command(), cwd=self.directory, env=childEnvironment(),
-                                            stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr)
+                                            stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                                            preexec_fn=self.preexec())
         deadline = time.monotonic() + self.startTimeout
         while not self.isReady():
             if self.process.poll() is not None:
@@ -141,6 +144,10 @@ class DaemonProcess:
 
     def isReady(self):
         raise NotImplementedError
+
+    def preexec(self):
+        """What the child runs before it execs the daemon (None: nothing)."""
+        return None
 
     def log(self, sinceStart=False):
         """The daemon's log (only this start's part with ``sinceStart``)."""
@@ -200,8 +207,9 @@ class ServerProcess(DaemonProcess):
 
     plugin = "reflservd"
 
-    def __init__(self, directory, leaseTimeout=None, tokenFile=None, args=(), port=None):
+    def __init__(self, directory, leaseTimeout=None, tokenFile=None, args=(), port=None, nofile=None):
         DaemonProcess.__init__(self, directory)
+        self.nofile = nofile
         self.port = port or freePort()
         self.url = "http://127.0.0.1:%d" % (self.port,)
         self.stateDir = os.path.join(self.directory, "state")
@@ -221,6 +229,15 @@ class ServerProcess(DaemonProcess):
         # limits unless a test asks for them (its args come last and win).
         args += ["--max-pending", "0", "--submits-per-minute", "0"]
         return args + self.args
+
+    def preexec(self):
+        if self.nofile is None:
+            return None
+        nofile = self.nofile
+
+        def limitOpenFiles():
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        return limitOpenFiles
 
     def isReady(self):
         try:

@@ -311,6 +311,16 @@ class StubTreqTests(unittest.TestCase):
             self.assertIn("error", body)
 
     @defer.inlineCallbacks
+    def test_a_path_that_is_not_utf8_answers_json_400(self):
+        """A lone surrogate (or any bytes that are not UTF-8) percent-encoded in
+        the path is refused as every bad request is: 400 with a JSON error."""
+        for path in ("/api/v1/jobs/1/files/%ED%A0%80", "/jobs/%FF.json", "/%C3"):
+            response = yield self.stub.get("http://x" + path)
+            self.assertEqual(response.code, 400, path)
+            body = yield response.json()
+            self.assertEqual(body, {"error": "the URL path is not UTF-8"})
+
+    @defer.inlineCallbacks
     def test_legacy_status_of_unknown_id_is_200_unknown(self):
         response = yield self.stub.get("http://x/jobs/41/status.json")
         self.assertEqual(response.code, 200)

@@ -2,6 +2,7 @@
 snapshots, disk failures and the state-directory lock, on real files."""
 
 import errno
+import json
 import os
 import shutil
 import threading
@@ -9,7 +10,7 @@ import time
 from collections import deque
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
@@ -125,6 +126,103 @@ def test_framingRoundTrip(fields):
     assert [decodePayload(p) for _, p in iterFrames(data, scan.end)] == records
 
 
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(min_value=-2 ** 80, max_value=2 ** 80)
+    | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=16)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.dictionaries(st.text(max_size=8), json_values, max_size=4), min_size=1, max_size=12),
+       st.integers(min_value=1, max_value=5))
+def test_decodeRecordsRoundTripsAnyJSON(fields, chunk):
+    """Records of any JSON (nested, integers past 64 bits, infinities, any
+    text) come back from decodeRecords as they were encoded, whatever the
+    chunk size of its batched decoding."""
+    records = [dict(f, type="t") for f in fields]
+    data = b"".join(encodeRecord(r) for r in records)
+    scan = scanSegment(data)
+    assert (scan.count, scan.end, scan.error) == (len(records), len(data), None)
+    assert list(J.decodeRecords(data, scan.end, chunk=chunk)) == records
+
+
+def _frame(payload):
+    return J.HEADER.pack(len(payload), J.zlib.crc32(payload)) + payload
+
+
+segments = st.builds(
+    lambda frames, tail: b"".join(frames) + tail,
+    st.lists(st.one_of(
+        st.binary(min_size=1, max_size=40).map(_frame),
+        json_values.map(lambda v: _frame(json.dumps(v).encode())),
+        st.dictionaries(st.text(max_size=5), json_values, max_size=3).map(
+            lambda d: encodeRecord(dict(d, type="t")))), max_size=6),
+    st.binary(max_size=20))
+
+
+@settings(max_examples=300, deadline=None)
+@given(segments | st.binary(max_size=200))
+@example(_frame(b"[" * 100_000))
+@example(_frame(b'{"type":"t","x":' + b"[" * 100_000 + b"}"))
+@example(_frame(b'{"type":"\\ud800"}') + _frame(b"\xff\xfe"))
+@example(_frame(b"NaN") + _frame(b'{"type":1e999}'))
+def test_anyBytesScanAndDecodeWithinTheDocumentedErrors(data):
+    """Any bytes scan without an exception: the whole frames found end at
+    ``end``, ``error`` says why what follows is not one (None when nothing
+    does); decoding those frames gives records (dicts with a type) or raises
+    ValueError, never anything else."""
+    scan = scanSegment(data)
+    assert 0 <= scan.end <= len(data)
+    assert (scan.error is None) == (scan.end == len(data))
+    assert scan.count == len(list(iterFrames(data, scan.end)))
+    if scan.error is not None:
+        assert J.checkFrame(data, scan.end) == scan.error
+    for decode in (lambda: list(J.decodeRecords(data, scan.end, chunk=2)),
+                   lambda: [decodePayload(p) for _, p in iterFrames(data, scan.end)]):
+        try:
+            records = decode()
+        except ValueError:
+            continue
+        assert all(isinstance(r, dict) and "type" in r for r in records)
+
+
+def test_aPayloadNestedTooDeeplyIsAValueError():
+    """A checked frame holding 100,000 ``[`` (past orjson's depth limit and the
+    standard library's recursion) is refused as not a record, a ValueError,
+    not a RecursionError that would escape the replay's handling."""
+    data = _frame(b"[" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        J.parseJSON(b"[" * 100_000)
+    with pytest.raises(ValueError):
+        list(J.decodeRecords(data, scanSegment(data).end))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.dictionaries(st.text(max_size=5), json_values, max_size=3), min_size=1, max_size=8),
+       st.data())
+def test_aCutOrAFlippedByteLosesOnlyWhatFollowsIt(fields, data):
+    """A segment cut anywhere keeps exactly the records wholly before the
+    cut; one with a byte changed keeps the records before that byte and none
+    changed (the checksum catches it)."""
+    records = [dict(f, type="t") for f in fields]
+    frames = [encodeRecord(r) for r in records]
+    whole = b"".join(frames)
+    ends = [sum(len(f) for f in frames[:i + 1]) for i in range(len(frames))]
+    cut = data.draw(st.integers(min_value=0, max_value=len(whole)), label="cut")
+    scan = scanSegment(whole[:cut])
+    assert scan.count == sum(1 for end in ends if end <= cut)
+    assert list(J.decodeRecords(whole, scan.end)) == records[:scan.count]
+    at = data.draw(st.integers(min_value=0, max_value=len(whole) - 1), label="at")
+    flip = data.draw(st.integers(min_value=1, max_value=255), label="flip")
+    damaged = bytearray(whole)
+    damaged[at] ^= flip
+    scan = scanSegment(bytes(damaged))
+    before = sum(1 for end in ends if end <= at)
+    assert scan.count == before and scan.error is not None
+    assert list(J.decodeRecords(bytes(damaged), scan.end)) == records[:before]
+
+
 def test_frameLayout():
     """A frame is a big-endian length, the crc32 of the payload, then compact JSON."""
     frame = encodeRecord({"type": "submit", "time": 1.0, "id": 7})
@@ -177,6 +275,19 @@ def test_recordsOrjsonRefusesComeBackAsWritten(tmp_path):
     assert records[4]["error"] == "\ud800 lone" and records[5]["big"] == 2 ** 70
     assert records[5]["small"] == -2 ** 63 - 1 and isinstance(records[5]["small"], int)
     assert records[6]["result"]["chisq"] != records[6]["result"]["chisq"]   # NaN
+
+
+def test_anIntegerPast64BitsAloneInARecordComesBackExact():
+    """orjson reads 2**64 + 1 as the float 1.8446744073709552e+19: a record
+    whose only long number is positive is decoded by the standard library
+    too, and comes back as the integer written, in a batch or alone."""
+    records = [{"type": "complete", "id": 1, "result": {"n": 2 ** 64 + 1}},
+               {"type": "complete", "id": 2, "result": [10 ** 25, -(2 ** 63) - 1]}]
+    for record in records:
+        assert J.parseJSON(encodeRecord(record)[8:]) == record
+    data = b"".join(encodeRecord(r) for r in records)
+    decoded = list(J.decodeRecords(data, len(data)))
+    assert decoded == records and isinstance(decoded[0]["result"]["n"], int)
 
 
 def test_appendRefusesARecordWithoutType(tmp_path):
