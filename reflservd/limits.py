@@ -102,13 +102,8 @@ def checkFiles(sizes, maxFiles=MAX_FILES, maxFileBytes=None, maxJobBytes=None):
 
 def finiteNumber(value, what):
     """``value`` as a float if it is a finite number; else ``Refused``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise Refused("%s must be a number" % (what,))
-    try:
-        number = float(value)
-    except OverflowError:
-        raise Refused("%s is out of range" % (what,)) from None
-    if not math.isfinite(number):
+    number = _number(value, what)
+    if number is None:
         raise Refused("%s must be a finite number" % (what,))
     return number
 
