@@ -705,6 +705,9 @@ class Journal:
         self._flushing = False
         self._snapshotsInFlight = 0
         self._idleWaiters = []
+        self._appendedCount = 0     # records appended, and of those written (in order)
+        self._writtenCount = 0
+        self._durableWaiters = []   # [(count, Deferred)], by count
         self._lastTime = None
         self._loaded = False
         self._closeState = None     # None, "closing", "closed"
@@ -980,6 +983,7 @@ class Journal:
             self._befores.append((before, filesWritten))
             self._writeFiles()
         self._pending.append(_Pending(frame, d, syncFirst, filesWritten))
+        self._appendedCount += 1
         self._lastTime = record["time"]
         self.recordsSinceSnapshot += 1
         if (self.snapshotState is not None and self.recordsSinceSnapshot >= self.snapshotEvery
@@ -991,6 +995,27 @@ class Journal:
                 self._log.failure("journal: the state could not be taken for a snapshot")
         self._flush()
         return d
+
+    def durable(self):
+        """A Deferred that fires once every record appended so far is on
+        disk, or fails (``JournalWriteError``) when one of them is refused:
+        what an answer must wait for when it shows a state that others'
+        records made and that may not be durable yet."""
+        if self._writtenCount >= self._appendedCount:
+            return defer.succeed(None)
+        d = defer.Deferred()
+        self._durableWaiters.append((self._appendedCount, d))
+        return d
+
+    def _fireDurable(self, error=None):
+        waiting, self._durableWaiters = self._durableWaiters, []
+        for count, d in waiting:
+            if error is not None:
+                d.errback(JournalWriteError(str(error)))
+            elif count <= self._writtenCount:
+                d.callback(None)
+            else:
+                self._durableWaiters.append((count, d))
 
     def snapshot(self):
         """Snapshot the state now (``snapshotState()``); a Deferred that
@@ -1103,6 +1128,8 @@ class Journal:
                 self._log.failure("journal onBatch hook failed")
         for item in batch:
             item.deferred.callback(None)
+        self._writtenCount += len(batch)
+        self._fireDurable()
 
     def _writeError(self, failure):
         if failure.check(JournalWriteError):
@@ -1117,6 +1144,8 @@ class Journal:
         error = self._writeError(failure)
         behind = list(self._pending)
         self._pending.clear()
+        self._appendedCount = self._writtenCount      # the refused records are gone
+        self._fireDurable(error)
         self._log.error("journal: {error}; {count} records not acknowledged",
                         error=str(error), count=len(batch) + sum(
                             isinstance(item, _Pending) for item in behind))

@@ -320,10 +320,15 @@ class QueueServer(service.Service):
                                 max(1, math.ceil(times[0] + 60.0 - now)))
 
     def cancel(self, jobId):
+        """Cancel a job; a job that has ended already is answered as it is,
+        once the records that ended it are on disk (another request's, which
+        may still be on its way there)."""
         try:
             record = self.queue.makeCancel(jobId, self._now())
         except Q.Conflict:
-            return defer.succeed(self.queue.get(jobId))
+            d = self.journal.durable()
+            d.addErrback(lambda f: f.trap(JournalWriteError) and _unavailable(f))
+            return d.addCallback(lambda _: self.queue.get(jobId))
         return self.commit(record).addCallback(lambda _: self.queue.get(jobId))
 
     @defer.inlineCallbacks
@@ -491,6 +496,11 @@ class QueueServer(service.Service):
             self.commit(record).addErrback(lambda f: None)
         if records:
             self.dispatch()
+
+
+def _unavailable(failure):
+    raise Q.Unavailable("the journal cannot be written (%s); nothing was changed"
+                        % (failure.getErrorMessage(),))
 
 
 def _passThrough(result, f, *args):

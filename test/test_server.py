@@ -226,3 +226,25 @@ def test_random_operations_survive_restarts_through_the_real_journal(tmp_path_fa
     server = makeServer(stateDir, clock, leaseTimeout=5, maxAttempts=2, snapshotEvery=every)
     assert _comparable(server.queue) == before
     result(server.stopService())
+
+
+def test_a_cancel_of_an_ended_job_is_answered_once_the_end_is_on_disk(tmp_path):
+    """A second cancel finds the job CANCEL already, by a first cancel whose
+    record is still on its way to the disk: its answer waits for that record
+    (answering at once acknowledged a state a crash could lose; found by the
+    crash test). A refused write fails it too."""
+    clock = Clock()
+    runner = ManualRunner()
+    server = QueueServer(str(tmp_path), clock, runInThread=runner)
+    server.startService()
+    runner.runAll()
+    answered = server.submit({"name": "j", "notify": "", "service": "count", "data": 1}, [], "h")
+    runner.runAll()
+    job, _ = result(answered)
+    first = server.cancel(job.id)
+    second = server.cancel(job.id)
+    assert server.queue.get(job.id).status == Q.CANCEL
+    assert not first.called and not second.called
+    runner.runAll()
+    assert result(first).status == result(second).status == Q.CANCEL
+    assert result(server.journal.durable()) is None

@@ -32,6 +32,22 @@ def hasProgress(record):
     return record["status"] == "ACTIVE" and record["progress"] is not None
 
 
+def followEvents(api, jobId, after, timeout):
+    """Every event of the job after ``after`` until it ends, read while it
+    runs by the events long-poll (a finished job keeps only its last event)."""
+    events, deadline = [], time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, "job %d did not end within %s s" % (jobId, timeout)
+        wait = min(remaining, 10.0)
+        answer = api.ok("GET", "/api/v1/jobs/%d/events?after=%d&timeout=%g" % (jobId, after, wait),
+                        timeout=wait + 10)
+        events += answer["events"]
+        after = answer["next"]
+        if answer["status"] in ("COMPLETE", "ERROR", "CANCEL"):
+            return events
+
+
 def ended(record):
     return record["finished"] is not None
 
@@ -180,12 +196,12 @@ def test_a_dream_fit_whose_worker_dies_resumes_from_its_checkpoint(serverProcess
     seen = server.api.ok("GET", "/api/v1/jobs/%d/events?after=0&timeout=0" % (job["id"],))["next"]
 
     second = workerProcess(server, queue="second", args=["--checkpoint-every", "1"])
-    record = server.api.waitFor(job["id"], ended, timeout=120, what="its end")
+    events = followEvents(server.api, job["id"], seen, timeout=120)
+    record = server.api.job(job["id"])
     assert record["status"] == "COMPLETE", record
     assert record["attempts"] == 2 and record["queue"] == "second"
     assert 0.8 < record["result"]["chisq"] < 1.3
     second.waitForLog("job %d: resuming the fit from the checkpoint of an earlier attempt" % (job["id"],))
-    events = server.api.ok("GET", "/api/v1/jobs/%d/events?after=%d&timeout=0" % (job["id"], seen))["events"]
     steps = [e["progress"]["step"] for e in events if e["type"] == "progress"]
     assert steps, events
     assert min(steps) > resumedFrom, (resumedFrom, steps)
