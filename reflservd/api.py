@@ -1,18 +1,21 @@
 """The ``/api/v1`` routes (docs/api.md), ``/healthz`` and ``/metrics``."""
 
-import hmac
-import json
+import math
 import os
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from reflservd import limits
+from reflservd.access import Access
 from reflservd.server import MAX_LONG_POLL
 from reflservd.store import checkName
-from reflservd.web import APIError, Routes, downloadable, formParts, jsonBody, readJSON
+from reflservd.web import APIError, Routes, checkSize, downloadable, formParts, jsonBody, readJSON
 
 app = Routes.app
 MAX_PAGE = 1000
+PARSE_IN_THREAD = 1 << 20
+"""A body over this many bytes is parsed in the store's thread pool, off the reactor."""
 CHECKPOINT = "session.h5"
 """The result file a worker sends as a fit's checkpoint; named in the lease answer
 of a later attempt of the same job, so that its worker resumes from it."""
@@ -23,30 +26,33 @@ class JobAPI(Routes):
 
     _log = Logger()
 
-    def __init__(self, server, maxUpload=200 * 1024 * 1024, workerToken=None, metrics=None):
+    def __init__(self, server, maxUpload=200 * 1024 * 1024, access=None, metrics=None):
         self.server = server
         self.maxUpload = maxUpload
-        self.workerToken = workerToken
+        self.access = access or Access()
         self.metrics = metrics
 
     # ---- helpers
 
-    def jobRecord(self, job, request=None):
+    def jobRecord(self, job, request=None, asker=None):
         """The job's record; with its request when ``request`` is given (the
-        stored request, or True to read it from the store)."""
-        record = job.toJSON()
+        stored request, or True to read it from the store). The notify
+        address is shown only to ``asker`` (the HTTP request) when it holds
+        the job's key or an admin token."""
+        notify = asker is not None and self.access.maySeeNotify(asker, job)
+        record = job.toJSON(notify=notify)
         if request is True:
             request = self.server.readRequest(job.id)
         if request is not None:
-            record["request"] = request
+            record["request"] = request if notify or not isinstance(request, dict) else dict(
+                request, notify=None)
         return record
 
-    def checkWorker(self, request):
-        if self.workerToken is None:
-            return
-        given = (request.getHeader(b"authorization") or b"").decode("latin-1")
-        if not hmac.compare_digest(given.encode(), ("Bearer " + self.workerToken).encode()):
-            raise APIError(401, "worker routes need 'Authorization: Bearer TOKEN' with this site's worker token")
+    def checkWorker(self, request, jobId):
+        """The job, if the request may act as the worker of its queue."""
+        job = self.server.queue.get(jobId)
+        self.access.checkWorker(request, job.queue)
+        return job
 
     @staticmethod
     def intArg(request, name, default, low=None, high=None):
@@ -56,7 +62,9 @@ class JobAPI(Routes):
         try:
             value = float(raw[0]) if name == "timeout" else int(raw[0])
         except ValueError:
-            raise APIError(400, "%s must be a number, not %r" % (name, raw[0].decode("latin-1")))
+            raise APIError(400, "%s must be a number, not %r" % (name, raw[0].decode("latin-1")[:50]))
+        if not math.isfinite(value) or abs(value) >= 2 ** 53:
+            raise APIError(400, "%s must be a finite number below 2**53" % (name,))
         if low is not None and value < low:
             raise APIError(400, "%s must be at least %s" % (name, low))
         return min(value, high) if high is not None else value
@@ -64,7 +72,7 @@ class JobAPI(Routes):
     @staticmethod
     def strArg(request, name):
         raw = request.args.get(name.encode())
-        return raw[0].decode("utf-8", "replace") if raw else None
+        return raw[0].decode("utf-8", "replace")[:limits.MAX_FIELD] if raw else None
 
     @staticmethod
     def lease(body):
@@ -75,25 +83,28 @@ class JobAPI(Routes):
 
     # ---- users
 
+    def parseBody(self, request, parse, *args):
+        """``parse(request, *args)``, in the store's thread pool when the body
+        is large (a 200 MB upload must not hold the reactor)."""
+        if checkSize(request, self.maxUpload + (1 << 20)) > PARSE_IN_THREAD:
+            return self.server.inThread(parse, request, *args)
+        return defer.maybeDeferred(parse, request, *args)
+
+    def submitter(self, request):
+        """``(origin, owner)`` of a submit, after the same-origin rule."""
+        self.access.checkSameOrigin(request)
+        return self.access.address(request), self.access.submitter(request)
+
     @app.route("/api/v1/jobs", methods=["POST"])
     @defer.inlineCallbacks
     def submit(self, request):
-        parts = formParts(request, self.maxUpload)
-        requestParts = [f for name, _, f in parts if name == "request"]
-        if len(requestParts) != 1:
-            raise APIError(400, "send exactly one part named 'request' (the job's JSON)")
-        try:
-            jobRequest = json.loads(requestParts[0].read())
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, "the 'request' part is not valid JSON: %s" % (e,))
-        files = []
-        for name, fileName, f in parts:
-            if name == "file":
-                files.append((checkName(fileName or ""), f))
-            elif name != "request":
-                raise APIError(400, "unexpected part %r (send 'request' and 'file' parts)" % (name,))
-        job = yield self.server.submit(jobRequest, files, _origin(request))
-        return jsonBody(request, self.jobRecord(job, request=jobRequest), 201)
+        origin, owner = self.submitter(request)
+        jobRequest, files = yield self.parseBody(request, _submitParts, self.maxUpload)
+        job, key = yield self.server.submit(jobRequest, files, origin, owner)
+        record = job.toJSON(notify=True)
+        record["request"] = jobRequest
+        record["key"] = key
+        return jsonBody(request, record, 201)
 
     @app.route("/api/v1/jobs", methods=["GET"])
     def listJobs(self, request):
@@ -103,22 +114,33 @@ class JobAPI(Routes):
         limit = self.intArg(request, "limit", 100, 1, MAX_PAGE)
         offset = self.intArg(request, "offset", 0, 0)
         jobs = selectJobs(self.server.queue, status, owner, queueName)
-        return jsonBody(request, {"jobs": [j.toJSON() for j in jobs[offset:offset + limit]],
+        admin = self.access.isAdmin(request)
+        return jsonBody(request, {"jobs": [j.toJSON(notify=admin) for j in jobs[offset:offset + limit]],
                                   "total": len(jobs), "offset": offset, "limit": limit})
 
     @app.route("/api/v1/jobs/<int:jobId>", methods=["GET"])
     def getJob(self, request, jobId):
-        return jsonBody(request, self.jobRecord(self.server.queue.get(jobId), request=True))
+        return jsonBody(request, self.jobRecord(self.server.queue.get(jobId), request=True,
+                                                asker=request))
+
+    def checkControl(self, request, jobId, what):
+        """The job, if the request may cancel or delete it (its key or an admin token)."""
+        self.access.checkSameOrigin(request)
+        job = self.server.queue.get(jobId)
+        self.access.checkControl(request, job, what)
+        return job
 
     @app.route("/api/v1/jobs/<int:jobId>/cancel", methods=["POST"])
     @defer.inlineCallbacks
     def cancelJob(self, request, jobId):
+        self.checkControl(request, jobId, "cancelling")
         job = yield self.server.cancel(jobId)
-        return jsonBody(request, self.jobRecord(job))
+        return jsonBody(request, self.jobRecord(job, asker=request))
 
     @app.route("/api/v1/jobs/<int:jobId>", methods=["DELETE"])
     @defer.inlineCallbacks
     def deleteJob(self, request, jobId):
+        self.checkControl(request, jobId, "deleting")
         yield self.server.delete(jobId)
         return jsonBody(request, {"deleted": jobId})
 
@@ -159,10 +181,14 @@ class JobAPI(Routes):
     @app.route("/api/v1/queues/<string:queueName>/lease", methods=["POST"])
     @defer.inlineCallbacks
     def leaseJob(self, request, queueName):
-        self.checkWorker(request)
+        limits.checkQueueName(queueName)
+        self.access.checkSameOrigin(request, bodiless=True)
+        self.access.checkWorker(request, queueName)
         timeout = self.intArg(request, "timeout", 0.0, 0, MAX_LONG_POLL)
         body = readJSON(request, required=False)
-        worker = body.get("worker") if isinstance(body.get("worker"), str) else _origin(request)
+        worker = body.get("worker")
+        if worker is None:
+            worker = self.access.address(request)
         job = yield self.server.lease(queueName, worker, timeout)
         if job is None:
             request.setResponseCode(204)
@@ -185,21 +211,16 @@ class JobAPI(Routes):
 
     @app.route("/api/v1/jobs/<int:jobId>/heartbeat", methods=["POST"])
     def heartbeat(self, request, jobId):
-        self.checkWorker(request)
+        self.checkWorker(request, jobId)
         body = readJSON(request)
-        progress = body.get("progress")
-        if progress is not None and not isinstance(progress, dict):
-            raise APIError(400, "'progress' must be an object")
-        confinement = body.get("confinement")
-        if confinement is not None and not isinstance(confinement, str):
-            raise APIError(400, "'confinement' must be a string")
-        cancel = self.server.heartbeat(jobId, self.lease(body), progress, confinement)
+        cancel = self.server.heartbeat(jobId, self.lease(body), body.get("progress"),
+                                       body.get("confinement"))
         return jsonBody(request, {"cancel": cancel, "leaseTimeout": self.server.leaseTimeout})
 
     @app.route("/api/v1/jobs/<int:jobId>/files/<string:name>", methods=["PUT"])
     @defer.inlineCallbacks
     def putFile(self, request, jobId, name):
-        self.checkWorker(request)
+        self.checkWorker(request, jobId)
         lease = self.intArg(request, "lease", None)
         if lease is None:
             raise APIError(400, "send the lease token as ?lease=T")
@@ -214,7 +235,7 @@ class JobAPI(Routes):
     @app.route("/api/v1/jobs/<int:jobId>/complete", methods=["POST"])
     @defer.inlineCallbacks
     def completeJob(self, request, jobId):
-        self.checkWorker(request)
+        self.checkWorker(request, jobId)
         body = readJSON(request, limit=4 << 20)
         result = body.get("result")
         if result is not None and not isinstance(result, (dict, list, str, int, float)):
@@ -230,7 +251,7 @@ class JobAPI(Routes):
     @app.route("/api/v1/jobs/<int:jobId>/release", methods=["POST"])
     @defer.inlineCallbacks
     def releaseJob(self, request, jobId):
-        self.checkWorker(request)
+        self.checkWorker(request, jobId)
         job = yield self.server.release(jobId, self.lease(readJSON(request)))
         return jsonBody(request, self.jobRecord(job))
 
@@ -267,6 +288,17 @@ def selectJobs(queue, status=None, owner=None, queueName=None):
     return jobs
 
 
-def _origin(request):
-    peer = request.getClientAddress()
-    return getattr(peer, "host", None) or "local"
+def _submitParts(request, maxUpload):
+    """The job request and files of a ``POST /api/v1/jobs`` body."""
+    parts = formParts(request, maxUpload)
+    requestParts = [f for name, _, f in parts if name == "request"]
+    if len(requestParts) != 1:
+        raise APIError(400, "send exactly one part named 'request' (the job's JSON)")
+    jobRequest = limits.parseJSON(requestParts[0].read(), "the 'request' part")
+    files = []
+    for name, fileName, f in parts:
+        if name == "file":
+            files.append((checkName(fileName or ""), f))
+        elif name != "request":
+            raise APIError(400, "unexpected part %r (send 'request' and 'file' parts)" % (name,))
+    return jobRequest, files

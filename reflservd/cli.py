@@ -20,8 +20,8 @@ import sys
 import time
 
 from reflservd.client import (
-    DEFAULT_SERVER, FINISHED, Client, ClientError, ServerUnreachable, UnknownJob, formatDuration,
-    formatValue)
+    DEFAULT_SERVER, FINISHED, Client, ClientError, ServerUnreachable, UnknownJob, displayText, field,
+    fitSteps, formatDuration, formatParameter, formatValue, lastLine)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -81,7 +81,9 @@ class Output:
         self.stderr.flush()
 
     def plain(self, line):
-        return line.replace("χ²", self.chisq).replace("±", self.pm)
+        """The line as this terminal can show it (and a job's text with a lone
+        surrogate as any can)."""
+        return displayText(line).replace("χ²", self.chisq).replace("±", self.pm)
 
     def showLive(self, line):
         line = self.plain(line)
@@ -108,7 +110,7 @@ def runTime(record, now=None):
 
 
 def chisqText(value):
-    return "%.4g" % (value,) if isinstance(value, (int, float)) else "-"
+    return "-" if value is None else formatValue(value, digits=4)
 
 
 # ---- commands
@@ -174,16 +176,9 @@ def cmdList(client, args, out):
             out.text("%6d  %s" % (jobId, status))
         return EXIT_OK
     if args.mine:
-        owners = {args.owner} if args.owner else set()
-        if not owners:
-            owners = {client.localAddress()}
-            if os.environ.get("REFLQ_NOTIFY"):
-                owners.add(os.environ["REFLQ_NOTIFY"])
-        jobs = []
-        for owner in sorted(owners):
-            jobs.extend(client.jobs(status=args.status, owner=owner, queue=args.queue, limit=args.limit))
-        jobs.sort(key=lambda job: job.id, reverse=True)
-        jobs = jobs[:args.limit]
+        held = client.keys.held(client.url)
+        jobs = [job for job in client.jobs(status=args.status, owner=args.owner, queue=args.queue)
+                if job.id in held][:args.limit]
     else:
         jobs = client.jobs(status=args.status, owner=args.owner, queue=args.queue, limit=args.limit)
     records = [job.record for job in jobs]
@@ -194,8 +189,9 @@ def cmdList(client, args, out):
     now = time.time()
     rows = [("ID", "STATUS", "NAME", "OWNER", "QUEUE", "SUBMITTED", "RUN TIME")]
     for r in records:
-        rows.append((str(r["id"]), r["status"], _clip(r.get("name") or "", 30), _clip(r.get("owner") or "", 28),
-                     r.get("queue") or "-", when(r.get("submitted")), formatDuration(runTime(r, now))))
+        rows.append((str(r["id"]), r["status"], _clip(displayText(r.get("name")), 30),
+                     _clip(displayText(r.get("owner")), 28), displayText(r.get("queue")) or "-",
+                     when(r.get("submitted")), formatDuration(runTime(r, now))))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.text("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
@@ -213,45 +209,44 @@ def cmdStatus(client, args, out):
     if client.legacy:
         out.text("job %d: %s" % (job.id, record["status"]))
         return exitFor(record["status"])
-    progress = record.get("progress") or {}
+    progress = record.get("progress") if isinstance(record.get("progress"), dict) else {}
     lines = [
-        ("job", "%d  %s" % (record["id"], record.get("name") or "")),
+        ("job", "%d  %s" % (record["id"], displayText(record.get("name")))),
         ("status", record["status"] + ("  (cancel requested)" if record.get("cancelRequested")
                                        and record["status"] == "CANCEL" and not record.get("finished") else "")),
-        ("owner", record.get("owner") or "-"),
-        ("queue", record.get("queue") or "-"),
+        ("owner", displayText(record.get("owner")) or "-"),
+        ("queue", displayText(record.get("queue")) or "-"),
         ("attempts", str(record.get("attempts", 0))),
         ("submitted", when(record.get("submitted"))),
         ("started", when(record.get("started"))),
         ("finished", when(record.get("finished"))),
         ("run time", formatDuration(runTime(record))),
-        ("confinement", record.get("confinement") or "-"),
+        ("confinement", displayText(record.get("confinement")) or "-"),
     ]
     if progress and record["status"] == "ACTIVE":
         lines.append(("progress", "step %s  χ² %s  elapsed %s" % (
-            progress.get("step", "-"), chisqText(progress.get("chisq")), formatDuration(progress.get("elapsed")))))
-    result = record.get("result") if isinstance(record.get("result"), dict) else None
-    if result:
+            displayText(progress.get("step"), "-"), chisqText(progress.get("chisq")),
+            formatDuration(progress.get("elapsed")))))
+    result = record.get("result")
+    if isinstance(result, dict):
         lines.append(("χ²", chisqText(result.get("chisq"))))
         if result.get("fitter"):
-            lines.append(("fitter", "%s%s" % (result["fitter"],
-                                              "  seed %s" % (result["seed"],) if result.get("seed") else "")))
+            lines.append(("fitter", "%s%s" % (displayText(result["fitter"]), "  seed %s" % (
+                displayText(result["seed"]),) if result.get("seed") else "")))
+    elif result is not None:
+        lines.append(("result", displayText(result, limit=2000)))
     if record.get("error") and record["status"] in ("ERROR", "CANCEL"):
-        lines.append(("error", record["error"].strip().splitlines()[-1] if record["error"].strip() else "-"))
+        lines.append(("error", lastLine(record["error"]) or "-"))
     lines.append(("page", job.url))
     width = max(len(label) for label, _ in lines)
     for label, value in lines:
         out.text("%s  %s" % (label.ljust(width), value))
-    parameters = (result or {}).get("parameters")
+    parameters = field(result, "parameters")
     if isinstance(parameters, dict) and parameters:
         out.text()
         nameWidth = max(len(name) for name in parameters)
         for name, value in parameters.items():
-            if isinstance(value, dict):
-                text = formatValue(value.get("value"), value.get("uncertainty"))
-            else:
-                text = formatValue(value)
-            out.text("  %s  %s" % (name.ljust(nameWidth), text))
+            out.text("  %s  %s" % (name.ljust(nameWidth), formatParameter(value)))
     return exitFor(record["status"])
 
 
@@ -268,12 +263,8 @@ def follow(job, out):
     """Watch a job until it ends, with a live line (step, χ², elapsed) on a
     terminal and a line per status change otherwise. Ctrl-C stops watching
     only."""
-    total = None
-    if isinstance(job.record, dict):
-        options = ((job.record.get("request") or {}).get("data") or {}).get("options") or {}
-        if isinstance(options.get("steps"), int) and options["steps"] > 0:
-            total = options["steps"]
-    state = {"status": (job.record or {}).get("status"), "progress": None}
+    total = fitSteps(field(job.record, "request"))
+    state = {"status": field(job.record, "status"), "progress": None}
 
     def onEvent(event):
         if event["type"] == "status" and event["status"] != state["status"]:
@@ -295,27 +286,26 @@ def follow(job, out):
     out.clearLive()
     record = job.record
     out.json(record)
-    result = record.get("result") if isinstance(record.get("result"), dict) else {}
     summary = "job %d %s" % (job.id, status)
-    if status == "COMPLETE" and result.get("chisq") is not None:
-        summary += "  χ² %s" % (chisqText(result["chisq"]),)
+    if status == "COMPLETE" and field(record, "result", "chisq") is not None:
+        summary += "  χ² %s" % (chisqText(record["result"]["chisq"]),)
     if runTime(record) is not None:
         summary += "  in %s" % (formatDuration(runTime(record)),)
     out.text(summary)
     if status == "ERROR" and record.get("error"):
-        out.note("reflq: job %d failed: %s" % (job.id, record["error"].strip().splitlines()[-1]))
+        out.note("reflq: job %d failed: %s" % (job.id, lastLine(record["error"])))
     return exitFor(status)
 
 
 def progressLine(jobId, progress, total, width=24):
-    progress = progress or {}
+    progress = progress if isinstance(progress, dict) else {}
     step = progress.get("step")
     parts = ["job %d" % (jobId,)]
-    if total and isinstance(step, int):
-        done = min(width, int(width * step / total))
+    if total and isinstance(step, int) and not isinstance(step, bool):
+        done = min(width, max(0, width * step // total))
         parts.append("[%s%s] step %d/%d" % ("#" * done, "." * (width - done), step, total))
     else:
-        parts.append("step %s" % (step if step is not None else "-",))
+        parts.append("step %s" % (displayText(step, "-"),))
     parts.append("χ² %s" % (chisqText(progress.get("chisq")),))
     parts.append("elapsed %s" % (formatDuration(progress.get("elapsed")),))
     return "  ".join(parts)
@@ -442,7 +432,7 @@ def parser():
     listing.add_argument("--status", type=str.upper, choices=["PENDING", "ACTIVE", "COMPLETE", "ERROR", "CANCEL"],
                          metavar="S")
     listing.add_argument("--mine", action="store_true",
-                         help="only jobs owned by $REFLQ_NOTIFY or this machine's address")
+                         help="only the jobs this user submitted (whose keys it holds)")
     listing.add_argument("--owner", metavar="O")
     listing.add_argument("--queue", metavar="Q")
     listing.add_argument("--limit", type=int, default=50, metavar="N")

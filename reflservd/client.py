@@ -15,13 +15,20 @@ file's size is checked against the server's listing.
 ``Client(url, legacy=True)`` speaks the old jobqueue's JSON-only protocol
 (files inline in the request, no progress, no cancel) for servers that offer
 nothing else.
+
+A job belongs to whoever holds the key its submit answered: the client keeps
+the keys of the jobs it submitted in ``$XDG_CONFIG_HOME/reflq/keys.json``
+(``~/.config/reflq/keys.json``; readable by its owner alone) and sends a
+job's key when it cancels or deletes it.
 """
 
 import base64
+import decimal
 import http.client
 import json
 import math
 import os
+import re
 import socket
 import time
 import urllib.error
@@ -68,20 +75,64 @@ class WaitTimeout(ClientError, TimeoutError):
     """``Job.wait(timeout=…)`` ran out before the job ended."""
 
 
+def keysPath():
+    """The file of the job keys this user's clients were given."""
+    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return os.path.join(config, "reflq", "keys.json")
+
+
+class KeyStore:
+    """The keys of the jobs this user submitted, by server and job id, in a
+    file only its owner may read (``keysPath()``)."""
+
+    def __init__(self, path=None):
+        self.path = path or keysPath()
+
+    def _read(self):
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                keys = json.load(f)
+        except (OSError, ValueError):
+            return {}
+        return keys if isinstance(keys, dict) else {}
+
+    def get(self, url, jobId):
+        key = self._read().get("%s#%d" % (url, jobId))
+        return key if isinstance(key, str) else None
+
+    def held(self, url):
+        """The ids of the jobs on ``url`` whose keys are kept here."""
+        prefix = url + "#"
+        return {int(name[len(prefix):]) for name in self._read()
+                if name.startswith(prefix) and name[len(prefix):].isdigit()}
+
+    def put(self, url, jobId, key):
+        keys = self._read()
+        keys["%s#%d" % (url, jobId)] = key
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        temporary = "%s.%d.tmp" % (self.path, os.getpid())
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(keys, f, indent=0, sort_keys=True)
+        os.replace(temporary, self.path)
+
+
 class Client:
     """One reflservd server, as seen from a script.
 
     @param url: the server's base URL (a path prefix is kept).
     @param legacy: speak the old jobqueue protocol (``/jobs.json`` …).
     @param timeout: seconds to wait for an ordinary answer.
+    @param keys: where the keys of submitted jobs are kept (a `KeyStore`).
     """
 
-    def __init__(self, url=DEFAULT_SERVER, legacy=False, timeout=60.0):
+    def __init__(self, url=DEFAULT_SERVER, legacy=False, timeout=60.0, keys=None):
         if "://" not in url:
             url = "http://" + url
         self.url = url.rstrip("/")
         self.legacy = legacy
         self.timeout = timeout
+        self.keys = keys or KeyStore()
         self._opener = urllib.request.build_opener()
 
     def __repr__(self):
@@ -91,9 +142,15 @@ class Client:
 
     def open(self, method, path, body=None, headers=None, timeout=None, jobId=None):
         """The raw response to one request (a file-like object with
-        ``status`` and ``headers``); errors become `ClientError`s."""
+        ``status`` and ``headers``); errors become `ClientError`s. A
+        request about a job carries its key when this user holds it."""
+        headers = dict(headers or {}, **{"X-Requested-With": "reflq"})
+        if jobId is not None:
+            key = self.keys.get(self.url, jobId)
+            if key is not None:
+                headers["X-Job-Key"] = key
         request = urllib.request.Request(self.url + path, data=body, method=method,
-                                         headers=dict(headers or {}))
+                                         headers=headers)
         try:
             return self._opener.open(request, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as e:
@@ -160,7 +217,12 @@ class Client:
         response = self.open("POST", "/api/v1/jobs", body, headers, timeout=max(self.timeout, 600))
         with response:
             record = json.loads(response.read())
+        self._keep(record)
         return Job(self, record["id"], record)
+
+    def _keep(self, answer):
+        if isinstance(answer.get("key"), str):
+            self.keys.put(self.url, answer["id"], answer["key"])
 
     def _submitLegacy(self, request, files):
         inline = {}
@@ -173,6 +235,7 @@ class Client:
                 inline[fileName] = {"base64": base64.b64encode(content).decode("ascii")}
         request = dict(request, data=dict(request["data"], files=inline))
         answer = self.call("POST", "/jobs.json", request, timeout=max(self.timeout, 600))
+        self._keep(answer)
         return Job(self, answer["id"])
 
     def job(self, jobId):
@@ -480,28 +543,124 @@ class Job:
 
 
 def formatDuration(seconds, missing="-"):
-    """``H:MM:SS`` (what reflq, the pages and the mails show), or ``missing``."""
-    if seconds is None:
+    """``H:MM:SS`` (what reflq, the pages and the mails show), or ``missing``
+    for anything that is not a finite number of seconds."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
         return missing
-    seconds = int(round(max(0.0, seconds)))
+    if isinstance(seconds, float) and not math.isfinite(seconds):
+        return missing
+    seconds = int(round(max(0, seconds)))
     hours, rest = divmod(seconds, 3600)
     return "%d:%02d:%02d" % (hours, rest // 60, rest % 60)
 
 
-def formatValue(value, uncertainty=None):
-    """``value ± uncertainty`` with the uncertainty to two significant digits
-    and the value to the same decimal place; ``%.6g`` without one."""
-    if not isinstance(value, (int, float)):
-        return "" if value is None else str(value)
-    if isinstance(uncertainty, (int, float)) and math.isfinite(uncertainty) and uncertainty > 0 \
-            and math.isfinite(value):
-        if uncertainty < 1e-4 or abs(value) >= 1e6:
-            exponent = int(math.floor(math.log10(abs(value) or uncertainty)))
-            scale = 10.0 ** exponent
-            return "(%s)e%+d" % (formatValue(value / scale, uncertainty / scale), exponent)
-        places = max(0, 1 - int(math.floor(math.log10(uncertainty))))
-        return "%.*f ± %.*f" % (places, value, places, uncertainty)
-    return "%.6g" % (value,)
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
+def displayText(value, missing="", limit=None):
+    """Any value a job carries, whatever its JSON type, as text that can be
+    written anywhere (a page, a mail, a terminal): a string with its lone
+    surrogates replaced by U+FFFD, a number or a boolean as written, an object
+    or a list as compact JSON (as the pages' scripts write it); ``missing``
+    for None. ``limit`` clips it."""
+    if value is None:
+        return missing
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int):
+        try:
+            text = str(value)
+        except ValueError:          # past Python's limit on the digits of an int
+            text = "(an integer of %d bits)" % (value.bit_length(),)
+    elif isinstance(value, float):
+        text = repr(value)
+    else:
+        try:
+            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=repr)
+        except (ValueError, TypeError, RecursionError):
+            text = "(%s)" % (type(value).__name__,)
+    text = _SURROGATES.sub("\ufffd", text)
+    if limit is not None and len(text) > limit:
+        text = text[:max(0, limit - 1)] + "…"
+    return text
+
+
+def field(value, *keys):
+    """``value[k1][k2]…`` where each step is an object that has the key, else
+    None: a job's request, progress and result may hold any JSON type."""
+    for key in keys:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return value
+
+
+def fitSteps(request):
+    """The number of steps a job's request asks for (``data.options.steps``),
+    or None when it names no positive whole number."""
+    steps = field(request, "data", "options", "steps")
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
+
+
+def lastLine(text):
+    """The last line of an error's text (what a one-line report shows), as `displayText`."""
+    lines = displayText(text).strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+_WIDEST = 30
+"""Past this many digits between a value's first and its uncertainty's second,
+the two are written apart (1e+300 ± 1.0e-300) rather than to one place."""
+_DECIMALS = decimal.Context(prec=_WIDEST + 10, Emin=-decimal.MAX_EMAX, Emax=decimal.MAX_EMAX)
+
+
+def formatValue(value, uncertainty=None, digits=6):
+    """A number as the pages, the mails and reflq show it.
+
+    With a finite positive uncertainty: ``value ± uncertainty``, the
+    uncertainty to two significant digits and the value to the same decimal
+    place, with a shared power of ten (``(3.000 ± 0.020)e-7``) when they
+    are very large or very small. Without one: an integer with all its
+    digits, a float to ``digits`` significant digits. Anything else (a
+    string, an object, NaN …) as `displayText`."""
+    number = _exact(value)
+    if number is None:
+        return displayText(value)
+    spread = _exact(uncertainty)
+    if spread is None or spread <= 0:
+        return displayText(value) if isinstance(value, int) else "%.*g" % (digits, value)
+    with decimal.localcontext(_DECIMALS):
+        place = spread.adjusted() - 1            # the uncertainty's second digit
+        spread = spread.quantize(decimal.Decimal(1).scaleb(place))
+        if spread.adjusted() - 1 > place:        # 9.96 rounded to 10.0: two digits are 10
+            place += 1
+            spread = spread.quantize(decimal.Decimal(1).scaleb(place))
+        if number and number.adjusted() - place > _WIDEST:
+            return "%s ± %s" % (formatValue(value, digits=digits), format(spread, ".1e"))
+        number = number.quantize(decimal.Decimal(1).scaleb(place))
+        lead = max(number.adjusted() if number else spread.adjusted(), spread.adjusted())
+        if -4 <= lead < 6:
+            return "%s ± %s" % (format(number, "f"), format(spread, "f"))
+        return "(%s ± %s)e%+d" % (format(number.scaleb(-lead), "f"), format(spread.scaleb(-lead), "f"), lead)
+
+
+def formatParameter(value):
+    """A fitted parameter of a result: ``{"value", "uncertainty"}`` as
+    `formatValue` writes the pair, anything else as a bare value."""
+    if isinstance(value, dict):
+        return formatValue(value.get("value"), value.get("uncertainty"))
+    return formatValue(value)
+
+
+def _exact(value):
+    """A finite int or float as an exact Decimal, else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return decimal.Decimal(value)
 
 
 def _multipart(request, files):

@@ -67,6 +67,16 @@ class JournalWriteError(Exception):
     """The disk refused a write; nothing in the batch is durable."""
 
 
+class RecordTooLarge(ValueError):
+    """A record whose frame would pass ``MAX_RECORD_BYTES``: refused before
+    anything is changed (the server encodes a record before it applies it)."""
+
+    def __init__(self, size):
+        ValueError.__init__(self, "a change is limited to %d bytes as a journal record; "
+                                  "this one is %d bytes" % (MAX_RECORD_BYTES, size))
+        self.size = size
+
+
 class JournalLocked(Exception):
     """Another process holds the state directory."""
 
@@ -74,7 +84,13 @@ class JournalLocked(Exception):
 class JournalCorrupt(Exception):
     """Acknowledged records cannot be read back: a damaged segment, a missing
     segment, or no readable snapshot where the early segments were trimmed.
-    ``reflservd-journal STATE_DIR verify`` shows where."""
+    ``reflservd-journal STATE_DIR verify`` shows where. ``segment`` and
+    ``offset`` say where the damage starts when it is inside a segment (what
+    ``salvageJournal`` can cut at), else None."""
+
+    def __init__(self, message, segment=None, offset=None):
+        Exception.__init__(self, message)
+        self.segment, self.offset = segment, offset
 
 
 class SnapshotError(Exception):
@@ -181,8 +197,7 @@ def encodeRecord(record):
     """The frame of one record: length, crc32, compact JSON."""
     payload = _compactJSON(record).encode("utf-8")
     if len(payload) > MAX_RECORD_BYTES:
-        raise ValueError("a journal record is limited to %d bytes, not %d"
-                         % (MAX_RECORD_BYTES, len(payload)))
+        raise RecordTooLarge(len(payload))
     return HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
@@ -243,19 +258,18 @@ def iterFrames(data, end):
         offset = start + length
 
 
-_LONG_INTEGER = re.compile(rb"-[0-9]{19}|[0-9]{20}")
+_LONG_INTEGER = re.compile(rb"[0-9]{19}")
 
 
 def parseJSON(data):
     """``json.loads`` of bytes, by orjson where it can (twice as fast on a
     large snapshot) and by the standard library where orjson refuses: NaN
     and Infinity (``json.dumps`` writes them, for instance for the χ² of a
-    failed fit), lone surrogates. orjson reads an integer past 64 bits
-    (below -2**63 or above 2**64 - 1) as a float rather than refusing it, so
-    text with a negative number of 19 digits or more, or a run of 20 digits,
-    goes to the standard library.
-    Text nested past the standard library's recursion limit is a ValueError,
-    as any other text that is not a record is."""
+    failed fit), lone surrogates. orjson reads an integer past 64 bits as a
+    float rather than refusing it, so text with a run of 19 digits or more
+    goes to the standard library, which keeps every digit. Text nested past
+    the standard library's recursion limit is a ValueError, as any other
+    text that is not a record is."""
     if _LONG_INTEGER.search(data) is None:
         try:
             return orjson.loads(data)
@@ -420,6 +434,36 @@ def trimJournal(journalDir, keep):
     return removed
 
 
+def salvageJournal(stateDir, segment, offset):
+    """Cut the journal at ``offset`` of ``segment``: the bytes from there on,
+    the later segments and the snapshots that hold their state are moved
+    aside (``*.salvaged``), never deleted, so that a start replays the
+    records before the damage. Returns the names set aside."""
+    journalDir = journalDirectory(stateDir)
+    segments, snapshots = listJournal(journalDir)
+    aside = []
+    path = os.path.join(journalDir, segmentName(segment))
+    with open(path, "rb") as f:
+        data = f.read()
+    tail = "%s.salvaged-%d" % (segmentName(segment), offset)
+    fd = os.open(os.path.join(journalDir, tail), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    writeAllAndClose(fd, data[offset:])
+    aside.append(tail)
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    later = [segmentName(n) for n in segments if n > segment]
+    later += [snapshotName(n) for n in snapshots if n > segment]
+    for name in later:
+        os.replace(os.path.join(journalDir, name), os.path.join(journalDir, name + ".salvaged"))
+        aside.append(name + ".salvaged")
+    fsyncDirectory(journalDir)
+    return aside
+
+
 # ---- what load() found
 
 
@@ -436,13 +480,33 @@ class Recovery:
     """
 
     def __init__(self, snapshot, records, torn, recordCount=0, snapshotNumber=None,
-                 skippedSnapshots=()):
+                 skippedSnapshots=(), journalDir=None, counts=()):
         self.snapshot = snapshot
         self.records = records
         self.torn = list(torn)
         self.recordCount = recordCount
         self.snapshotNumber = snapshotNumber
         self.skippedSnapshots = list(skippedSnapshots)
+        self.journalDir = journalDir
+        self.counts = list(counts)      # [(segment number, whole records in it)]
+
+    def where(self, index):
+        """``(segment number, offset)`` of the ``index``-th record of
+        ``records`` (read again from the file: for reporting, not for speed)."""
+        for number, count in self.counts:
+            if index < count:
+                with open(os.path.join(self.journalDir, segmentName(number)), "rb") as f:
+                    data = f.read()
+                for k, (offset, _) in enumerate(iterFrames(data, len(data))):
+                    if k == index:
+                        return number, offset
+            index -= count
+        return None, None
+
+    def locate(self, index):
+        """``segment-N.log:OFFSET`` of the ``index``-th record, for a message."""
+        number, offset = self.where(index)
+        return "record %d" % (index,) if number is None else "%s:%d" % (segmentName(number), offset)
 
 
 # ---- the writer thread's side
@@ -696,7 +760,11 @@ class Journal:
             except FileNotFoundError:
                 # A running server trimmed the files we listed: look again.
                 if attempt == attempts - 1:
+                    self._unlock()
                     raise
+            except BaseException:
+                self._unlock()      # a refused load leaves the directory to its operator
+                raise
         self._loaded = True
         return recovery
 
@@ -717,7 +785,7 @@ class Journal:
         replay = [n for n in segments if n >= start]
         self._checkContiguous(replay, start, chosen, skipped)
 
-        sources, torn, count = [], [], 0
+        sources, torn, count, counts = [], [], 0, []
         try:
             for index, number in enumerate(replay):
                 path = os.path.join(self.journalDir, segmentName(number))
@@ -729,11 +797,13 @@ class Journal:
                     if index < len(replay) - 1:
                         raise JournalCorrupt(
                             "%s:%d: %s, in a segment that was complete; run "
-                            "reflservd-journal %s verify"
-                            % (path, scan.end, scan.error, self.stateDir))
-                    torn.append(self._tornTail(path, data, scan))
+                            "reflservd-journal %s verify (twistd reflservd --salvage starts "
+                            "from the records before it and keeps the rest aside)"
+                            % (path, scan.end, scan.error, self.stateDir), number, scan.end)
+                    torn.append(self._tornTail(path, data, scan, number))
                 sources[-1][1] = scan.end
                 count += scan.count
+                counts.append((number, scan.count))
             if self.writable:
                 self._openWriter(replay[-1] if replay else start,
                                  sources[-1][1] if replay else 0)
@@ -751,7 +821,8 @@ class Journal:
             snapshot=snapshotName(chosen) if chosen is not None else "none",
             count=count, segments=len(replay))
         return Recovery(state, self._records(sources), torn, recordCount=count,
-                        snapshotNumber=chosen, skippedSnapshots=skipped)
+                        snapshotNumber=chosen, skippedSnapshots=skipped,
+                        journalDir=self.journalDir, counts=counts)
 
     def _skipSnapshot(self, path, error):
         description = "%s is not whole (%s)" % (path, error)
@@ -776,18 +847,19 @@ class Journal:
             why = "%s is gone (replay starts at %s)" % (segmentName(missing[0]), snapshotName(chosen))
         raise JournalCorrupt("journal %s: %s" % (self.journalDir, why))
 
-    def _tornTail(self, path, data, scan):
+    def _tornTail(self, path, data, scan, number):
         size = len(data) - scan.end
-        if size > MAX_BATCH_BYTES:
-            raise JournalCorrupt(
-                "%s:%d: %s, with %d bytes after it: more than one write could "
-                "tear; run reflservd-journal %s verify"
-                % (path, scan.end, scan.error, size, self.stateDir))
         whole = findWholeFrames(data, scan.end)
+        if size > MAX_BATCH_BYTES or whole:
+            raise JournalCorrupt(
+                "%s:%d: %s, with %d bytes after it%s: not a torn last write but damage to "
+                "acknowledged records; run reflservd-journal %s verify (twistd reflservd "
+                "--salvage starts from the records before it and keeps the rest aside)"
+                % (path, scan.end, scan.error, size,
+                   " holding %d whole records" % (whole,) if whole else "", self.stateDir),
+                number, scan.end)
         description = "%s: %d bytes from offset %d are not a whole record (%s)" % (
             path, size, scan.end, scan.error)
-        if whole:
-            description += "; %d whole records follow the tear" % (whole,)
         if not self.writable:
             return description + "; left in place (read-only)"
         aside = self._setAside(path, data[scan.end:], scan.end)
@@ -865,9 +937,21 @@ class Journal:
 
     # ---- appending
 
-    def append(self, record, syncFirst=False, before=None):
-        """Journal ``record`` (a JSON-able dict with a ``"type"``; a missing
-        ``"time"`` is set, in place, to the reactor's time). With
+    def encode(self, record):
+        """The frame of ``record`` (a JSON-able dict with a ``"type"``; a
+        missing ``"time"`` is set, in place, to the reactor's time), or
+        ``RecordTooLarge``/``ValueError``: what ``append`` would write, for a
+        caller that must know a record can be journaled before it changes
+        anything."""
+        if not isinstance(record.get("type"), str):
+            raise ValueError("a journal record needs a string 'type': %r" % (record,))
+        if "time" not in record:
+            record["time"] = self.reactor.seconds()
+        return encodeRecord(record)
+
+    def append(self, record, syncFirst=False, before=None, frame=None):
+        """Journal ``record`` (its ``frame``, when ``encode`` made it already;
+        see ``encode`` for what a record is). With
         ``syncFirst`` the batch holding it is written only after the
         ``syncFirst`` callable given to the journal has run. ``before``, if
         given, writes the files the record names (it implies ``syncFirst``):
@@ -882,11 +966,8 @@ class Journal:
             record before it) and nothing of it is on disk.
         """
         self._checkWritable()
-        if not isinstance(record.get("type"), str):
-            raise ValueError("a journal record needs a string 'type': %r" % (record,))
-        if "time" not in record:
-            record["time"] = self.reactor.seconds()
-        frame = encodeRecord(record)
+        if frame is None:
+            frame = self.encode(record)
         d = defer.Deferred()
         filesWritten = None
         if before is not None:
@@ -1098,6 +1179,13 @@ class Journal:
             idle.addCallback(self._closedNow)
             self._checkIdle()
         return d
+
+    def abandon(self):
+        """Give the directory up at once after a load the caller refused
+        (its records did not replay): threads stopped, lock released,
+        nothing written."""
+        self._closeState = "closed"
+        self._release(None)
 
     def _release(self, _):
         if self._shutdownTrigger is not None:

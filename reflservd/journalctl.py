@@ -217,16 +217,40 @@ def verify(args, out, err):
                          % (name, scan.end, files.serverPid))
         else:
             problems.append("%s:%d: %s" % (name, scan.end, scan.error))
+    if not problems:
+        problems.extend(_replayProblems(files))
     for note in notes:
         print(note, file=out)
     if problems:
         print("first bad: %s" % (problems[0],), file=out)
+        print("twistd reflservd refuses to start on it; with --salvage it starts from the "
+              "records before the first bad one and sets the rest aside", file=out)
         for problem in problems[1:]:
             print("also bad: %s" % (problem,), file=out)
         return EXIT_BAD
     print("ok: %d whole records in %d segments, %d whole snapshots"
           % (count, len(segments), len(wholeSnapshots)), file=out)
     return EXIT_OK
+
+
+def _replayProblems(files):
+    """What a start would refuse in whole records: the first one the queue
+    cannot apply to the state before it (a record about an unknown job,
+    say), as ``[description]``; ``[]`` when all of them apply."""
+    from reflservd.queue import Queue
+
+    try:
+        start, state, _ = _startingSnapshot(files, None)
+        queue = Queue.fromSnapshot(state)
+    except (CommandError, ValueError, KeyError, TypeError) as e:
+        return ["the newest whole snapshot cannot be loaded: %s" % (e,)]
+    for number, offset, record, _ in files.records(fromSegment=start):
+        try:
+            queue.apply(record)
+        except Exception as e:
+            return ["%s:%d: a %r record cannot be applied to the state before it (%s: %s)"
+                    % (segmentName(number), offset, record.get("type"), type(e).__name__, e)]
+    return []
 
 
 def _firstUndecodable(data, end):

@@ -4,21 +4,23 @@ The old clients and workers keep working unchanged; the old server's bugs do
 not come along: a job is journaled before any worker can see it, a deleted job
 is never handed out, results are taken only from the worker that holds an
 ACTIVE job, and a dead worker's job goes back to the queue when its lease runs
-out. The old worker sends no heartbeat; it reads ``status.json`` every few
-seconds while it runs a job, so a status read from the address that holds the
-lease renews it.
+out. The old worker sends no heartbeat, and it holds a prefetched job without
+reading its status while it runs a long one; so a legacy lease lasts
+``--legacy-lease-timeout`` (a day by default) and is renewed by what only the
+worker does (its ``nextjob`` and ``postjob``), never by anyone's reads.
 """
 
 import base64
 import binascii
-import json
 
 from twisted.internet import defer
 
+from reflservd import limits
 from reflservd import queue as Q
-from reflservd.api import _origin, selectJobs
+from reflservd.api import selectJobs
 from reflservd.store import baseName, checkName
-from reflservd.web import APIError, Routes, downloadable, formParts, jsonBody, readJSON
+from reflservd.web import (
+    JSON, APIError, Routes, contentType, downloadable, formParts, jsonBody, readJSON)
 
 app = Routes.app
 STATUS_NAMES = "any(pending,active,error,complete,cancel)"
@@ -48,30 +50,38 @@ class LegacyAPI(Routes):
     @defer.inlineCallbacks
     def legacySubmit(self, request, fmt):
         checkFormat(fmt)
-        jobRequest = readJSON(request, limit=self.maxUpload)
-        jobRequest, files = inlineFiles(jobRequest)
-        job = yield self.server.submit(jobRequest, files, _origin(request))
-        return jsonBody(request, {"id": job.id, "job": jobRequest})
+        if contentType(request) != JSON:
+            raise APIError(415, "send the job as JSON (Content-Type: application/json)")
+        origin, owner = self.submitter(request)
+        jobRequest, files = yield self.parseBody(request, _legacySubmitBody, self.maxUpload,
+                                                 self.server.quotas.maxFiles)
+        job, key = yield self.server.submit(jobRequest, files, origin, owner)
+        return jsonBody(request, {"id": job.id, "job": jobRequest, "key": key})
 
     @app.route("/jobs/<int:jobId>.<string:fmt>", methods=["GET"])
     def legacyJob(self, request, jobId, fmt):
         checkFormat(fmt)
-        self.server.queue.get(jobId)
-        return jsonBody(request, {"id": jobId, "job": self.server.readRequest(jobId)})
+        job = self.server.queue.get(jobId)
+        jobRequest = self.server.readRequest(jobId)
+        if isinstance(jobRequest, dict) and not self.mayControlLegacy(request, job):
+            jobRequest = dict(jobRequest, notify=None)
+        return jsonBody(request, {"id": jobId, "job": jobRequest})
+
+    def mayControlLegacy(self, request, job):
+        """The old client has no key: its own address (or the key, or an admin) may act."""
+        return self.access.mayControl(request, job) or job.origin == self.access.address(request)
 
     @app.route("/jobs/<int:jobId>/status.<string:fmt>", methods=["GET"])
     def legacyStatus(self, request, jobId, fmt):
         checkFormat(fmt)
-        queue = self.server.queue
-        job = queue.jobs.get(jobId)
-        if job is not None and job.legacy and job.status == Q.ACTIVE and job.worker == _origin(request):
-            self.server.heartbeat(jobId, job.lease)
-        return jsonBody(request, {"id": jobId, "status": queue.status(jobId)})
+        return jsonBody(request, {"id": jobId, "status": self.server.queue.status(jobId)})
 
     @app.route("/jobs/<int:jobId>/results.<string:fmt>", methods=["GET"])
     def legacyResults(self, request, jobId, fmt):
         checkFormat(fmt)
-        job = self.server.queue.get(jobId)
+        job = self.server.queue.jobs.get(jobId)
+        if job is None:
+            return jsonBody(request, {"status": "UNKNOWN"})
         if not job.resultPosted:
             return jsonBody(request, {"id": jobId, "status": job.status})
         return jsonBody(request, dict(legacyResultsOf(job), id=jobId))
@@ -80,6 +90,10 @@ class LegacyAPI(Routes):
     @defer.inlineCallbacks
     def legacyDelete(self, request, jobId, fmt):
         checkFormat(fmt)
+        job = self.server.queue.get(jobId)
+        if not self.mayControlLegacy(request, job):
+            raise Q.Forbidden("job %d may be deleted from the address that submitted it, with "
+                              "its key, or with an admin token" % (jobId,))
         yield self.server.delete(jobId)
         return jsonBody(request, {"jobs": sorted(self.server.queue.jobs)})
 
@@ -87,10 +101,13 @@ class LegacyAPI(Routes):
     @defer.inlineCallbacks
     def nextJob(self, request, fmt):
         checkFormat(fmt)
-        self.checkWorker(request)
         body = readJSON(request, required=False)
-        queueName = body.get("queue") or "default"
-        job = yield self.server.lease(queueName, _origin(request), 0, legacy=True)
+        queueName = body.get("queue")
+        if queueName is None:
+            raise APIError(400, "nextjob needs the 'queue' field: {\"queue\": NAME}")
+        limits.checkQueueName(queueName)
+        self.access.checkWorker(request, queueName)
+        job = yield self.server.lease(queueName, self.access.address(request), 0, legacy=True)
         if job is None:
             return jsonBody(request, {"request": None})
         jobRequest = yield self.server.inThread(self.server.readRequest, job.id)
@@ -99,14 +116,15 @@ class LegacyAPI(Routes):
     @app.route("/jobs/<int:jobId>/postjob", methods=["POST"])
     @defer.inlineCallbacks
     def postJob(self, request, jobId):
-        self.checkWorker(request)
-        job = self.server.queue.get(jobId)
-        if not job.legacy or job.worker != _origin(request):
+        self.access.checkSameOrigin(request, simpleAllowed=True)
+        job = self.checkWorker(request, jobId)
+        if not job.legacy or job.worker != self.access.address(request):
             raise APIError(409, "job %d is not held by a legacy worker at this address" % (jobId,))
         lease = job.lease
         self.server.queue.checkLease(jobId, lease)
         fields, files = {}, []
-        for name, fileName, f in formParts(request, self.maxUpload):
+        parts = yield self.parseBody(request, formParts, self.maxUpload)
+        for name, fileName, f in parts:
             if name == "file":
                 files.append((checkName(baseName(fileName)), f))
             else:
@@ -115,12 +133,13 @@ class LegacyAPI(Routes):
         for fileName, f in files:
             yield self.server.putFile(jobId, lease, fileName, 0, f, True)
         status = results.get("status") if results.get("status") in Q.FINISHED else Q.ERROR
-        error = results.get("error") if status == Q.ERROR else results.get("message")
+        error = results.get("error") or results.get("message")
         if status == Q.ERROR and error is None:
             error = "the worker sent no error message"
         yield self.server.complete(jobId, lease, status, results.get("result"),
-                                   None if error is None else str(error),
-                                   results.get("trace") and str(results["trace"]))
+                                   None if error is None else _text(error),
+                                   results.get("trace") and _text(results["trace"]),
+                                   posted=results)
         return jsonBody(request, {})
 
     @app.route("/jobs/<int:jobId>/data/index.<string:fmt>", methods=["GET"])
@@ -140,8 +159,18 @@ class LegacyAPI(Routes):
         return downloadable(path, {".json": "application/json"}, attachment=False)
 
 
+def _text(value):
+    return value if isinstance(value, str) else repr(value)
+
+
 def legacyResultsOf(job):
-    """The results as the old worker posted them."""
+    """The results as the old worker posted them (made up from the job for
+    a job ended otherwise: by a new worker, a cancel or a lost lease)."""
+    if job.postedJSON is not None:
+        posted = limits.parseJSON(job.postedJSON.encode("utf-8"), "the posted results")
+        if isinstance(posted, dict):
+            posted["status"] = job.status
+            return posted
     if job.status == Q.COMPLETE:
         return {"status": job.status, "result": job.result}
     if job.status == Q.CANCEL:
@@ -152,15 +181,20 @@ def legacyResultsOf(job):
 def parseResults(text):
     """The ``results`` field of a postjob; not JSON → the original's ERROR."""
     try:
-        results = json.loads(text) if text is not None else None
-    except ValueError:
+        results = limits.parseJSON(text.encode("utf-8", "replace")) if text is not None else None
+    except Q.QueueError:
         results = None
     if not isinstance(results, dict):
         return {"status": Q.ERROR, "error": "No results returned from the server", "trace": text}
     return results
 
 
-def inlineFiles(jobRequest):
+def _legacySubmitBody(request, maxUpload, maxFiles):
+    """The request and inline files of a legacy ``POST /jobs.json``."""
+    return inlineFiles(readJSON(request, limit=maxUpload), maxFiles)
+
+
+def inlineFiles(jobRequest, maxFiles=limits.MAX_FILES):
     """Take the files sent inline in a legacy request's ``data.files``
     (text, or ``{"base64": …}``) out of it: ``(request, [(name, bytes)])``.
     The stored request is the same as a multipart submit's: the files are
@@ -171,6 +205,8 @@ def inlineFiles(jobRequest):
     inline = data["files"]
     if not isinstance(inline, dict):
         raise APIError(400, "data.files must map file names to their contents")
+    if len(inline) > maxFiles:
+        raise Q.TooLarge("a job takes at most %d files, not %d" % (maxFiles, len(inline)))
     files = []
     for name, content in inline.items():
         checkName(name)

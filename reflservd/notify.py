@@ -18,10 +18,11 @@ from email.utils import formatdate, make_msgid
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from reflservd.client import formatDuration, formatValue
+from reflservd.client import displayText, formatDuration, formatParameter, formatValue, lastLine
 
 MAILED = ("ACTIVE", "COMPLETE", "ERROR", "CANCEL")
-ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")
+ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\\x00-\x1f\x7f\ud800-\udfff]{1,64}"
+                     r"@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")
 SEND_TIMEOUT = 120.0
 REMEMBERED = 10_000
 MAX_PARAMETERS = 30
@@ -96,13 +97,13 @@ class Notifier:
 
     def message(self, job):
         """The mail (bytes) for the job's present status."""
-        name = " ".join(str(job.name or "").split())[:200]
+        name = " ".join(displayText(job.name).split())[:200]
         label = "job %d%s" % (job.id, " (%s)" % (name,) if name else "")
         lines = []
         if job.status == "ACTIVE":
             subject = "%s started" % (label,)
             lines.append("Your refl1d fit %s started on queue %s (attempt %d)."
-                         % (label, job.queue or "-", job.attempts or 1))
+                         % (label, displayText(job.queue) or "-", job.attempts or 1))
         else:
             word = {"COMPLETE": "finished", "ERROR": "failed", "CANCEL": "was cancelled"}[job.status]
             subject = "%s %s" % (label, word)
@@ -110,23 +111,22 @@ class Notifier:
             if job.started and job.finished:
                 lines.append("Run time: %s." % (formatDuration(job.finished - job.started),))
             result = job.result
+            if job.status == "COMPLETE" and result is not None and not isinstance(result, dict):
+                lines.extend(["", "Result: %s" % (displayText(result, limit=500),)])
             result = result if isinstance(result, dict) else {}
-            if job.status == "COMPLETE" and isinstance(result.get("chisq"), (int, float)):
+            if job.status == "COMPLETE" and result.get("chisq") is not None:
                 lines.append("")
-                lines.append("chi^2 = %.4g" % (result["chisq"],))
+                lines.append("chi^2 = %s" % (formatValue(result["chisq"], digits=4),))
                 parameters = result.get("parameters")
                 if isinstance(parameters, dict):
                     for pname, value in list(parameters.items())[:MAX_PARAMETERS]:
-                        if isinstance(value, dict):
-                            text = formatValue(value.get("value"), value.get("uncertainty"))
-                        else:
-                            text = formatValue(value)
-                        lines.append("  %s = %s" % (pname, text))
+                        lines.append("  %s = %s" % (displayText(pname, limit=200),
+                                                    displayText(formatParameter(value), limit=500)))
                     if len(parameters) > MAX_PARAMETERS:
                         lines.append("  (%d more on the page)" % (len(parameters) - MAX_PARAMETERS,))
             if job.status == "ERROR" and job.error:
                 lines.append("")
-                lines.append("Error: %s" % (str(job.error).strip().splitlines()[-1][:500],))
+                lines.append("Error: %s" % (lastLine(job.error)[:500],))
         lines.extend(["", "Its page: %s" % (self.pageURL(job.id),), "",
                       "-- ", "reflservd (you asked for these mails with notify=%s)" % (job.notify,)])
         mail = EmailMessage()

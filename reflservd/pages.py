@@ -7,6 +7,11 @@ that long-poll ``/api/v1/jobs/{id}/events``. Everything a page loads comes
 from this server: no inline script or style, no CDN, and a strict
 Content-Security-Policy on every page, so that text a user put in a job (its
 name, its error) can never run as code in another user's browser.
+
+Every value that comes from a job, whatever its JSON type, is made text
+(`reflservd.client.displayText`, `formatValue`) before it is rendered, and a
+page is flattened to bytes before any is sent: one that still fails is a
+logged 500 for that request alone.
 """
 
 import datetime
@@ -18,11 +23,13 @@ import urllib.parse
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
-from twisted.web.template import Element, XMLFile, renderer, tags
+from twisted.web.template import Element, XMLFile, flattenString, renderer, tags
 
 from reflservd import queue as Q
-from reflservd.api import _origin, selectJobs
-from reflservd.client import VERSION, formatDuration, formatValue
+from reflservd.access import KEY_COOKIE
+from reflservd.api import selectJobs
+from reflservd.client import (VERSION, displayText, field, fitSteps, formatDuration, formatParameter,
+                              formatValue)
 from reflservd.queue import QueueError
 from reflservd.store import BadName, checkName
 from reflservd.web import APIError, Routes, formParts
@@ -41,7 +48,12 @@ STATIC_TYPES = {
     ".png": "image/png",
     ".woff2": "font/woff2",
 }
+DOCTYPE = b"<!DOCTYPE html>\n"
 PAGE_SIZE = 50
+NAME_LIMIT = 200
+"""A name or an owner is clipped to this many characters in the list and the title."""
+VALUE_LIMIT = 4000
+"""A value of a job's request or result shown as text is clipped to this many characters."""
 LOG_TAIL = 8 * 1024
 LOG_NAMES = ("stdout.txt", "stderr.txt")
 FITTERS = (("", "refl1d's default (amoeba)"), ("lm", "Levenberg-Marquardt (lm)"),
@@ -95,14 +107,14 @@ def _size(n):
         n /= 1024.0
 
 
+def _text(value, limit=None):
+    """A job's value as page text: `displayText`, with "–" for nothing."""
+    return displayText(value, "–", limit)
+
+
 def _number(value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "–" if value is None else str(value)
-    if isinstance(value, int):
-        return str(value)  # steps, seeds: every digit counts
-    if not math.isfinite(value):
-        return str(value)
-    return "%.6g" % (value,)
+    """A job's number as page text (`formatValue`), with "–" for nothing."""
+    return "–" if value is None else formatValue(value)
 
 
 def _badge(status):
@@ -115,7 +127,7 @@ def _fileURL(jobId, name, kind="result", inline=False):
         query.append("kind=upload")
     if inline:
         query.append("inline=1")
-    return "/api/v1/jobs/%d/files/%s%s" % (jobId, urllib.parse.quote(name, safe=""),
+    return "/api/v1/jobs/%d/files/%s%s" % (jobId, urllib.parse.quote(name, safe="", errors="surrogatepass"),
                                            ("?" + "&".join(query)) if query else "")
 
 
@@ -237,10 +249,10 @@ class JobsBody(Element):
             link = "/jobs/%d" % (job.id,)
             rows.append(tags.tr(
                 tags.td(tags.a(str(job.id), href=link), class_="num"),
-                tags.td(tags.a(job.name or "(no name)", href=link)),
-                tags.td(job.owner or "–"),
+                tags.td(tags.a(displayText(job.name, limit=NAME_LIMIT) or "(no name)", href=link)),
+                tags.td(_text(job.owner or None, NAME_LIMIT)),
                 tags.td(_badge(job.status)(id="status-%d" % (job.id,))),
-                tags.td(job.queue or "–"),
+                tags.td(_text(job.queue or None)),
                 tags.td(_timeTag(job.submitted)),
                 tags.td(formatDuration(_runTime(job, self.now), "–"), class_="num"),
                 class_="job"))
@@ -277,15 +289,20 @@ class JobBody(Element):
 
     loader = XMLFile(TEMPLATES.child("job.xml"))
 
-    def __init__(self, job, server, ahead=0):
+    def __init__(self, job, server, ahead=0, control=False):
+        """``control``: the visitor may cancel the job (its browser holds
+        the job's key, or it shows an admin token)."""
         Element.__init__(self)
         self.job = job
+        self.control = control
         self.store = store = server.store
         self.ahead = ahead
         self.now = time.time()
         try:
             self.request = server.readRequest(job.id)
         except (OSError, ValueError):
+            self.request = {}
+        if not isinstance(self.request, dict):
             self.request = {}
         self.resultFiles = store.files(job.id, "result")
         self.uploadFiles = store.files(job.id, "upload")
@@ -296,7 +313,7 @@ class JobBody(Element):
 
     @renderer
     def jobName(self, request, tag):
-        return tag(self.job.name or "")
+        return tag(displayText(self.job.name))
 
     @renderer
     def statusBadge(self, request, tag):
@@ -304,7 +321,7 @@ class JobBody(Element):
 
     @renderer
     def cancelButton(self, request, tag):
-        if self.job.status in Q.FINISHED:
+        if self.job.status in Q.FINISHED or not self.control:
             return ""
         return tags.button("Cancel", type="button", class_="danger", id="cancel",
                            **{"data-job": str(self.job.id)})
@@ -323,18 +340,24 @@ class JobBody(Element):
     @renderer
     def summary(self, request, tag):
         job = self.job
-        data = self.request.get("data") if isinstance(self.request.get("data"), dict) else {}
-        options = data.get("options") if isinstance(data.get("options"), dict) else {}
+        data = self.request.get("data")
+        if isinstance(data, dict) or data is None:
+            model = _text(field(data, "model") or None, VALUE_LIMIT)
+        else:
+            model = "– (data: %s)" % (displayText(data, limit=VALUE_LIMIT),)
+        options = field(data, "options")
+        if isinstance(options, dict):
+            options = " ".join("%s=%s" % (displayText(k), displayText(v)) for k, v in options.items())
         waited = (job.started - job.submitted) if job.started else None
         items = [
             ("Status", job.status),
-            ("Owner", job.owner or "–"),
-            ("Model", data.get("model") or "–"),
-            ("Options", " ".join("%s=%s" % (k, v) for k, v in options.items()) or "refl1d's defaults"),
-            ("Service", "%s %s" % (job.service, job.version or "")),
-            ("Queue", job.queue or "–"),
-            ("Attempts", str(job.attempts)),
-            ("Confinement", job.confinement or "–"),
+            ("Owner", _text(job.owner or None)),
+            ("Model", model),
+            ("Options", displayText(options, limit=VALUE_LIMIT) or "refl1d's defaults"),
+            ("Service", "%s %s" % (displayText(job.service), displayText(job.version))),
+            ("Queue", _text(job.queue or None)),
+            ("Attempts", _number(job.attempts)),
+            ("Confinement", _text(job.confinement or None)),
             ("Submitted", _timeTag(job.submitted)),
             ("Started", _timeTag(job.started)),
             ("Finished", _timeTag(job.finished)),
@@ -356,15 +379,9 @@ class JobBody(Element):
         if not progress and job.status in (Q.PENDING,) + Q.FINISHED:
             tag(hidden="hidden")
         tag(**{"data-job": str(job.id), "data-status": job.status,
-               "data-steps": str(self._totalSteps() or "")})
+               "data-steps": str(fitSteps(self.request) or "")})
         return tag.fillSlots(step=_number(progress.get("step")), chisq=_number(progress.get("chisq")),
                              elapsed=formatDuration(progress.get("elapsed"), "–") if progress else "–")
-
-    def _totalSteps(self):
-        data = self.request.get("data") if isinstance(self.request.get("data"), dict) else {}
-        options = data.get("options") if isinstance(data.get("options"), dict) else {}
-        steps = options.get("steps")
-        return steps if isinstance(steps, int) and steps > 0 else None
 
     @renderer
     def best(self, request, tag):
@@ -374,7 +391,7 @@ class JobBody(Element):
     def bestRows(self, request, tag):
         progress = self.job.progress if isinstance(self.job.progress, dict) else {}
         parameters = progress.get("parameters") if isinstance(progress.get("parameters"), dict) else {}
-        return tag([tags.tr(tags.th(name), tags.td(_number(value), class_="num"))
+        return tag([tags.tr(tags.th(displayText(name)), tags.td(_number(value), class_="num"))
                     for name, value in parameters.items()])
 
     @renderer
@@ -382,33 +399,31 @@ class JobBody(Element):
         job = self.job
         if job.status != Q.ERROR or not (job.error or job.trace):
             return ""
-        section = tags.section(tags.h2("Error"), tags.pre(job.error or "", class_="errortext"),
+        section = tags.section(tags.h2("Error"), tags.pre(displayText(job.error), class_="errortext"),
                                class_="card failure")
         if job.trace:
-            section(tags.details(tags.summary("Traceback"), tags.pre(job.trace)))
+            section(tags.details(tags.summary("Traceback"), tags.pre(displayText(job.trace))))
         return section
 
     @renderer
     def results(self, request, tag):
         job = self.job
         result = job.result
-        result = result if isinstance(result, dict) else None
         if job.status != Q.COMPLETE or result is None:
             return ""
+        section = tags.section(tags.h2("Result"), class_="card result")
+        if not isinstance(result, dict):
+            return section(tags.pre(displayText(result, limit=VALUE_LIMIT), class_="resulttext",
+                                    id="result-text"))
         facts = []
         for label, key in (("χ²", "chisq"), ("Fitter", "fitter"), ("Steps", "steps"), ("Seed", "seed")):
             if result.get(key) is not None:
                 facts.append(tags.span(label + " ", tags.b(_number(result[key]))))
+        section(tags.p(facts, class_="figures", id="result-figures"))
         rows = []
         parameters = result.get("parameters") if isinstance(result.get("parameters"), dict) else {}
         for name, value in parameters.items():
-            if isinstance(value, dict):
-                v, u = value.get("value"), value.get("uncertainty")
-            else:
-                v, u = value, None
-            rows.append(tags.tr(tags.th(name), tags.td(formatValue(v, u), class_="num")))
-        section = tags.section(tags.h2("Result"), tags.p(facts, class_="figures", id="result-figures"),
-                               class_="card result")
+            rows.append(tags.tr(tags.th(displayText(name)), tags.td(formatParameter(value), class_="num")))
         if rows:
             section(tags.table(tags.thead(tags.tr(tags.th("Parameter"), tags.th("Value ± uncertainty",
                                                                                 class_="num"))),
@@ -416,9 +431,9 @@ class JobBody(Element):
         plots = sorted((name for name, _ in self.resultFiles if name.lower().endswith(".png")), key=_plotOrder)
         if plots:
             figures = [tags.figure(tags.a(tags.img(src=_fileURL(job.id, name, inline=True),
-                                                   alt=_plotCaption(name)),
+                                                   alt=displayText(_plotCaption(name))),
                                           href=_fileURL(job.id, name, inline=True)),
-                                   tags.figcaption(_plotCaption(name)))
+                                   tags.figcaption(displayText(_plotCaption(name))))
                        for name in plots]
             section(tags.div(figures, class_="plots"))
         return section
@@ -431,7 +446,8 @@ class JobBody(Element):
         rows = []
         for kind, files in (("result", self.resultFiles), ("upload", self.uploadFiles)):
             for name, size in files:
-                rows.append(tags.tr(tags.td(tags.a(name, href=_fileURL(job.id, name, kind), download=name)),
+                rows.append(tags.tr(tags.td(tags.a(displayText(name), href=_fileURL(job.id, name, kind),
+                                                   download=displayText(name))),
                                     tags.td(kind), tags.td(_size(size), class_="num")))
         return tags.section(tags.h2("Files"),
                             tags.table(tags.thead(tags.tr(tags.th("Name"), tags.th("Kind"),
@@ -449,7 +465,7 @@ class JobBody(Element):
             text, size = _tail(self.store.path(self.job.id, "result", name))
             if text is None:
                 continue
-            heading = tags.h3(name, " ", tags.a("(whole file)", href=_fileURL(self.job.id, name)))
+            heading = tags.h3(displayText(name), " ", tags.a("(whole file)", href=_fileURL(self.job.id, name)))
             if size > LOG_TAIL:
                 heading(" ", tags.span("last %s of %s" % (_size(LOG_TAIL), _size(size)), class_="hint"))
             parts.append(tags.div(heading, tags.pre(text or "(empty)", class_="log"), class_="logpart"))
@@ -532,6 +548,20 @@ class JobPages(Routes):
 
     _log = Logger()
 
+    def render(self, request, page):
+        """A Deferred firing with the page's HTML. The page is flattened to
+        bytes before any is sent, so that one that cannot be flattened is
+        answered 500 (and logged) instead of 200 with half a page; the
+        failure is this request's alone."""
+        return _html(request, page).addErrback(self._renderFailed, request)
+
+    def _renderFailed(self, failure, request):
+        self._log.failure("the page {path} could not be rendered", failure,
+                          path=request.uri.decode("latin-1"))
+        request.setResponseCode(500)
+        return _html(request, Page("Error", ErrorBody(
+            "This page could not be shown", "Something in it could not be rendered; the server's log says what.")))
+
     @app.route("/", methods=["GET"])
     def jobsPage(self, request):
         _pageHeaders(request)
@@ -543,7 +573,7 @@ class JobPages(Routes):
         except ValueError:
             page = 1
         body = JobsBody(self.server.queue, status, _arg(request, "owner"), _arg(request, "queue"), page)
-        return Page("Jobs", body, scripts=["jobs.js"], section="jobs")
+        return self.render(request, Page("Jobs", body, scripts=["jobs.js"], section="jobs"))
 
     @app.route("/jobs/<int:jobId>", methods=["GET"])
     def jobPage(self, request, jobId):
@@ -552,18 +582,19 @@ class JobPages(Routes):
             job = self.server.queue.get(jobId)
         except QueueError as e:
             request.setResponseCode(404)
-            return Page("No job %d" % (jobId,), ErrorBody("No job %d" % (jobId,), e.message))
+            return self.render(request, Page("No job %d" % (jobId,), ErrorBody("No job %d" % (jobId,), e.message)))
         ahead = 0
         if job.status == Q.PENDING:
             order = self.server.queue.pendingOrder()
             ahead = order.index(job.id) if job.id in order else 0
-        body = JobBody(job, self.server, ahead)
-        return Page("Job %d · %s" % (job.id, job.name or ""), body, scripts=["chart.js", "job.js"])
+        body = JobBody(job, self.server, ahead, control=self.access.mayControl(request, job))
+        title = "Job %d · %s" % (job.id, displayText(job.name, limit=NAME_LIMIT))
+        return self.render(request, Page(title, body, scripts=["chart.js", "job.js"]))
 
     @app.route("/submit", methods=["GET"])
     def submitPage(self, request):
         _pageHeaders(request)
-        return Page("Submit a fit", SubmitBody(), scripts=["submit.js"], section="submit")
+        return self.render(request, Page("Submit a fit", SubmitBody(), scripts=["submit.js"], section="submit"))
 
     @app.route("/submit", methods=["POST"])
     @defer.inlineCallbacks
@@ -573,13 +604,19 @@ class JobPages(Routes):
         _pageHeaders(request)
         values = {}
         try:
-            _checkSameOrigin(request)
-            jobRequest, files, values = _formRequest(formParts(request, self.maxUpload))
-            job = yield self.server.submit(jobRequest, files, _origin(request))
+            origin, owner = self.submitter(request)
+            parts = yield self.parseBody(request, formParts, self.maxUpload)
+            jobRequest, files, values = _formRequest(parts)
+            job, key = yield self.server.submit(jobRequest, files, origin, owner)
         except (APIError, QueueError, BadName) as e:
             request.setResponseCode(getattr(e, "code", 400))
-            return Page("Submit a fit", SubmitBody(values, "Not submitted: %s" % (e,)),
-                        scripts=["submit.js"], section="submit")
+            body = SubmitBody(values, "Not submitted: " + displayText(str(e)))
+            page = yield self.render(request, Page("Submit a fit", body, scripts=["submit.js"], section="submit"))
+            return page
+        # The key stays in this browser, for the page's cancel button only.
+        for path in (b"/api/v1/jobs/%d" % (job.id,), b"/jobs/%d" % (job.id,)):
+            request.addCookie((KEY_COOKIE % (job.id,)).encode(), key.encode(), path=path,
+                              httpOnly=True, sameSite="Strict", max_age=b"31536000")
         request.redirect(b"/jobs/%d" % (job.id,))
         request.setResponseCode(303)
         return b""
@@ -599,15 +636,8 @@ class JobPages(Routes):
         return body
 
 
-def _checkSameOrigin(request):
-    """A form POST must come from this site's own pages (a page elsewhere
-    cannot make a visitor's browser submit jobs)."""
-    origin = request.getHeader(b"origin")
-    if origin is None:
-        return
-    host = request.getHeader(b"host") or b""
-    if urllib.parse.urlsplit(origin.decode("latin-1")).netloc.encode("latin-1") != host:
-        raise APIError(403, "the form was sent from another site (%s)" % (origin.decode("latin-1"),))
+def _html(request, page):
+    return flattenString(request, page).addCallback(lambda html: DOCTYPE + html)
 
 
 def _formRequest(parts):

@@ -20,8 +20,14 @@ PENDING, ACTIVE, COMPLETE, ERROR, CANCEL = "PENDING", "ACTIVE", "COMPLETE", "ERR
 STATUSES = (PENDING, ACTIVE, COMPLETE, ERROR, CANCEL)
 FINISHED = (COMPLETE, ERROR, CANCEL)
 FAIR_SHARE_WINDOW = 30 * 24 * 3600.0
-EVENTS_KEPT = 200
+EVENTS_KEPT = 100
+"""Events a running job keeps (each progress report is at most
+``limits.MAX_PROGRESS_BYTES``): what the events long-poll serves is bounded."""
 MAX_TEXT = 64 * 1024
+LEGACY_LEASE_TIMEOUT = 24 * 3600.0
+"""Seconds a legacy worker's lease lasts without a sign of life from that
+worker (docs/legacy.md): the old worker sends no heartbeat and holds a
+prefetched job, unread, while it runs a long one."""
 
 
 class QueueError(Exception):
@@ -29,9 +35,43 @@ class QueueError(Exception):
 
     code = 400
 
-    def __init__(self, message):
+    def __init__(self, message, code=None):
         Exception.__init__(self, message)
         self.message = message
+        if code is not None:
+            self.code = code
+
+
+class Refused(QueueError):
+    """A request whose input breaks a limit or a rule (``reflservd.limits``)."""
+
+
+class TooLarge(QueueError):
+    """A request past a size or count limit."""
+
+    code = 413
+
+
+class RateLimited(QueueError):
+    """A submitter past its limits; ``retryAfter`` seconds until it may try again."""
+
+    code = 429
+
+    def __init__(self, message, retryAfter):
+        QueueError.__init__(self, message)
+        self.retryAfter = retryAfter
+
+
+class Unavailable(QueueError):
+    """The disk refused a write: nothing was changed."""
+
+    code = 503
+
+
+class Forbidden(QueueError):
+    """A request from someone who may not act on this job or queue."""
+
+    code = 403
 
 
 class UnknownJob(QueueError):
@@ -52,7 +92,7 @@ class Job:
         "status", "priority", "queue", "attempts", "lease", "leaseExpires",
         "legacy", "worker", "submitted", "started", "finished", "progress",
         "confinement", "cancelRequested", "resultJSON", "error", "trace",
-        "resultPosted", "events", "eventSeq",
+        "resultPosted", "events", "eventSeq", "keyHash", "postedJSON",
     )
 
     @property
@@ -63,11 +103,12 @@ class Job:
         text = self.resultJSON
         return None if text is None else json.loads(text)
 
-    def toJSON(self):
-        """The job record of the API (docs/api.md), without the request."""
+    def toJSON(self, notify=False):
+        """The job record of the API (docs/api.md), without the request; the
+        notify address only with ``notify`` (for its key holder and admins)."""
         return {
             "id": self.id, "name": self.name, "owner": self.owner,
-            "notify": self.notify, "origin": self.origin,
+            "notify": self.notify if notify else None, "origin": self.origin,
             "service": self.service, "version": self.version,
             "status": self.status, "priority": self.priority,
             "queue": self.queue, "attempts": self.attempts, "lease": self.lease,
@@ -133,6 +174,10 @@ def _rowsLoader(fields, shared=(), strings=()):
             lines.append("job.%s = row[%d]" % (name, i))
         elif name == "result":      # a version 2 snapshot: the result as a dict
             lines.append("job.resultJSON = encode(row[%d])" % (i,))
+    lines += ["job.%s = None" % (name,) for name in SNAPSHOT_FIELDS
+              if name not in fields and name != "resultJSON"]
+    if "resultJSON" not in fields and "result" not in fields:
+        lines.append("job.resultJSON = None")
     lines += ["job.leaseExpires = 0.0",
               "job.eventSeq = 1",
               "job.events = (1, job.finished or job.started or job.submitted, 'status',"
@@ -149,8 +194,9 @@ def _rowsLoader(fields, shared=(), strings=()):
 class Queue:
     """Jobs in memory, the fair-share pending heap and the leases."""
 
-    def __init__(self, leaseTimeout=60.0, maxAttempts=3):
+    def __init__(self, leaseTimeout=60.0, maxAttempts=3, legacyLeaseTimeout=LEGACY_LEASE_TIMEOUT):
         self.leaseTimeout = leaseTimeout
+        self.legacyLeaseTimeout = legacyLeaseTimeout
         self.maxAttempts = maxAttempts
         self.jobs = {}
         self.deleted = set()
@@ -159,6 +205,7 @@ class Queue:
         self._inHeap = set()        # ids with an entry in the heap, stale or not
         self._leaseDeadlines = []   # heap of (expires, id, lease); stale entries skipped
         self._owners = {}           # owner -> deque of submit times within the window
+        self._pendingOf = {}        # owner -> number of PENDING jobs
         self._counts = dict.fromkeys(STATUSES, 0)
         self.onEvent = None         # called (job, event) after each job event
 
@@ -188,6 +235,10 @@ class Queue:
         return [jobId for priority, jobId in sorted(self._pending)
                 if self._isPendingEntry(priority, jobId)]
 
+    def pendingOf(self, owner):
+        """How many of ``owner``'s jobs are PENDING."""
+        return self._pendingOf.get(owner, 0)
+
     def fairShare(self, owner, now):
         """The owner's number of submissions in the window before ``now``."""
         times = self._owners.get(owner)
@@ -204,15 +255,22 @@ class Queue:
         self.nextId += 1
         return jobId
 
-    def makeSubmit(self, jobId, now, name, notify, origin, service, version, uploads):
-        owner = notify or origin or "anonymous"
-        return {
+    def makeSubmit(self, jobId, now, name, notify, origin, service, version, uploads,
+                   owner=None, keyHash=None):
+        """The submit of a job. Its ``owner`` is who sent it (by default its
+        origin address), never ``notify``, which anyone may fill in with
+        another's address: fair share counts by owner."""
+        owner = owner or origin or "anonymous"
+        record = {
             "type": "submit", "time": now, "id": jobId, "name": name,
             "notify": notify, "origin": origin, "owner": owner,
             "service": service, "version": version,
             "priority": self.fairShare(owner, now),
             "uploads": dict(uploads),
         }
+        if keyHash is not None:
+            record["keyHash"] = keyHash
+        return record
 
     def makeLease(self, now, queue, worker=None, legacy=False):
         """The record leasing the next pending job, or None when none is pending."""
@@ -242,11 +300,12 @@ class Queue:
             job.status == ACTIVE or (job.status == CANCEL and job.cancelRequested))
 
     def heartbeat(self, jobId, lease, now, progress=None, confinement=None):
-        """Extend a lease and keep the latest progress. Not journaled: progress
-        is a view, and a lease is renewed by the next heartbeat after a restart.
-        Returns whether the worker should cancel the fit."""
+        """Extend a lease and keep the latest progress (checked by the caller:
+        ``limits.checkProgress``). Not journaled: progress is a view, and a
+        lease is renewed by the next heartbeat after a restart. Returns
+        whether the worker should cancel the fit."""
         job = self.checkLease(jobId, lease)
-        job.leaseExpires = now + self.leaseTimeout
+        job.leaseExpires = now + self._termOf(job)
         if confinement:
             job.confinement = confinement
         if progress is not None:
@@ -254,12 +313,25 @@ class Queue:
             self._event(job, now, "progress", progress)
         return job.cancelRequested
 
+    def _termOf(self, job):
+        return self.legacyLeaseTimeout if job.legacy else self.leaseTimeout
+
+    def renewLegacy(self, worker, now):
+        """A legacy worker showed it lives (it leased a job or posted results):
+        every legacy lease it holds gets a full term from ``now``. Scans the
+        lease deadlines, which hold only the leases in force."""
+        for _, jobId, lease in self._leaseDeadlines:
+            job = self.jobs.get(jobId)
+            if (job is not None and job.legacy and job.worker == worker and job.lease == lease
+                    and self._leaseOpen(job)):
+                job.leaseExpires = now + self.legacyLeaseTimeout
+
     def makeFile(self, jobId, lease, now, name, size):
         self.checkLease(jobId, lease)
         return {"type": "file", "time": now, "id": jobId, "name": name, "size": size}
 
     def makeComplete(self, jobId, lease, now, status, result=None, error=None,
-                     trace=None, confinement=None):
+                     trace=None, confinement=None, posted=None):
         job = self.checkLease(jobId, lease)
         if status not in FINISHED:
             raise QueueError("status must be one of %s, not %r" % (", ".join(FINISHED), status))
@@ -270,6 +342,8 @@ class Queue:
                   "trace": _clip(trace)}
         if confinement:
             record["confinement"] = confinement
+        if posted is not None:
+            record["postedJSON"] = _encodeResult(posted)
         return record
 
     def makeRelease(self, jobId, lease, now):
@@ -310,9 +384,6 @@ class Queue:
                             "status": status})
         return records
 
-    def nextDeadline(self):
-        return self._leaseDeadlines[0][0] if self._leaseDeadlines else None
-
     # ---- applying records (the only mutations)
 
     def apply(self, record):
@@ -335,9 +406,12 @@ class Queue:
         job.submitted = r["time"]
         job.events = None
         job.eventSeq = 0
+        job.keyHash = r.get("keyHash")
+        job.postedJSON = None
         self.jobs[job.id] = job
         self.nextId = max(self.nextId, job.id + 1)
         self._counts[PENDING] += 1
+        self._countPending(job.owner, 1)
         self._enqueue(job)
         times = self._owners.setdefault(job.owner, deque())
         times.append(r["time"])
@@ -354,7 +428,7 @@ class Queue:
         job.legacy = bool(r.get("legacy"))
         job.started = r["time"]
         job.progress = None
-        job.leaseExpires = r["time"] + self.leaseTimeout
+        job.leaseExpires = r["time"] + self._termOf(job)
         heapq.heappush(self._leaseDeadlines, (job.leaseExpires, job.id, job.lease))
         self._event(job, r["time"], "status")
 
@@ -365,6 +439,7 @@ class Queue:
         job = self.jobs[r["id"]]
         job.resultJSON = r["resultJSON"] if "resultJSON" in r else _encodeResult(r.get("result"))
         job.error, job.trace = r.get("error"), r.get("trace")
+        job.postedJSON = r.get("postedJSON")
         if r.get("confinement"):
             job.confinement = r["confinement"]
         job.resultPosted = True
@@ -372,6 +447,7 @@ class Queue:
         if job.status != r["status"]:
             self._setStatus(job, r["status"])
         self._event(job, r["time"], "status")
+        self._forgetEvents(job)
 
     def _apply_release(self, r):
         job = self.jobs[r["id"]]
@@ -385,11 +461,13 @@ class Queue:
         elif r["status"] == CANCEL:
             job.resultPosted = True
             job.finished = r["time"]
+            self._forgetEvents(job)
         else:
             job.error = "worker lost: the lease ran out %d times" % (job.attempts,)
             job.finished = r["time"]
             self._setStatus(job, ERROR)
             self._event(job, r["time"], "status")
+            self._forgetEvents(job)
 
     def _apply_cancel(self, r):
         job = self.jobs[r["id"]]
@@ -400,10 +478,13 @@ class Queue:
         job.error = "cancelled"
         self._setStatus(job, CANCEL)
         self._event(job, r["time"], "status")
+        if job.finished is not None:
+            self._forgetEvents(job)
 
     def _apply_delete(self, r):
-        job = self.jobs.pop(r["id"])
-        self._counts[job.status] -= 1
+        job = self.jobs[r["id"]]
+        self._setStatus(job, None)
+        del self.jobs[job.id]
         self.deleted.add(job.id)
 
     def _requeue(self, job, now):
@@ -421,9 +502,22 @@ class Queue:
             heapq.heappush(self._pending, (job.priority, job.id))
 
     def _setStatus(self, job, status):
+        """Move a job to ``status`` (None: out of the queue), keeping the counts."""
         self._counts[job.status] -= 1
-        self._counts[status] += 1
+        if job.status == PENDING:
+            self._countPending(job.owner, -1)
+        if status is not None:
+            self._counts[status] += 1
+            if status == PENDING:
+                self._countPending(job.owner, 1)
         job.status = status
+
+    def _countPending(self, owner, change):
+        left = self._pendingOf.get(owner, 0) + change
+        if left > 0:
+            self._pendingOf[owner] = left
+        else:
+            self._pendingOf.pop(owner, None)
 
     def _isPendingEntry(self, priority, jobId):
         job = self.jobs.get(jobId)
@@ -445,6 +539,13 @@ class Queue:
         if self.onEvent is not None:
             self.onEvent(job, event)
 
+    @staticmethod
+    def _forgetEvents(job):
+        """A finished job keeps its last event only (its last progress stays
+        in ``job.progress``): the history of a fit is for watching it run."""
+        if isinstance(job.events, deque):
+            job.events = job.events[-1]
+
     def eventsAfter(self, jobId, after):
         job = self.get(jobId)
         events = (job.events,) if isinstance(job.events, tuple) else (job.events or ())
@@ -465,10 +566,12 @@ class Queue:
         }
 
     @classmethod
-    def fromSnapshot(cls, state, leaseTimeout=60.0, maxAttempts=3):
+    def fromSnapshot(cls, state, leaseTimeout=60.0, maxAttempts=3,
+                     legacyLeaseTimeout=LEGACY_LEASE_TIMEOUT):
         """The queue a snapshot describes. After replaying the records that
         follow it, a server calls ``restartLeases(now)``."""
-        queue = cls(leaseTimeout=leaseTimeout, maxAttempts=maxAttempts)
+        queue = cls(leaseTimeout=leaseTimeout, maxAttempts=maxAttempts,
+                    legacyLeaseTimeout=legacyLeaseTimeout)
         if state is None:
             return queue
         queue.nextId = state["nextId"]
@@ -481,6 +584,7 @@ class Queue:
             counts[job.status] += 1
             if job.status == PENDING:
                 pending.append((job.priority, job.id))
+                queue._countPending(job.owner, 1)
             elif queue._leaseOpen(job):
                 queue.restartLease(job, job.started)
         queue._inHeap = {jobId for _, jobId in pending}
@@ -488,7 +592,7 @@ class Queue:
         return queue
 
     def restartLease(self, job, now):
-        job.leaseExpires = now + self.leaseTimeout
+        job.leaseExpires = now + self._termOf(job)
         heapq.heappush(self._leaseDeadlines, (job.leaseExpires, job.id, job.lease))
 
     def restartLeases(self, now):

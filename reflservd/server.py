@@ -6,12 +6,14 @@ decision, the record is applied to the queue and appended to the journal, and
 the caller's Deferred fires once the journal has it on disk. The HTTP layer
 answers only then, so a 2xx always means durable. When the disk refuses a
 write, the state is reloaded from what is on disk and the callers get
-``APIError(503)``: nothing is acknowledged that was not persisted.
+``queue.Unavailable``: nothing is acknowledged that was not persisted.
 """
 
+import collections
 import contextlib
 import functools
 import gc
+import math
 import time
 
 from twisted.application import service
@@ -19,10 +21,12 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from reflservd import limits
 from reflservd import queue as Q
-from reflservd.journal import Journal, JournalWriteError
+from reflservd.access import newJobKey
+from reflservd.journal import (
+    Journal, JournalCorrupt, JournalWriteError, RecordTooLarge, salvageJournal)
 from reflservd.store import Store, checkName
-from reflservd.web import APIError
 
 MAX_LONG_POLL = 60.0
 INLINE_WRITE = 256 * 1024
@@ -47,13 +51,44 @@ def collectorPaused():
         gc.freeze()
 
 
-def loadQueue(recovery, leaseTimeout, maxAttempts):
+class Quotas:
+    """What one submitter and one job may use (``twistd reflservd --help``);
+    0 for a count or a rate means no limit."""
+
+    def __init__(self, maxFiles=limits.MAX_FILES, maxFileBytes=200 << 20, maxJobBytes=200 << 20,
+                 maxResultFiles=1000, maxResultBytes=1 << 30, maxPending=500,
+                 submitsPerMinute=120):
+        self.maxFiles, self.maxFileBytes, self.maxJobBytes = maxFiles, maxFileBytes, maxJobBytes
+        self.maxResultFiles, self.maxResultBytes = maxResultFiles, maxResultBytes
+        self.maxPending, self.submitsPerMinute = maxPending, submitsPerMinute
+
+
+class ReplayError(Exception):
+    """A journal record that cannot be applied to the state before it;
+    ``segment`` and ``offset`` say where it is (``salvageJournal`` cuts there)."""
+
+    def __init__(self, message, segment=None, offset=None):
+        Exception.__init__(self, message)
+        self.segment, self.offset = segment, offset
+
+
+def loadQueue(recovery, leaseTimeout, maxAttempts, legacyLeaseTimeout=Q.LEGACY_LEASE_TIMEOUT):
     """The queue that a journal's snapshot and records describe (called
-    with the collector paused, around the journal's load as well)."""
+    with the collector paused, around the journal's load as well). A record
+    that does not apply raises ``ReplayError`` naming where it is."""
     queue = Q.Queue.fromSnapshot(recovery.snapshot, leaseTimeout=leaseTimeout,
-                                 maxAttempts=maxAttempts)
-    for record in recovery.records:
-        queue.apply(record)
+                                 maxAttempts=maxAttempts, legacyLeaseTimeout=legacyLeaseTimeout)
+    record = None
+    index = -1
+    try:
+        for index, record in enumerate(recovery.records):
+            queue.apply(record)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        recovery.records.close()
+        segment, offset = recovery.where(index)
+        raise ReplayError("%s: a %r record cannot be applied to the state before it (%s: %s)" % (
+            recovery.locate(index), record.get("type") if isinstance(record, dict) else record,
+            type(e).__name__, e), segment, offset) from None
     return queue
 
 
@@ -63,14 +98,18 @@ class QueueServer(service.Service):
     _log = Logger()
 
     def __init__(self, stateDir, reactor, leaseTimeout=60.0, maxAttempts=3,
-                 snapshotEvery=100_000, metrics=None, notifier=None, runInThread=None):
+                 snapshotEvery=100_000, metrics=None, notifier=None, runInThread=None,
+                 quotas=None, legacyLeaseTimeout=Q.LEGACY_LEASE_TIMEOUT, salvage=False):
         """``runInThread(f, *args) -> Deferred`` runs the disk work; by default
         thread pools. Tests of the logic pass one that runs it inline, with a
         ``Clock`` as the reactor."""
         self.stateDir = stateDir
         self.reactor = reactor
         self.leaseTimeout = leaseTimeout
+        self.legacyLeaseTimeout = legacyLeaseTimeout
         self.maxAttempts = maxAttempts
+        self.quotas = quotas or Quotas()
+        self.salvage = salvage
         self.snapshotEvery = snapshotEvery
         self.metrics = metrics
         self.notifier = notifier
@@ -80,6 +119,8 @@ class QueueServer(service.Service):
         self._leaseWaiters = []     # [(Deferred, queueName, worker)], FIFO
         self._eventWaiters = {}     # jobId -> [(after, Deferred)]
         self._unstored = {}         # jobId -> request, until its submit is on disk
+        self._submitTimes = {}      # owner -> deque of submit times in the last minute
+        self._resultSizes = {}      # jobId -> {name: size} of its stored results, while leased
         self._expiry = None
         self._generation = 0
         self._runInThread = runInThread
@@ -92,7 +133,25 @@ class QueueServer(service.Service):
         self.load()
 
     def load(self):
-        """Load the snapshot and replay the journal (blocking: start-up only)."""
+        """Load the snapshot and replay the journal (blocking: start-up only).
+        Damage inside a segment, or a record that does not apply, stops the
+        start naming the place; with ``salvage`` the journal is cut there
+        (the rest set aside, ``salvageJournal``) and the start goes on."""
+        try:
+            self._load()
+        except (JournalCorrupt, ReplayError) as e:
+            if self.journal is not None:
+                self.journal.abandon()
+            if not self.salvage or e.segment is None:
+                raise JournalCorrupt(
+                    "%s; run reflservd-journal %s verify. twistd reflservd --salvage starts from "
+                    "the records before it and keeps the rest aside" % (e, self.stateDir)) from None
+            aside = salvageJournal(self.stateDir, e.segment, e.offset)
+            self._log.warn("salvage: {why}; the journal from there on is set aside in {aside}",
+                           why=str(e), aside=", ".join(aside))
+            self._load()
+
+    def _load(self):
         started = time.monotonic()
         self.journal = Journal(self.stateDir, self.reactor, snapshotEvery=self.snapshotEvery,
                                snapshotState=lambda: self.queue.snapshot(),
@@ -104,7 +163,8 @@ class QueueServer(service.Service):
             recovery = self.journal.load()
             for torn in recovery.torn:
                 self._log.warn("journal: a torn tail was set aside: {torn}", torn=torn)
-            self._setQueue(loadQueue(recovery, self.leaseTimeout, self.maxAttempts))
+            self._setQueue(loadQueue(recovery, self.leaseTimeout, self.maxAttempts,
+                                     self.legacyLeaseTimeout))
         removed = self.store.removeOthers(set(self.queue.jobs))
         self._log.info(
             "loaded {jobs} jobs ({pending} pending) in {seconds:.2f} s; "
@@ -144,12 +204,17 @@ class QueueServer(service.Service):
 
     def commit(self, record, namesFiles=False, before=None):
         """Apply ``record`` and return a Deferred that fires once it is on
-        disk; ``namesFiles`` when it names files just written to the store
+        disk. It is encoded first: a record the journal cannot hold is
+        refused (``TooLarge``) before it changes anything; ``namesFiles`` when it names files just written to the store
         (they are made durable before it); ``before`` writes them first
         (``Journal.append``)."""
         generation = self._generation
+        try:
+            frame = self.journal.encode(record)
+        except RecordTooLarge as e:
+            raise Q.TooLarge(str(e)) from None
         self.queue.apply(record)
-        d = self.journal.append(record, syncFirst=namesFiles, before=before)
+        d = self.journal.append(record, syncFirst=namesFiles, before=before, frame=frame)
         d.addErrback(self._journalFailed, generation)
         return d
 
@@ -161,9 +226,10 @@ class QueueServer(service.Service):
                             why=failure.getErrorMessage())
             with collectorPaused():
                 recovery = Journal(self.stateDir, self.reactor, lock=False).load()
-                self._setQueue(loadQueue(recovery, self.leaseTimeout, self.maxAttempts))
-        raise APIError(503, "the journal cannot be written (%s); nothing was changed"
-                       % (failure.getErrorMessage(),))
+                self._setQueue(loadQueue(recovery, self.leaseTimeout, self.maxAttempts,
+                                         self.legacyLeaseTimeout))
+        raise Q.Unavailable("the journal cannot be written (%s); nothing was changed"
+                            % (failure.getErrorMessage(),))
 
     def readRequest(self, jobId):
         """A job's request: from memory while its submit is on its way to
@@ -182,13 +248,22 @@ class QueueServer(service.Service):
     # ---- users
 
     @defer.inlineCallbacks
-    def submit(self, request, files, origin):
-        """Store a job's request and files, then journal it. ``files`` is
-        ``[(name, bytes or file)]`` with names already checked."""
+    def submit(self, request, files, origin, owner=None):
+        """Store a job's request and files, then journal it; ``(job, key)``,
+        the key that controls it (answered once). ``files`` is ``[(name,
+        bytes or file)]``; ``owner`` is who submits (by default ``origin``,
+        the client's address). Every limit is checked before anything is
+        written."""
         name, notify, serviceName, version = checkRequest(request)
         names = [checkName(n) for n, _ in files]
         if len(set(names)) != len(names):
-            raise APIError(400, "two files have the same name")
+            raise Q.Refused("two files have the same name")
+        quotas = self.quotas
+        limits.checkFiles([(n, _sourceSize(source)) for n, source in files], quotas.maxFiles,
+                          quotas.maxFileBytes, quotas.maxJobBytes)
+        owner = owner or origin
+        self._checkSubmitter(owner)
+        key, keyHash = newJobKey()
         jobId = self.queue.reserveId()
         before = None
         if sum(_inlineSize(source) for _, source in files) <= INLINE_WRITE:
@@ -203,10 +278,17 @@ class QueueServer(service.Service):
                 uploads = yield self.inThread(self.store.writeJob, jobId, request, files)
             except OSError as e:
                 self.inThread(self.store.remove, jobId)
-                raise APIError(503, "the job's files could not be stored: %s" % (e.strerror,))
+                raise Q.Unavailable("the job's files could not be stored: %s" % (e.strerror,))
         record = self.queue.makeSubmit(jobId, self._now(), name, notify, origin,
-                                       serviceName, version, uploads)
-        d = self.commit(record, namesFiles=True, before=before)
+                                       serviceName, version, uploads, owner=owner,
+                                       keyHash=keyHash)
+        try:
+            d = self.commit(record, namesFiles=True, before=before)
+        except Q.QueueError:
+            if before is None:
+                self.inThread(self.store.remove, jobId)
+            raise
+        self._submitTimes.setdefault(owner, collections.deque()).append(self._now())
         if before is not None:
             self._unstored[jobId] = request
             d.addBoth(_passThrough, self._unstored.pop, jobId, None)
@@ -214,7 +296,28 @@ class QueueServer(service.Service):
         yield d
         if self.metrics is not None:
             self.metrics.submits.inc()
-        return self.queue.get(jobId)
+        return self.queue.get(jobId), key
+
+    def _checkSubmitter(self, owner):
+        """``RateLimited`` when ``owner`` has too many jobs pending or has
+        submitted too many in the last minute."""
+        quotas = self.quotas
+        if quotas.maxPending and self.queue.pendingOf(owner) >= quotas.maxPending:
+            raise Q.RateLimited("you have %d jobs pending, the most this server takes from one "
+                                "submitter; submit more when some have started"
+                                % (quotas.maxPending,), 60)
+        times = self._submitTimes.get(owner)
+        if not times:
+            return
+        now = self._now()
+        while times and times[0] <= now - 60.0:
+            times.popleft()
+        if not times:
+            del self._submitTimes[owner]
+        elif quotas.submitsPerMinute and len(times) >= quotas.submitsPerMinute:
+            raise Q.RateLimited("this server takes %d submissions a minute from one submitter"
+                                % (quotas.submitsPerMinute,),
+                                max(1, math.ceil(times[0] + 60.0 - now)))
 
     def cancel(self, jobId):
         try:
@@ -267,8 +370,14 @@ class QueueServer(service.Service):
 
     def lease(self, queueName, worker=None, timeout=0.0, legacy=False):
         """A Deferred firing with the job leased to this worker, or None when
-        nothing was pending within ``timeout`` seconds."""
-        checkQueueName(queueName)
+        nothing was pending within ``timeout`` seconds. A legacy worker's
+        lease is a sign of life: its other legacy leases are renewed."""
+        limits.checkQueueName(queueName)
+        if worker is not None:
+            limits.checkText(worker, "the worker's name", limits.MAX_WORKER)
+        timeout = limits.finiteNumber(timeout, "timeout")
+        if legacy:
+            self.queue.renewLegacy(worker, self._now())
         if not self._leaseWaiters:
             record = self.queue.makeLease(self._now(), queueName, worker, legacy)
             if record is not None:
@@ -307,30 +416,63 @@ class QueueServer(service.Service):
         return d
 
     def heartbeat(self, jobId, lease, progress=None, confinement=None):
+        if progress is not None:
+            progress = limits.checkProgress(progress)
+        if confinement is not None:
+            confinement = limits.checkText(confinement, "'confinement'")
         return self.queue.heartbeat(jobId, lease, self._now(), progress, confinement)
 
     @defer.inlineCallbacks
     def putFile(self, jobId, lease, name, offset, source, last):
-        """Store one part of a result file; journal it when it is whole."""
+        """Store one part of a result file; journal it when it is whole.
+        A job's results are held to the result quotas (``Quotas``): a part
+        that would pass them is refused before it is written."""
         checkName(name)
         self.queue.checkLease(jobId, lease)
+        sizes = self._resultSizes.get(jobId)
+        if sizes is None:
+            listed = yield self.inThread(self.store.files, jobId, "result")
+            sizes = self._resultSizes.setdefault(jobId, dict(listed))
+        self._checkResultQuota(sizes, name, offset + _sourceSize(source))
         try:
             size = yield self.inThread(self.store.writeResultPart, jobId, name, offset, source, last)
         except OSError as e:
-            raise APIError(503, "the file could not be stored: %s" % (e.strerror,))
+            raise Q.Unavailable("the file could not be stored: %s" % (e.strerror,))
         except ValueError as e:
-            raise APIError(400, str(e))
+            raise Q.Refused(str(e))
         if last:
             yield self.commit(self.queue.makeFile(jobId, lease, self._now(), name, size),
                               namesFiles=True)
+            sizes[name] = size
         return size
+
+    def _checkResultQuota(self, sizes, name, size):
+        quotas = self.quotas
+        if name not in sizes and len(sizes) >= quotas.maxResultFiles:
+            raise Q.TooLarge("a job keeps at most %d result files" % (quotas.maxResultFiles,))
+        total = sum(sizes.values()) - sizes.get(name, 0) + size
+        if total > quotas.maxResultBytes:
+            raise Q.TooLarge("a job keeps at most %d bytes of results; with %r it would be %d"
+                             % (quotas.maxResultBytes, name, total))
 
     @defer.inlineCallbacks
     def complete(self, jobId, lease, status, result=None, error=None, trace=None,
-                 confinement=None):
+                 confinement=None, posted=None):
+        """End a leased job with what its worker sent (``posted``: a legacy
+        worker's results as it posted them, answered back to legacy clients)."""
+        for value, what in ((result, "'result'"), (posted, "the results")):
+            if value is not None:
+                limits.checkJSON(value, what)
+        for value, what in ((error, "'error'"), (trace, "'trace'"), (confinement, "'confinement'")):
+            if value is not None:
+                limits.checkText(value, what, 1 << 20)
+        job = self.queue.checkLease(jobId, lease)
         record = self.queue.makeComplete(jobId, lease, self._now(), status, result,
-                                         error, trace, confinement)
+                                         error, trace, confinement, posted)
+        if job.legacy:
+            self.queue.renewLegacy(job.worker, self._now())
         yield self.commit(record)
+        self._resultSizes.pop(jobId, None)
         return self.queue.get(jobId)
 
     @defer.inlineCallbacks
@@ -363,29 +505,31 @@ def _inlineSize(source):
     return float("inf")
 
 
+def _sourceSize(source):
+    """The size of an upload, in memory or in a file (left at its start)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return len(source)
+    here = source.tell()
+    size = source.seek(0, 2) - here
+    source.seek(here)
+    return size
+
+
 def checkRequest(request):
-    """The request's name, notify, service and version, or a 400 saying what is wrong."""
+    """The request's name, notify, service and version, or ``Refused`` saying
+    what is wrong. All of the request is held to ``limits.checkJSON``."""
     if not isinstance(request, dict):
-        raise APIError(400, "the request must be a JSON object")
+        raise Q.Refused("the request must be a JSON object")
+    limits.checkJSON(request, "the request")
     for field in ("name", "notify"):
         if field not in request:
-            raise APIError(400, "the request needs a %r field" % (field,))
-    name, notify = request["name"], request["notify"]
-    serviceName = request.get("service", "refl1d")
-    version = request.get("version", "")
-    for field, value in (("name", name), ("notify", notify), ("service", serviceName),
-                         ("version", version)):
-        if not isinstance(value, str) or len(value) > 1000:
-            raise APIError(400, "%r must be a string of at most 1000 characters" % (field,))
+            raise Q.Refused("the request needs a %r field" % (field,))
+    name = limits.checkText(request["name"], "'name'")
+    notify = limits.checkText(request["notify"], "'notify'")
+    serviceName = limits.checkText(request.get("service", "refl1d"), "'service'")
+    version = limits.checkText(request.get("version", ""), "'version'")
     if serviceName == "fitter":
-        raise APIError(400, "the legacy 'fitter' service sends a pickled problem; this server "
-                            "never unpickles (unpickling runs code on the server). Submit the "
-                            "model script or its JSON serialization to the 'refl1d' service")
-    return name, notify, serviceName, str(version)
-
-
-def checkQueueName(name):
-    if not isinstance(name, str) or not name or len(name) > 100 or not name.replace(
-            "-", "").replace("_", "").replace(".", "").isalnum():
-        raise APIError(400, "a queue name is 1-100 letters, digits, '-', '_' or '.'")
-    return name
+        raise Q.Refused("the legacy 'fitter' service sends a pickled problem; this server "
+                        "never unpickles (unpickling runs code on the server). Submit the "
+                        "model script or its JSON serialization to the 'refl1d' service")
+    return name, notify, serviceName, version

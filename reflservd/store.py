@@ -31,7 +31,11 @@ def checkName(name):
     """``name`` if it is a safe plain file name, else ``BadName`` saying why."""
     if not isinstance(name, str) or not name:
         raise BadName("a file name must be a non-empty string")
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadName("file name %r is not valid Unicode (a lone surrogate)" % (name,)) from None
+    if len(encoded) > MAX_NAME:
         raise BadName("file name longer than %d bytes" % (MAX_NAME,))
     if "/" in name or "\\" in name:
         raise BadName("file name %r contains a path separator" % (name,))

@@ -7,20 +7,46 @@ import resource
 from twisted.application import service, strports
 from twisted.python import usage
 
+from reflservd import limits
+from reflservd.access import Access, TokenFileError, isLoopbackListen, readTokenFile
+from reflservd.queue import LEGACY_LEASE_TIMEOUT
+
 DEFAULT_LISTEN = "tcp:8080:interface=127.0.0.1"
+
+
+def _names(text):
+    return [n.strip() for n in (text or "").split(",") if n.strip()]
 
 
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = "The refl1d remote fitting queue: jobs, leases, journal, HTTP API."
+    optFlags = [
+        ["open-workers", None, "Serve worker routes without tokens on a non-loopback listener."],
+        ["salvage", None, "Start from the journal records before damage, setting the rest aside."],
+    ]
     optParameters = [
         ["listen", "l", DEFAULT_LISTEN, "Endpoint to listen on (a Twisted endpoint string)."],
         ["state-dir", "d", "var/reflservd", "Directory of the journal and the job files."],
         ["max-upload", None, 200 * 1024 * 1024, "Largest request body, in bytes.", int],
         ["lease-timeout", None, 60.0, "Seconds a lease lasts without a heartbeat.", float],
+        ["legacy-lease-timeout", None, LEGACY_LEASE_TIMEOUT,
+         "Seconds a legacy (jobqueue) worker's lease lasts without its nextjob or postjob.", float],
         ["max-attempts", None, 3, "Leases a job may lose before it ends ERROR.", int],
         ["snapshot-every", None, 100_000, "Journal records between snapshots.", int],
-        ["worker-token-file", None, None, "File holding the token workers must present."],
+        ["worker-token-file", None, None,
+         "File of 'QUEUE TOKEN' lines (a bare TOKEN serves every queue); mode 600."],
+        ["admin-token-file", None, None, "File of admin tokens (cancel or delete any job); mode 600."],
+        ["submit-token-file", None, None,
+         "File of 'IDENTITY TOKEN' lines: submission needs one of them (mode 600)."],
+        ["trusted-proxy", None, None, "Comma-separated addresses whose X-Forwarded-For is believed."],
+        ["public-host", None, None, "Comma-separated Host names this server answers to."],
+        ["max-files", None, limits.MAX_FILES, "Files uploaded with one job.", int],
+        ["max-file-bytes", None, 200 * 1024 * 1024, "Bytes of one uploaded file.", int],
+        ["max-result-files", None, 1000, "Result files one job keeps.", int],
+        ["max-result-bytes", None, 1 << 30, "Bytes of results one job keeps.", int],
+        ["max-pending", None, 500, "Pending jobs of one submitter (0: no limit).", int],
+        ["submits-per-minute", None, 120, "Submissions a minute from one submitter (0: no limit).", int],
         ["base-url", None, None, "The server's public URL, for links in mails."],
         ["smtp", None, None, "HOST:PORT of an SMTP server for notification mails (off when unset)."],
         ["smtp-from", None, "reflservd@localhost", "From address of notification mails."],
@@ -37,11 +63,16 @@ class Options(usage.Options):
     ]
 
     def postOptions(self):
-        for name in ("max-upload", "max-attempts", "snapshot-every"):
+        for name in ("max-upload", "max-attempts", "snapshot-every", "max-files",
+                     "max-file-bytes", "max-result-files", "max-result-bytes"):
             if self[name] < 1:
                 raise usage.UsageError("--%s must be at least 1" % (name,))
-        if self["lease-timeout"] <= 0:
-            raise usage.UsageError("--lease-timeout must be positive")
+        for name in ("max-pending", "submits-per-minute"):
+            if self[name] < 0:
+                raise usage.UsageError("--%s must be 0 (no limit) or more" % (name,))
+        for name in ("lease-timeout", "legacy-lease-timeout"):
+            if not self[name] > 0:
+                raise usage.UsageError("--%s must be positive" % (name,))
         for name in ("max-connections-per-address", "min-upload-rate"):
             if self[name] < 1:
                 raise usage.UsageError("--%s must be at least 1" % (name,))
@@ -51,17 +82,28 @@ class Options(usage.Options):
             self["max-connections"] = defaultMaxConnections()
         elif self["max-connections"] < 1:
             raise usage.UsageError("--max-connections must be at least 1")
-        path = self["worker-token-file"]
-        if path is not None:
+        tokens = {}
+        for option, what, named in (("worker-token-file", "worker token file", True),
+                                    ("admin-token-file", "admin token file", True),
+                                    ("submit-token-file", "submit token file", True)):
+            path = self[option]
             try:
-                with open(path) as f:
-                    self["worker-token"] = f.read().strip()
-            except OSError as e:
-                raise usage.UsageError("cannot read --worker-token-file %s: %s" % (path, e.strerror))
-            if not self["worker-token"]:
-                raise usage.UsageError("--worker-token-file %s is empty" % (path,))
-        else:
-            self["worker-token"] = None
+                tokens[option] = None if path is None else readTokenFile(path, what, named)
+            except TokenFileError as e:
+                raise usage.UsageError(str(e))
+        if tokens["worker-token-file"] is None and not self["open-workers"] \
+                and not isLoopbackListen(self["listen"]):
+            raise usage.UsageError(
+                "--listen %s reaches beyond this machine, and without --worker-token-file "
+                "anyone could lease jobs, read their files and post results: give workers "
+                "tokens, or say --open-workers" % (self["listen"],))
+        publicHosts = _names(self["public-host"]) or None
+        if publicHosts is None and isLoopbackListen(self["listen"]):
+            publicHosts = ["localhost", "127.0.0.1", "::1"]
+        self["access"] = Access(
+            workerTokens=tokens["worker-token-file"], adminTokens=tokens["admin-token-file"],
+            submitTokens=tokens["submit-token-file"],
+            trustedProxies=_names(self["trusted-proxy"]), publicHosts=publicHosts)
         if self["smtp"] is not None:
             host, _, port = self["smtp"].rpartition(":")
             if not host or not port.isdigit():
@@ -85,18 +127,24 @@ def makeService(config, reactor=None):
     from reflservd.listen import GuardedListeners
     from reflservd.metrics import Metrics
     from reflservd.notify import Notifier
-    from reflservd.server import QueueServer
+    from reflservd.server import QueueServer, Quotas
     from reflservd.site import makeSite
 
     metrics = Metrics()
     top = service.MultiService()
+    quotas = Quotas(
+        maxFiles=config["max-files"], maxFileBytes=config["max-file-bytes"],
+        maxJobBytes=config["max-upload"], maxResultFiles=config["max-result-files"],
+        maxResultBytes=config["max-result-bytes"], maxPending=config["max-pending"],
+        submitsPerMinute=config["submits-per-minute"])
     queueServer = QueueServer(
         config["state-dir"], reactor, leaseTimeout=config["lease-timeout"],
         maxAttempts=config["max-attempts"], snapshotEvery=config["snapshot-every"],
-        metrics=metrics, notifier=Notifier.fromConfig(config, reactor))
+        metrics=metrics, notifier=Notifier.fromConfig(config, reactor), quotas=quotas,
+        legacyLeaseTimeout=config["legacy-lease-timeout"], salvage=config["salvage"])
     queueServer.setName("queue")
     queueServer.setServiceParent(top)
-    site = makeSite(queueServer, config["max-upload"], config["worker-token"], metrics,
+    site = makeSite(queueServer, config["max-upload"], config["access"], metrics,
                     reactor=reactor, maxConnections=config["max-connections"],
                     maxPerAddress=config["max-connections-per-address"],
                     requestDeadline=config["request-deadline"],

@@ -15,10 +15,11 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import http, resource, server, static
-from werkzeug.exceptions import NotFound
+from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
-from reflservd.queue import QueueError
+from reflservd import limits
+from reflservd.queue import QueueError, RateLimited
 from reflservd.store import BadName
 
 JSON = "application/json"
@@ -47,11 +48,21 @@ class Routes:
     def _apiError(self, request, failure):
         error = failure.value
         code = getattr(error, "code", 400)
+        if isinstance(error, RateLimited):
+            request.setHeader(b"Retry-After", b"%d" % (error.retryAfter,))
         return jsonBody(request, {"error": str(error)}, code)
 
     @app.handle_errors(NotFound)
     def _notFound(self, request, failure):
         return jsonBody(request, {"error": "no such route: %s" % (request.path.decode("latin-1"),)}, 404)
+
+    @app.handle_errors(MethodNotAllowed)
+    def _notAllowed(self, request, failure):
+        allowed = sorted(failure.value.valid_methods or ())
+        request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+        return jsonBody(request, {"error": "%s is not allowed on %s (allowed: %s)" % (
+            request.method.decode("latin-1"), request.path.decode("latin-1"),
+            ", ".join(allowed))}, 405)
 
 
 class UTF8Paths(resource.Resource):
@@ -102,7 +113,22 @@ def jsonBody(request, value, code=200):
     request.setResponseCode(code)
     request.setHeader(b"Content-Type", b"application/json")
     request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps(value).encode("utf-8")
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except ValueError:      # NaN or an infinity (a failed fit's χ²): null, which a browser parses
+        text = json.dumps(_nullNonFinite(value))
+    return text.encode("utf-8")
+
+
+def _nullNonFinite(value):
+    """``value`` with NaN and infinities as null: JSON a browser can parse."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {k: _nullNonFinite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_nullNonFinite(v) for v in value]
+    return value
 
 
 def readJSON(request, limit=1 << 20, required=True):
@@ -114,10 +140,7 @@ def readJSON(request, limit=1 << 20, required=True):
         return {}
     if ctype != JSON:
         raise APIError(415, "send a JSON body (Content-Type: application/json), not %r" % (ctype or "nothing",))
-    try:
-        value = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise APIError(400, "the body is not valid JSON: %s" % (e,))
+    value = limits.parseJSON(body)
     if not isinstance(value, dict):
         raise APIError(400, "the body must be a JSON object")
     return value
@@ -218,6 +241,16 @@ class CappedRequest(server.Request):
         server.Request.requestReceived(self, command, path, version)
 
     def process(self):
+        access = getattr(self.channel.site, "access", None)
+        if access is not None:
+            try:
+                access.checkHost(self)
+            except QueueError as e:
+                self.setResponseCode(e.code)
+                self.setHeader(b"Content-Type", b"application/json")
+                self.write(json.dumps({"error": str(e)}).encode("utf-8"))
+                self.finish()
+                return
         metrics = getattr(self.channel.site, "metrics", None)
         if metrics is not None:
             began = time.monotonic()

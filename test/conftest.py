@@ -55,6 +55,12 @@ settings.register_profile("ci", derandomize=True)
 settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
+@pytest.fixture(autouse=True)
+def _ownConfigDirectory(tmp_path, monkeypatch):
+    """Each test's clients keep their job keys in a config directory of its own."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+
 def freePort():
     """A loopback port that was free a moment ago (bound to port 0, then closed)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -217,7 +223,11 @@ class ServerProcess(DaemonProcess):
         if self.leaseTimeout is not None:
             args += ["--lease-timeout", str(self.leaseTimeout)]
         if self.tokenFile is not None:
+            os.chmod(self.tokenFile, 0o600)     # the server refuses a token file others may read
             args += ["--worker-token-file", str(self.tokenFile)]
+        # The tests submit from one address, faster than a person: no per-submitter
+        # limits unless a test asks for them (its args come last and win).
+        args += ["--max-pending", "0", "--submits-per-minute", "0"]
         return args + self.args
 
     def preexec(self):
@@ -275,10 +285,12 @@ class Api:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.keys = {}      # job id -> the key its submit answered
 
     def call(self, method, path, body=None, data=None, headers=None, timeout=None):
-        """``(status, decoded JSON or bytes)``; error statuses are returned, not raised."""
-        headers = dict(headers or {})
+        """``(status, decoded JSON or bytes)``; error statuses are returned, not raised.
+        Sent as a script would (``X-Requested-With``)."""
+        headers = dict({"X-Requested-With": "test"}, **(headers or {}))
         if body is not None:
             data = json.dumps(body).encode()
             headers["Content-Type"] = "application/json"
@@ -317,13 +329,16 @@ class Api:
         status, record = self.call("POST", "/api/v1/jobs", data=b"".join(parts),
                                    headers={"Content-Type": "multipart/form-data; boundary=" + boundary})
         assert status == 201, "submit answered %s: %r" % (status, record)
+        self.keys[record["id"]] = record["key"]
         return record
 
     def job(self, jobId):
         return self.ok("GET", "/api/v1/jobs/%d" % (jobId,))
 
     def cancel(self, jobId):
-        return self.ok("POST", "/api/v1/jobs/%d/cancel" % (jobId,))
+        """Cancel a job with the key its submit answered."""
+        return self.ok("POST", "/api/v1/jobs/%d/cancel" % (jobId,),
+                       headers={"X-Job-Key": self.keys.get(jobId, "")})
 
     def files(self, jobId, kind=None):
         listed = self.ok("GET", "/api/v1/jobs/%d/files" % (jobId,))["files"]

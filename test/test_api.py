@@ -23,12 +23,16 @@ from reflservd.site import makeSite
 NIFILM = """from refl1d.names import *\n"""
 
 
+SCRIPT = {b"X-Requested-With": [b"test"]}
+"""What a script adds to a form POST to show it is no page of another site."""
+
+
 class ServerCase(unittest.TestCase):
     """A real QueueServer and site on 127.0.0.1, in a fresh state directory."""
 
     maxUpload = 10_000
     leaseTimeout = 60.0
-    workerToken = None
+    access = None
 
     @defer.inlineCallbacks
     def setUp(self):
@@ -42,7 +46,7 @@ class ServerCase(unittest.TestCase):
         self.server = QueueServer(self.stateDir, reactor, leaseTimeout=self.leaseTimeout,
                                   metrics=self.metrics)
         self.server.startService()
-        self.site = makeSite(self.server, self.maxUpload, self.workerToken, self.metrics)
+        self.site = makeSite(self.server, self.maxUpload, self.access, self.metrics)
         self.port = reactor.listenTCP(0, self.site, interface="127.0.0.1")
         self.url = "http://127.0.0.1:%d" % (self.port.getHost().port,)
         from twisted.web.client import HTTPConnectionPool
@@ -75,7 +79,7 @@ class ServerCase(unittest.TestCase):
         request = {"name": name, "notify": notify, "service": service, "version": "1",
                    "data": {"model": "model.py", "options": options or {"fit": "lm"}}}
         files = files if files is not None else {"model.py": NIFILM.encode()}
-        return self.call("POST", "/api/v1/jobs",
+        return self.call("POST", "/api/v1/jobs", headers=SCRIPT,
                          data={"request": json.dumps(request)},
                          files=[("file", (name_, "application/octet-stream", content))
                                 for name_, content in files.items()])
@@ -95,7 +99,7 @@ class JobLifeTests(ServerCase):
         code, job, _ = yield self.submit(files={"model.py": b"print(1)", "a.dat": b"1 2 3"})
         self.assertEqual(code, 201)
         self.assertEqual(job["status"], "PENDING")
-        self.assertEqual(job["owner"], "ann@example.org")
+        self.assertEqual((job["owner"], job["notify"]), ("127.0.0.1", "ann@example.org"))
         self.assertEqual(job["request"]["data"]["model"], "model.py")
         code, listing, _ = yield self.call("GET", "/api/v1/jobs/%d/files" % job["id"])
         self.assertEqual(sorted((f["name"], f["size"], f["kind"]) for f in listing["files"]),
@@ -118,6 +122,9 @@ class JobLifeTests(ServerCase):
         self.assertEqual((code, part["received"]), (202, 3))
         code, whole, _ = yield self.call("PUT", path + "/files/fit.par?lease=1&offset=3&last=1", data=b"100.1\n")
         self.assertEqual((code, whole["size"]), (201, 9))
+        code, events, _ = yield self.call("GET", path + "/events?after=0")
+        self.assertEqual([(e["type"], e["status"]) for e in events["events"]],
+                         [("status", "PENDING"), ("status", "ACTIVE"), ("progress", "ACTIVE")])
         code, done, _ = yield self.postJSON(path + "/complete", {
             "lease": 1, "status": "COMPLETE", "result": {"chisq": 1.01}, "confinement": "namespaces"})
         self.assertEqual((code, done["status"], done["result"]), (200, "COMPLETE", {"chisq": 1.01}))
@@ -126,8 +133,8 @@ class JobLifeTests(ServerCase):
         self.assertEqual(body, b"Ni 100.1\n")
         code, events, _ = yield self.call("GET", path + "/events?after=0")
         self.assertEqual([(e["type"], e["status"]) for e in events["events"]],
-                         [("status", "PENDING"), ("status", "ACTIVE"), ("progress", "ACTIVE"),
-                          ("status", "COMPLETE")])
+                         [("status", "COMPLETE")])     # a finished job keeps its last event only
+        self.assertEqual(done["progress"]["step"], 3)
 
     @defer.inlineCallbacks
     def test_stale_lease_gets_409_and_changes_nothing(self):
@@ -165,9 +172,11 @@ class JobLifeTests(ServerCase):
         _, first, _ = yield self.submit()
         _, second, _ = yield self.submit()
         yield self.lease()
-        code, cancelled, _ = yield self.call("POST", "/api/v1/jobs/%d/cancel" % second["id"])
+        code, cancelled, _ = yield self.call("POST", "/api/v1/jobs/%d/cancel" % second["id"],
+                                             headers={b"X-Job-Key": [second["key"].encode()]})
         self.assertEqual(cancelled["status"], "CANCEL")
-        code, active, _ = yield self.call("POST", "/api/v1/jobs/%d/cancel" % first["id"])
+        code, active, _ = yield self.call("POST", "/api/v1/jobs/%d/cancel" % first["id"],
+                                          headers={b"X-Job-Key": [first["key"].encode()]})
         self.assertEqual((active["status"], active["cancelRequested"]), ("CANCEL", True))
         code, beat, _ = yield self.postJSON("/api/v1/jobs/%d/heartbeat" % first["id"], {"lease": 1})
         self.assertTrue(beat["cancel"])
@@ -177,7 +186,8 @@ class JobLifeTests(ServerCase):
     @defer.inlineCallbacks
     def test_delete_removes_files_and_job(self):
         _, job, _ = yield self.submit()
-        code, body, _ = yield self.call("DELETE", "/api/v1/jobs/%d" % job["id"])
+        code, body, _ = yield self.call("DELETE", "/api/v1/jobs/%d" % job["id"],
+                                        headers={b"X-Job-Key": [job["key"].encode()]})
         self.assertEqual((code, body), (200, {"deleted": job["id"]}))
         self.assertFalse(os.path.exists(self.server.store.jobDir(job["id"])))
         code, body, _ = yield self.call("GET", "/api/v1/jobs/%d" % job["id"])
@@ -189,9 +199,9 @@ class JobLifeTests(ServerCase):
     def test_list_filters_and_pages_newest_first(self):
         for i in range(5):
             yield self.submit(name="j%d" % i, notify="a@x" if i % 2 else "b@x")
-        code, page, _ = yield self.call("GET", "/api/v1/jobs?owner=a@x&limit=1&offset=1")
-        self.assertEqual(page["total"], 2)
-        self.assertEqual([j["name"] for j in page["jobs"]], ["j1"])
+        code, page, _ = yield self.call("GET", "/api/v1/jobs?owner=127.0.0.1&limit=1&offset=1")
+        self.assertEqual(page["total"], 5)
+        self.assertEqual([j["name"] for j in page["jobs"]], ["j3"])
         code, page, _ = yield self.call("GET", "/api/v1/jobs?status=pending")
         self.assertEqual([j["name"] for j in page["jobs"]], ["j4", "j3", "j2", "j1", "j0"])
 
@@ -225,8 +235,9 @@ class RefusalTests(ServerCase):
     def test_bad_input_gets_clear_4xx_and_changes_nothing(self):
         cases = [
             (self.call("POST", "/api/v1/jobs", data=b"{}", headers={b"Content-Type": [b"application/json"]}), 415),
-            (self.call("POST", "/api/v1/jobs", data={"request": "{not json"}), 400),
-            (self.call("POST", "/api/v1/jobs", data={"request": json.dumps({"name": "x"})}), 400),
+            (self.call("POST", "/api/v1/jobs", data={"request": "{not json"}, headers=SCRIPT), 400),
+            (self.call("POST", "/api/v1/jobs", data={"request": json.dumps({"name": "x"})},
+                       headers=SCRIPT), 400),
             (self.submit(files={"../evil": b"x"}), 400),
             (self.submit(files={"a\x01b": b"x"}), 400),
             (self.submit(files={"x" * 256: b"x"}), 400),

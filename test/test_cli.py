@@ -9,9 +9,10 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
 
 from reflservd import cli
-from reflservd.client import Client
+from reflservd.client import Client, KeyStore
 from test.conftest import freePort
 from test.support import RESULT, resultFiles, runInThread, writeModel
 
@@ -140,14 +141,15 @@ def test_usageErrorsExitTwo(server, tmp_path):
     assert code == 2 and "must be a refl1d .py script or a .json" in err
 
 
-def test_listFiltersByStatusAndMine(server, worker, model):
-    """``list --status`` shows only that status; ``--mine`` the jobs whose
-    owner is this machine's address (no notify given); newest first."""
+def test_listFiltersByStatusAndMine(server, worker, model, tmp_path):
+    """``list --status`` shows only that status; ``--mine`` the jobs this
+    user submitted (whose keys it keeps), not another user's; newest first."""
     worker.drain()
     client = Client(server.url)
     first = client.submit(model[0], data=model[1], name="first fit")
     second = client.submit(model[0], data=model[1], name="second fit")
-    other = client.submit(model[0], data=model[1], name="ann's fit", notify="ann@example.org")
+    ann = Client(server.url, keys=KeyStore(str(tmp_path / "ann-keys.json")))
+    other = ann.submit(model[0], data=model[1], name="ann's fit", notify="ann@example.org")
     code, out, _ = reflq(server, "list", "--status", "pending")
     assert code == 0
     lines = out.splitlines()
@@ -158,8 +160,9 @@ def test_listFiltersByStatusAndMine(server, worker, model):
     code, out, _ = reflq(server, "list", "--mine", "--status", "PENDING", "--json")
     mine = [r["id"] for r in json.loads(out)]
     assert second.id in mine and first.id in mine and other.id not in mine
-    for job in (first, second, other):
+    for job in (first, second):
         job.cancel()
+    other.cancel()
 
 
 def test_fetchDownloadsTheResultFiles(server, worker, model, tmp_path):
@@ -252,3 +255,85 @@ def test_legacyStatusAndList(server, worker, model):
     code, out, _ = reflq(server, "status", str(jobId), "--legacy")
     assert code == 0 and out.strip() == "job %d: PENDING" % (jobId,)
     Client(server.url).job(jobId).cancel()
+
+
+# ---- jobs whose data, progress and result are of any JSON type
+
+
+def legacySubmit(server, name, data, notify=""):
+    """``POST /jobs.json``, whose ``data`` may be any JSON (a count job's is a number): the id."""
+    status, answer = server.api.call("POST", "/jobs.json", body={"name": name, "notify": notify,
+                                                                 "service": "count", "data": data})
+    assert status == 200, answer
+    return answer["id"]
+
+
+def test_waitFollowsJobsWhoseDataIsNotAnObject(server, worker):
+    """``reflq wait`` follows a job whose data is a number (a count job), a
+    string, a list, or an object whose options or steps are of another type,
+    through progress of odd types shown on the live line, to the end: exit 0
+    and the summary line, never an internal error."""
+    worker.drain()
+    for data in (7, "text", [1, 2], {"options": "fast"}, {"options": {"steps": "many"}},
+                 {"options": {"steps": True}}, {"options": {"steps": 4}}, None):
+        jobId = legacySubmit(server, "count", data)
+
+        def fit():
+            lease = worker.lease()
+            try:    # progress of odd types is refused at the server's door now
+                worker.heartbeat(lease, {"step": "three", "chisq": {"x": 1}, "elapsed": "a while"})
+            except urllib.error.HTTPError as e:
+                assert e.code == 400
+            worker.heartbeat(lease, {"step": 2 ** 52, "chisq": 10 ** 30, "elapsed": 1e30})
+            worker.complete(lease, result={"chisq": "low"})
+
+        join = runInThread(fit)
+        err = TTY()
+        code, out, _ = reflq(server, "wait", str(jobId), stderr=err)
+        join()
+        assert code == 0, (data, err.getvalue())
+        assert out.strip().splitlines()[-1].startswith("job %d COMPLETE  χ² low" % (jobId,)), data
+        assert "internal error" not in err.getvalue()
+
+
+def test_statusShowsAResultThatIsNotAnObject(server, worker):
+    """``reflq status`` shows a result that is a list, a number or a string
+    (it hid them), and one whose chisq and parameters are of odd types."""
+    worker.drain()
+    for result, line in (([1, 2, "three"], 'result       [1,2,"three"]'), (42, "result       42"),
+                         ("only text", "result       only text"),
+                         ({"chisq": 10 ** 30, "parameters": {"p": {"value": 1.5, "uncertainty": 5e-5}, "q": [1]}},
+                          "χ²           %d" % (10 ** 30,))):
+        jobId = legacySubmit(server, "count", 7)
+        lease = worker.lease()
+        assert lease["id"] == jobId
+        worker.complete(lease, result=result)
+        code, out, err = reflq(server, "status", str(jobId))
+        assert code == 0, err
+        assert line in out.splitlines(), out
+    assert "  p  1.500000 ± 0.000050" in out.splitlines() and "  q  [1]" in out.splitlines()
+
+
+def test_aNameWithALoneSurrogateIsPrintedNotACrash(server, worker):
+    """The console script prints a job whose name and error hold lone
+    surrogates (kept from before the server refused them) with U+FFFD, in
+    ``status`` and ``list``; where the server refuses such a name, nothing
+    was submitted."""
+    worker.drain()
+    before = len(Client(server.url).jobs())
+    status, answer = server.api.call("POST", "/jobs.json", body={
+        "name": "fit \ud800 one", "notify": "", "service": "count", "data": 1})
+    if status == 400:
+        assert len(Client(server.url).jobs()) == before
+        return
+    assert status == 200, answer
+    jobId = answer["id"]
+    lease = worker.lease()
+    worker.complete(lease, "ERROR", error="Traceback\nValueError: bad \udfff")
+    done = reflqProcess(server.url, "status", str(jobId))
+    assert done.returncode == 1, done.stderr
+    assert "job          %d  fit \ufffd one" % (jobId,) in done.stdout.splitlines()
+    assert "error        ValueError: bad \ufffd" in done.stdout.splitlines()
+    done = reflqProcess(server.url, "list", "--status", "ERROR")
+    assert done.returncode == 0, done.stderr
+    assert "fit \ufffd one" in done.stdout

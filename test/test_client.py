@@ -3,14 +3,18 @@ loopback port (conftest's module-wide ``server``), and a fake worker that
 leases and completes jobs through the worker routes (``worker``).
 """
 
+import math
 import os
 import re
 import socket
 import threading
+from decimal import MAX_EMAX, Context, Decimal, localcontext
 
 import pytest
+from hypothesis import given, strategies as st
 
-from reflservd.client import Client, ClientError, Job, ServerUnreachable, UnknownJob, WaitTimeout
+from reflservd.client import (Client, ClientError, Job, ServerUnreachable, UnknownJob, WaitTimeout, displayText,
+                              formatDuration, formatValue)
 from test.conftest import freePort
 from test.support import RESULT, resultFiles, runInThread
 
@@ -249,3 +253,90 @@ def test_legacyModeSubmitsInlineAndReadsStatusResultsAndFiles(server, worker, mo
     job.delete()
     with pytest.raises(UnknownJob):
         job.status
+
+
+# ---- the text of a job's values (pages, mails and reflq show them through these)
+
+
+def test_formatValueGivesTheUncertaintyTwoDigitsAndTheValueTheSamePlace():
+    """Honest results, among them 1.5 ± 5e-5 (which once recursed without end)."""
+    assert formatValue(1.5, 5e-5) == "1.500000 ± 0.000050"
+    assert formatValue(100.12, 0.31) == "100.12 ± 0.31"
+    assert formatValue(-2.5, 0.0996) == "-2.50 ± 0.10"
+    assert formatValue(3e-7, 2e-9) == "(3.000 ± 0.020)e-7"
+    assert formatValue(1234567.0, 1200.0) == "(1.2346 ± 0.0012)e+6"
+    assert formatValue(0.0, 0.5) == "0.00 ± 0.50"
+    assert formatValue(1e300, 1e-300) == "1e+300 ± 1.0e-300"
+    assert formatValue(4.9, None) == "4.9" and formatValue(4.9, -1.0) == "4.9"
+    assert formatValue(243896112) == "243896112"
+    assert formatValue(10 ** 30, 3) == "%d ± 3.0e+0" % (10 ** 30,)
+    assert formatValue(float("nan"), 1.0) == "nan" and formatValue(1.0, float("inf")) == "1"
+
+
+def _shown(text):
+    """``(value, uncertainty)`` as Decimals from formatValue's text, and
+    whether it wrote them apart."""
+    scaled = re.fullmatch(r"\((\S+) ± (\S+)\)e([+-]\d+)", text)
+    if scaled:
+        exponent = int(scaled.group(3))
+        return Decimal(scaled.group(1)).scaleb(exponent), Decimal(scaled.group(2)).scaleb(exponent), False
+    value, spread = re.fullmatch(r"(\S+) ± (\S+)", text).groups()
+    return Decimal(value), Decimal(spread), "e" in spread
+
+
+@given(st.floats(allow_nan=True, allow_infinity=True), st.floats(allow_nan=True, allow_infinity=True))
+def test_formatValueEndsAndRoundsRightForEveryPairOfFloats(value, uncertainty):
+    """For every pair of floats (finite or not, subnormal or huge) formatValue
+    returns text; with a finite positive uncertainty the uncertainty shown has
+    at most two significant digits and is within rounding of the true one,
+    and the value shown is within half a unit of the uncertainty's last digit."""
+    text = formatValue(value, uncertainty)
+    assert isinstance(text, str) and text
+    if not math.isfinite(value):
+        assert text == repr(value)
+        return
+    if not (math.isfinite(uncertainty) and uncertainty > 0):
+        assert text == "%.6g" % (value,)
+        return
+    with localcontext(Context(prec=2000, Emin=-MAX_EMAX, Emax=MAX_EMAX)):
+        shownValue, shownSpread, apart = _shown(text)
+        assert shownSpread > 0
+        assert len(shownSpread.normalize().as_tuple().digits) <= 2
+        assert abs(shownSpread - Decimal(uncertainty)) <= shownSpread / 20
+        if apart:
+            assert text.split(" ± ")[0] == "%.6g" % (value,)
+        else:
+            assert abs(shownValue - Decimal(value)) <= shownSpread / 20
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("fit \ud800 one", "fit \ufffd one"),
+    ({"model": {"a": [1, 2.5]}, "x\udfff": None}, '{"model":{"a":[1,2.5]},"x\ufffd":null}'),
+    ([1, "two", float("nan")], '[1,"two",NaN]'),
+    (float("inf"), "inf"), (1.5, "1.5"), (10 ** 40, str(10 ** 40)), (True, "true"), (None, ""),
+])
+def test_displayTextMakesAnyJSONValueText(value, expected):
+    """Any value a job may carry becomes text that encodes as UTF-8 (no lone
+    surrogate survives), objects and lists as JSON."""
+    text = displayText(value)
+    assert text == expected
+    text.encode("utf-8")
+
+
+def test_displayTextClipsAndNamesWhatItCannotWrite():
+    """``limit`` clips with an ellipsis; what cannot be written (an integer
+    past Python's digit limit, a list too deep) is named instead of raising."""
+    assert displayText("abcdef", limit=4) == "abc…"
+    assert displayText(10 ** 5000) == "(an integer of %d bits)" % ((10 ** 5000).bit_length(),)
+    deep = []
+    for _ in range(100_000):
+        deep = [deep]
+    assert displayText(deep) == "(list)"
+    assert displayText(None, "–") == "–"
+
+
+def test_formatDurationIsMissingForWhatIsNotAFiniteNumber():
+    """``elapsed`` and run times of any JSON type: only finite numbers are a duration."""
+    assert formatDuration(3723.4) == "1:02:03" and formatDuration(3600 * 10 ** 30) == "%d:00:00" % (10 ** 30,)
+    for value in ("a while", None, True, float("nan"), float("inf"), {"s": 1}, [1]):
+        assert formatDuration(value, "–") == "–"

@@ -1,6 +1,7 @@
 """Nothing acknowledged is lost: a real ``twistd reflservd`` is SIGKILLed at
-random moments while clients submit over keep-alive connections; after each
-restart every acknowledged job is back as it was acknowledged."""
+random moments while 64 clients submit, lease, complete, cancel and delete
+over keep-alive connections; after each restart every acknowledged change is
+back as it was acknowledged, once, and nothing deleted returns."""
 
 import http.client
 import json
@@ -30,52 +31,143 @@ def request(server, method, path, body=None, conn=None):
             conn.close()
 
 
-def submitter(srv, prefix, acknowledged, lock, stop):
-    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=30)
-    n = 0
-    while not stop.is_set():
-        n += 1
-        job = {"name": "%s-%d" % (prefix, n), "notify": prefix + "@example.org",
-               "service": "count", "version": "1", "data": n}
-        try:
-            code, body = request(srv, "POST", "/jobs.json", json.dumps(job), conn=conn)
-        except (OSError, http.client.HTTPException):
-            return
-        if code == 200:
-            with lock:
-                acknowledged[body["id"]] = job
+class Ledger:
+    """What the server acknowledged, as the clients saw it (under a lock)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.submitted = {}     # id -> (request, key)
+        self.leased = {}        # id -> lease token
+        self.finished = {}      # id -> COMPLETE or CANCEL, the status an answer gave
+        self.deleted = set()
+        self.deleting = set()   # ids a delete was sent for: it may have happened unanswered
+        self.changes = 0
+
+    def count(self):
+        with self.lock:
+            self.changes += 1
+
+    def pick(self, rng, pool):
+        with self.lock:
+            ids = [i for i in pool if i not in self.deleted]
+            return rng.choice(ids) if ids else None
 
 
-def test_sigkill_during_submits_loses_no_acknowledged_job(serverProcess):
-    """Clients submit over keep-alive connections while the server is SIGKILLed
-    three times; after each restart on the same state directory and port, every
-    acknowledged job reads back as it was sent, and the journal verifies."""
+def client(server, kind, n, ledger, stop, seed):
+    """One of the 64 clients: a submitter, a worker (lease, heartbeat,
+    complete), a canceller or a deleter, on a keep-alive connection, until
+    ``stop`` or until the server goes away."""
+    rng = random.Random(seed)
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        while not stop.is_set():
+            if kind == "submit":
+                job = {"name": "c%d-%d" % (n, rng.randrange(10 ** 9)), "notify": "",
+                       "service": "count", "version": "1", "data": rng.randrange(100)}
+                code, body = request(server, "POST", "/jobs.json", json.dumps(job), conn=conn)
+                if code == 200:
+                    with ledger.lock:
+                        ledger.submitted[body["id"]] = (job, body["key"])
+                    ledger.count()
+            elif kind == "work":
+                code, lease = request(server, "POST", "/api/v1/queues/q/lease?timeout=0",
+                                      json.dumps({"worker": "w%d" % (n,)}), conn=conn)
+                if code != 200:
+                    continue
+                with ledger.lock:
+                    ledger.leased[lease["id"]] = lease["lease"]
+                ledger.count()
+                path = "/api/v1/jobs/%d" % (lease["id"],)
+                token = {"lease": lease["lease"]}
+                request(server, "POST", path + "/heartbeat",
+                        json.dumps(dict(token, progress={"step": 1, "chisq": 2.0})), conn=conn)
+                code, done = request(server, "POST", path + "/complete", json.dumps(
+                    dict(token, status="COMPLETE", result={"chisq": 1.0})), conn=conn)
+                if code == 200:
+                    with ledger.lock:
+                        ledger.finished[lease["id"]] = done["status"]
+                    ledger.count()
+            else:
+                jobId = ledger.pick(rng, list(ledger.submitted))
+                if jobId is None:
+                    time.sleep(0.001)   # nothing to act on yet (bounded by stop)
+                    continue
+                key = ledger.submitted[jobId][1]
+                if kind == "delete":
+                    with ledger.lock:
+                        ledger.deleting.add(jobId)
+                method, path = (("POST", "/api/v1/jobs/%d/cancel") if kind == "cancel"
+                                else ("DELETE", "/api/v1/jobs/%d"))
+                conn.request(method, path % (jobId,), body=b"{}", headers={
+                    "Content-Type": "application/json", "X-Job-Key": key})
+                response = conn.getresponse()
+                body = json.loads(response.read() or b"null")
+                if response.status == 200:
+                    with ledger.lock:
+                        if kind == "delete":
+                            ledger.deleted.add(jobId)
+                        elif body["status"] == "CANCEL":
+                            ledger.finished[jobId] = "CANCEL"
+                    ledger.count()
+    except (OSError, http.client.HTTPException, ValueError):
+        return
+    finally:
+        conn.close()
+
+
+KINDS = ["submit"] * 28 + ["work"] * 20 + ["cancel"] * 8 + ["delete"] * 8
+
+
+def test_sigkill_twenty_times_under_64_clients_loses_no_acknowledged_change(serverProcess):
+    """64 clients submit, lease, heartbeat, complete, cancel and delete over
+    keep-alive connections while the server is SIGKILLed twenty times. After
+    each restart every acknowledged change is there once: each submitted job
+    reads back as it was sent (none twice), a leased job is not PENDING
+    again, a job that an answer said had ended COMPLETE or CANCEL is so,
+    and nothing deleted comes back; the journal verifies."""
     server = serverProcess()
-    rng = random.Random(os.environ.get("REFLSERVD_SEED", 20261128))
-    acknowledged, lock = {}, threading.Lock()
-    for cycle in range(3):
+    rng = random.Random(os.environ.get("REFLSERVD_SEED", 20261202))
+    ledger = Ledger()
+    for cycle in range(20):
         stop = threading.Event()
-        clients = [threading.Thread(target=submitter, args=(server, "c%d%d" % (cycle, i),
-                                                            acknowledged, lock, stop))
-                   for i in range(4)]
-        target = len(acknowledged) + rng.randrange(20, 200)
-        for client in clients:
-            client.start()
+        clients = [threading.Thread(target=client, args=(server, kind, n, ledger, stop,
+                                                         rng.randrange(1 << 30)))
+                   for n, kind in enumerate(KINDS)]
+        target = ledger.changes + rng.randrange(20, 200)
+        for thread in clients:
+            thread.start()
         deadline = time.monotonic() + 60
-        while len(acknowledged) < target and time.monotonic() < deadline:
+        while ledger.changes < target and time.monotonic() < deadline:
             time.sleep(0.001)  # watching a counter, bounded
         assert server.kill() == -signal.SIGKILL
         stop.set()
-        for client in clients:
-            client.join(timeout=30)
-        assert len(acknowledged) >= target, "the clients stalled"
+        for thread in clients:
+            thread.join(timeout=30)
+        assert ledger.changes >= target, "the clients stalled"
         server.start()
-        for jobId, sent in sorted(acknowledged.items()):
-            code, job = request(server, "GET", "/jobs/%d.json" % jobId)
-            assert code == 200, (jobId, job)
-            assert job["job"] == sent
-    code, listing = request(server, "GET", "/jobs.json")
-    assert set(acknowledged) <= set(listing["jobs"])
+        code, listing = request(server, "GET", "/jobs.json")
+        assert len(listing["jobs"]) == len(set(listing["jobs"]))
+        listed = set(listing["jobs"])
+        with ledger.lock:
+            assert not ledger.deleted & listed, "a deleted job came back"
+            assert set(ledger.submitted) - ledger.deleting <= listed, "an acknowledged job was lost"
+            status = {}
+            for jobId in set(ledger.leased) | set(ledger.finished):
+                if jobId not in ledger.deleting:
+                    status[jobId] = request(server, "GET", "/jobs/%d/status.json" % (jobId,))[1]["status"]
+            for jobId, (sent, _) in ledger.submitted.items():
+                if jobId not in ledger.deleting and jobId % 7 == cycle % 7:
+                    assert request(server, "GET", "/jobs/%d.json" % (jobId,))[1]["job"] == sent
+            for jobId, ended in ledger.finished.items():
+                if jobId not in ledger.deleting:
+                    assert status[jobId] == ended, (jobId, ended, status[jobId])
+            for jobId in ledger.leased:
+                if jobId not in ledger.deleting:
+                    assert status[jobId] != "PENDING", jobId
+    assert len(ledger.submitted) > 200 and ledger.deleted and ledger.finished
+    print("20 SIGKILLs under 64 clients: %d acknowledged changes (%d submits, %d leases, %d ends, "
+          "%d deletes), none lost" % (ledger.changes, len(ledger.submitted), len(ledger.leased),
+                                      len(ledger.finished), len(ledger.deleted)))
     result = subprocess.run([os.path.join(os.path.dirname(sys.executable), "reflservd-journal"),
                              server.stateDir, "verify"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

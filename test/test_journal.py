@@ -18,7 +18,7 @@ from twisted.python.failure import Failure
 from reflservd import journal as J
 from reflservd.journal import (
     Journal, JournalCorrupt, JournalLocked, JournalWriteError, encodeRecord,
-    iterFrames, decodePayload, scanSegment, segmentName, snapshotName,
+    iterFrames, decodePayload, salvageJournal, scanSegment, segmentName, snapshotName,
 )
 
 
@@ -522,22 +522,32 @@ def test_readOnlyLoadLeavesATornTailInPlace(tmp_path):
     assert os.path.getsize(segmentPath(stateDir, 0)) == len(data) - 3
 
 
-def test_badChecksumInTheLastSegmentSaysWholeRecordsFollow(tmp_path):
-    """A damaged record inside the last segment ends the replay there; the
-    rest is set aside and the description counts the whole records in it."""
+def test_badChecksumInTheMiddleOfTheLastSegmentRefusesToLoadUntilSalvaged(tmp_path):
+    """A damaged record with whole records after it is not a torn last
+    write but damage to acknowledged records: load refuses, naming the
+    offset, ``verify`` and ``--salvage``; ``salvageJournal`` then keeps the
+    records before it and sets the rest aside (nothing is deleted)."""
     stateDir = str(tmp_path)
     data = writeJournal(stateDir, 5)
     second = len(encodeRecord({"type": "t", "i": 0, "time": 0.0}))
     with open(segmentPath(stateDir, 0), "r+b") as f:
         f.seek(second + 12)
         f.write(b"X")
+    with pytest.raises(JournalCorrupt) as raised:
+        inlineJournal(stateDir).load()
+    message = str(raised.value)
+    assert ":%d: checksum mismatch" % (second,) in message and "3 whole records" in message
+    assert "verify" in message and "--salvage" in message
+    assert (raised.value.segment, raised.value.offset) == (0, second)
+    assert os.path.getsize(segmentPath(stateDir, 0)) == len(data)     # refused: untouched
+    aside = salvageJournal(stateDir, 0, second)
+    assert aside == ["segment-000000.log.salvaged-%d" % (second,)]
+    damaged = data[:second + 12] + b"X" + data[second + 13:]
+    with open(os.path.join(stateDir, "journal", aside[0]), "rb") as f:
+        assert f.read() == damaged[second:]
     journal = inlineJournal(stateDir)
-    recovery = journal.load()
-    assert [r["i"] for r in recovery.records] == [0]
-    assert "checksum mismatch" in recovery.torn[0]
-    assert "3 whole records follow" in recovery.torn[0]
+    assert [r["i"] for r in journal.load().records] == [0]
     results([journal.close()])
-    assert len(data) > second
 
 
 def test_badRecordInAnEarlierSegmentRefusesToLoad(tmp_path):

@@ -48,7 +48,7 @@ class Site:
     def submit(self, owner, now):
         jobId = self.queue.reserveId()
         self.commit(self.queue.makeSubmit(jobId, now, "fit %d" % (jobId,), owner, "127.0.0.1",
-                                          "refl1d", "1", {"model.py": 10}))
+                                          "refl1d", "1", {"model.py": 10}, owner=owner))
         return jobId
 
     def lease(self, now):

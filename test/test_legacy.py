@@ -7,6 +7,7 @@ import json
 
 from twisted.internet import defer
 
+from reflservd import queue as Q
 from test.test_api import ServerCase
 
 REQUEST = {"name": "ni", "notify": "ann@example.org", "service": "count", "version": "0.1", "data": 5}
@@ -87,7 +88,8 @@ class LegacyTests(ServerCase):
         _, submitted, _ = yield self.legacySubmit()
         jobId = submitted["id"]
         yield self.postJSON("/jobs/nextjob.json", {"queue": "old"})
-        yield self.call("POST", "/api/v1/jobs/%d/cancel" % jobId)
+        yield self.call("POST", "/api/v1/jobs/%d/cancel" % jobId,
+                        headers={b"X-Job-Key": [submitted["key"].encode()]})
         self.assertEqual((yield self.call("GET", "/jobs/%d/status.json" % jobId))[1]["status"], "CANCEL")
         code, _, _ = yield self.postjob(jobId, {"status": "CANCEL", "message": "killed"})
         self.assertEqual(code, 200)
@@ -116,14 +118,63 @@ class LegacyTests(ServerCase):
         self.assertEqual(lease["files"], [["big.bin", 2], ["model.py", 12]])
 
     @defer.inlineCallbacks
-    def test_status_reads_by_the_holder_renew_its_lease(self):
-        """The old worker sends no heartbeat but reads status.json while it
-        runs; those reads keep its lease alive."""
+    def test_reads_never_extend_a_legacy_lease(self):
+        """A client polling status.json (even from the worker's host) keeps
+        no one's lease alive: only the worker's own nextjob and postjob do."""
         _, submitted, _ = yield self.legacySubmit()
         jobId = submitted["id"]
         yield self.postJSON("/jobs/nextjob.json", {"queue": "old"})
         job = self.server.queue.get(jobId)
-        before = job.leaseExpires
         job.leaseExpires -= 30
-        yield self.call("GET", "/jobs/%d/status.json" % jobId)
-        self.assertGreaterEqual(job.leaseExpires, before)
+        before = job.leaseExpires
+        for path in ("/jobs/%d/status.json", "/jobs/%d/results.json", "/jobs/%d.json"):
+            yield self.call("GET", path % jobId)
+        self.assertEqual(job.leaseExpires, before)
+
+    @defer.inlineCallbacks
+    def test_a_prefetched_job_is_held_while_its_worker_lives_and_comes_back_when_it_dies(self):
+        """The old worker runs one job and prefetches the next, reading only
+        the first one's status. The prefetched job outlives the ordinary
+        lease timeout (it runs once, never twice); when the worker posts the
+        first job's results its other legacy leases are renewed; a worker
+        that dies lets them go back to the queue after the legacy lease
+        timeout."""
+        first = (yield self.legacySubmit())[1]["id"]
+        second = (yield self.legacySubmit())[1]["id"]
+        yield self.postJSON("/jobs/nextjob.json", {"queue": "old"})
+        yield self.postJSON("/jobs/nextjob.json", {"queue": "old"})
+        queue, server, start = self.server.queue, self.server, self.server._now()
+        hours = 3600.0
+        self.assertLess(abs(queue.get(second).leaseExpires - start - Q.LEGACY_LEASE_TIMEOUT), 5)
+        server._now = lambda: start + 20 * hours     # the first job ran for 20 hours
+        code, _, _ = yield self.postjob(first, {"status": "COMPLETE", "result": 1})
+        self.assertEqual(code, 200)
+        server._now = lambda: start + 30 * hours
+        server.expireLeases()
+        self.assertEqual(queue.get(second).status, "ACTIVE")    # held, not handed out again
+        server._now = lambda: start + 20 * hours + Q.LEGACY_LEASE_TIMEOUT + 1   # the worker died
+        server.expireLeases()
+        self.assertEqual(queue.get(second).status, "PENDING")
+
+    @defer.inlineCallbacks
+    def test_nextjob_without_a_queue_is_a_400_naming_the_field(self):
+        yield self.legacySubmit()
+        code, body, _ = yield self.postJSON("/jobs/nextjob.json", {})
+        self.assertEqual(code, 400)
+        self.assertIn("'queue'", body["error"])
+        self.assertEqual(self.server.queue.counts()["ACTIVE"], 0)
+
+    @defer.inlineCallbacks
+    def test_results_are_what_the_worker_posted_and_unknown_ids_say_unknown(self):
+        """An ERROR posted with ``message`` only keeps it; results come back
+        as posted (any fields), plus ``id``; an id never seen is UNKNOWN."""
+        jobId = (yield self.legacySubmit())[1]["id"]
+        yield self.postJSON("/jobs/nextjob.json", {"queue": "old"})
+        yield self.postjob(jobId, {"status": "ERROR", "message": "the process died",
+                                   "extra": [1, 2]})
+        results = (yield self.call("GET", "/jobs/%d/results.json" % jobId))[1]
+        self.assertEqual(results, {"id": jobId, "status": "ERROR", "message": "the process died",
+                                   "extra": [1, 2]})
+        job = (yield self.call("GET", "/api/v1/jobs/%d" % jobId))[1]
+        self.assertEqual(job["error"], "the process died")
+        self.assertEqual((yield self.call("GET", "/jobs/999/results.json"))[1], {"status": "UNKNOWN"})

@@ -206,3 +206,76 @@ def test_aServerWhoseMailFailsStillRunsTheJob(serverProcess, tmp_path):
     assert record["status"] == "COMPLETE"
     assert job.status == "COMPLETE"
     server.waitForLog("job %d: the mail to ann@example.org was not sent" % (job.id,), timeout=MAIL_TIMEOUT)
+
+
+# ---- values of every shape
+
+
+NAN = float("nan")
+ODD_RESULT = {"chisq": 10 ** 400, "parameters": {"thickness": {"value": 1.5, "uncertainty": 5e-5},
+                                                 "p\ud800": {"value": NAN, "uncertainty": 1.0},
+                                                 "listed": [1, 2], "odd": {"value": {"a": 1}}}}
+
+
+@pytest.mark.parametrize("fields, expected", [
+    (dict(name="fit \ud800 one", status="ACTIVE", queue="q\udfff"), "fit \ufffd one"),
+    (dict(name={"an": "object"}, status="ACTIVE"), '{"an":"object"}'),
+    (dict(status="COMPLETE", result=ODD_RESULT), "thickness = 1.500000 ± 0.000050"),
+    (dict(status="COMPLETE", result=ODD_RESULT), "p\ufffd = nan"),
+    (dict(status="COMPLETE", result=ODD_RESULT), "chi^2 = %d" % (10 ** 400,)),
+    (dict(status="COMPLETE", result=[1, "two", NAN]), 'Result: [1,"two",NaN]'),
+    (dict(status="COMPLETE", result={"chisq": "low", "parameters": "none"}), "chi^2 = low"),
+    (dict(status="COMPLETE", result=42), "Result: 42"),
+    (dict(status="ERROR", error="Traceback\nValueError: bad \ud800"), "Error: ValueError: bad \ufffd"),
+])
+def test_aJobOfAnyShapeIsMailed(fields, expected):
+    """A job whose name, queue, result or error holds a lone surrogate, an
+    object, NaN, a huge integer or a result that is not an object is mailed
+    all the same, its values written out as text."""
+    outbox = Outbox()
+    with capturedLogs() as events:
+        notifier(outbox).jobChanged(fakeJob(started=100.0, finished=160.0, **fields))
+    assert [e for e in events if e.get("log_failure") is not None] == []
+    assert len(outbox.sent) == 1
+    mail = outbox.sent[0][4]
+    assert expected in mail["Subject"] + "\n" + mail.get_content()
+
+
+def test_aNotifyThatIsNotAnAddressIsNotMailedAndNothingFails():
+    """A notify with a lone surrogate or a control character, or that is not a string, is no address."""
+    outbox = Outbox()
+    with capturedLogs() as events:
+        for notify in ("\ud800@example.org", "ann\x00@example.org", {"to": "ann@example.org"}, 7):
+            notifier(outbox).jobChanged(fakeJob(notify=notify, status="ACTIVE"))
+    assert outbox.sent == [] and [e for e in events if e.get("log_failure") is not None] == []
+
+
+def test_aRealServerMailsJobsOfOddShapes(sink, serverProcess):
+    """Through the real API (the legacy route takes any JSON as data): a job
+    whose data.model is an object, whose progress elapsed is huge and
+    whose result is 1.5 ± 5e-5 beside NaN and a huge integer, and a count
+    job whose result is a list, are each mailed when they start and end."""
+    handler, port = sink
+    server = serverProcess(args=["--smtp", "127.0.0.1:%d" % (port,), "--base-url", "http://fits.example.org/"])
+    ids = []
+    for name, data in (("object model", {"model": {"layers": [1, 2]}}), ("count", 7)):
+        status, answer = server.api.call("POST", "/jobs.json", body={
+            "name": name, "notify": "ann@example.org", "service": "refl1d", "data": data})
+        assert status == 200, answer
+        ids.append(answer["id"])
+    worker = FakeWorker(server.url)
+    results = {ids[0]: {"chisq": NAN, "steps": 10 ** 30,
+                        "parameters": {"thickness": {"value": 1.5, "uncertainty": 5e-5}}},
+               ids[1]: [1, 2, "three"]}
+    for count in (1, 2):
+        lease = worker.lease()
+        worker.heartbeat(lease, {"step": 1, "elapsed": 1e300, "chisq": None})
+        worker.complete(lease, result=results[lease["id"]])
+        handler.waitFor(2 * count)
+    subjects = {mail["Subject"]: mail for _, mail in handler.messages}
+    for jobId, name in zip(ids, ("object model", "count")):
+        assert "[reflservd] job %d (%s) started" % (jobId, name) in subjects
+        assert "[reflservd] job %d (%s) finished" % (jobId, name) in subjects
+    first = subjects["[reflservd] job %d (object model) finished" % (ids[0],)].get_content()
+    assert "chi^2 = nan" in first and "thickness = 1.500000 ± 0.000050" in first
+    assert 'Result: [1,2,"three"]' in subjects["[reflservd] job %d (count) finished" % (ids[1],)].get_content()

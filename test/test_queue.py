@@ -11,9 +11,9 @@ from reflservd import queue as Q
 DAY = 24 * 3600.0
 
 
-def submit(queue, now, notify="", origin="10.0.0.1", name="job"):
+def submit(queue, now, notify="", origin="10.0.0.1", name="job", owner=None):
     jobId = queue.reserveId()
-    record = queue.makeSubmit(jobId, now, name, notify, origin, "refl1d", "1", {})
+    record = queue.makeSubmit(jobId, now, name, notify, origin, "refl1d", "1", {}, owner=owner)
     queue.apply(record)
     return jobId, record
 
@@ -25,12 +25,24 @@ def lease(queue, now, name="q"):
     return record
 
 
+def test_fair_share_counts_by_submitter_not_by_notify():
+    """Fifteen jobs sent by an attacker with ``notify`` set to a victim's
+    address do not push the victim's own job back: the owner is who
+    submitted (here the address), never the notify field as typed."""
+    queue = Q.Queue()
+    forged = [submit(queue, i, notify="victim@x", origin="10.6.6.6")[0] for i in range(15)]
+    victim, record = submit(queue, 16, notify="victim@x", origin="10.0.0.7")
+    assert record["owner"] == "10.0.0.7" and record["priority"] == 0
+    assert queue.pendingOrder()[:2] == [forged[0], victim]
+
+
 def test_fair_share_counts_by_owner_not_by_shared_address():
     """Behind one proxy, a newcomer's first job still runs before a heavy
-    user's tenth: the owner is the notify address, not the client address."""
+    user's tenth: the owner given (the forwarded address or the token's
+    identity) counts, not the proxy's address."""
     queue = Q.Queue()
-    heavy = [submit(queue, i, notify="heavy@x", origin="proxy")[0] for i in range(10)]
-    newcomer, record = submit(queue, 11, notify="new@x", origin="proxy")
+    heavy = [submit(queue, i, origin="proxy", owner="heavy")[0] for i in range(10)]
+    newcomer, record = submit(queue, 11, origin="proxy", owner="new")
     assert record["priority"] == 0
     order = queue.pendingOrder()
     assert order[:2] == [heavy[0], newcomer]
@@ -48,8 +60,8 @@ def test_owner_without_notify_is_the_client_address():
 
 def test_fair_share_forgets_after_thirty_days():
     queue = Q.Queue()
-    submit(queue, 0, notify="a@x")
-    submit(queue, 1, notify="a@x")
+    submit(queue, 0, owner="a@x")
+    submit(queue, 1, owner="a@x")
     assert queue.fairShare("a@x", 2) == 2
     assert queue.fairShare("a@x", 30 * DAY + 0.5) == 1
     assert queue.fairShare("a@x", 31 * DAY) == 0
@@ -57,7 +69,7 @@ def test_fair_share_forgets_after_thirty_days():
 
 def test_fifo_among_equal_priorities():
     queue = Q.Queue()
-    ids = [submit(queue, i, notify="u%d@x" % i)[0] for i in range(5)]
+    ids = [submit(queue, i, owner="u%d" % i)[0] for i in range(5)]
     assert [lease(queue, 10)["id"] for _ in ids] == ids
     assert lease(queue, 10) is None
 
@@ -170,7 +182,7 @@ def test_a_snapshot_writes_shared_strings_once_and_loads_as_it_was():
     strings one object each."""
     queue = Q.Queue()
     for n in range(6):
-        jobId, _ = submit(queue, n, notify="ann@x" if n % 2 else "", name="job %d" % (n,))
+        jobId, _ = submit(queue, n, notify="ann@x" if n % 2 else "", owner="ann@x" if n % 2 else None, name="job %d" % (n,))
     token = lease(queue, 10)["lease"]
     queue.apply(queue.makeComplete(1, token, 11, Q.COMPLETE, result={"chisq": 1.0},
                                    confinement="namespaces"))

@@ -11,7 +11,6 @@ from twisted.internet.task import Clock
 
 from reflservd import queue as Q
 from reflservd.server import QueueServer
-from reflservd.web import APIError
 
 
 def inline(f, *args):
@@ -36,7 +35,7 @@ def makeServer(stateDir, clock, **kwargs):
 
 def submit(server, name="job", notify="a@x"):
     request = {"name": name, "notify": notify, "service": "count", "data": 1}
-    return result(server.submit(request, [], "10.0.0.1"))
+    return result(server.submit(request, [], "10.0.0.1"))[0]
 
 
 class ManualRunner:
@@ -73,13 +72,13 @@ def test_a_small_jobs_request_is_served_from_memory_until_its_file_is_written(tm
     assert server.readRequest(jobId) == request
     assert os.listdir(server.store.root) == []
     runner.runAll()
-    assert result(answered).id == jobId
+    assert result(answered)[0].id == jobId
     assert server._unstored == {}
     assert os.listdir(server.store.root) == ["%d.json" % (jobId,)]
     assert server.readRequest(jobId) == request
     answered = server.submit(dict(request, name="files"), [("model.py", b"x = 1\n")], "10.0.0.1")
     runner.runAll()
-    withFiles = result(answered)
+    withFiles = result(answered)[0]
     assert server.store.files(withFiles.id, "upload") == [("model.py", 6)]
     assert server.readRequest(withFiles.id)["name"] == "files"
     stopped = server.stopService()
@@ -159,13 +158,14 @@ def test_events_long_poll_wakes_on_progress(tmp_path):
     assert not waiting.called
     server.heartbeat(job.id, 1, {"step": 4, "chisq": 1.5})
     events = result(waiting)
-    assert [(e["type"], e["progress"]) for e in events] == [("progress", {"step": 4, "chisq": 1.5})]
+    assert [(e["type"], e["progress"]) for e in events] == [
+        ("progress", {"step": 4, "chisq": 1.5, "parameters": {}, "elapsed": 0.0})]
     result(server.stopService())
 
 
 def test_fitter_service_refused_and_nothing_stored(tmp_path):
     server = makeServer(tmp_path, Clock())
-    with pytest.raises(APIError) as caught:
+    with pytest.raises(Q.Refused) as caught:
         result(server.submit({"name": "x", "notify": "", "service": "fitter"}, [], "h"))
     assert caught.value.code == 400
     assert server.queue.jobs == {} and server.store.files(1, "upload") == []

@@ -16,8 +16,11 @@
     return Math.floor(s / 3600) + ":" + pad(Math.floor(s / 60) % 60) + ":" + pad(s % 60);
   }
 
+  /* A progress value as the server renders it: any JSON type (an object as JSON). */
   function number(value) {
-    if (typeof value !== "number") { return value === null || value === undefined ? "–" : String(value); }
+    if (value === null || value === undefined) { return "–"; }
+    if (typeof value === "object") { return JSON.stringify(value); }
+    if (typeof value !== "number") { return String(value); }
     return String(Number(value.toPrecision(6)));
   }
 
@@ -97,7 +100,7 @@
       .then(function (response) {
         if (response.status === 404) { throw new Error("gone"); }
         if (!response.ok) { throw new Error("HTTP " + response.status); }
-        return response.json();
+        return response.json();     /* the server writes NaN and infinities as null */
       })
       .then(function (answer) {
         backoff = 1000;
