@@ -27,6 +27,7 @@ cProfile and prints where its time goes.
 
 import argparse
 import asyncio
+import http.client
 import json
 import math
 import os
@@ -38,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from bench import Result, formatTable
@@ -92,8 +94,8 @@ class Daemon:
     @classmethod
     def reflservd(cls, stateDir, logPath, *options):
         port = freePort()
-        # The load comes from one address, faster than people: no per-submitter
-        # limits; the requests name their host "bench"; WAITERS connections at once.
+        # The load comes from one address, faster than people and WAITERS of
+        # them at once: no per-submitter limits; the requests name their host "bench".
         argv = [TWISTD, "-n", "--pidfile=", "reflservd", "--listen",
                 "tcp:%d:interface=127.0.0.1" % (port,), "--state-dir", stateDir,
                 "--submits-per-minute", "0", "--max-pending", "0",
@@ -810,7 +812,72 @@ class Bench:
         shutil.rmtree(base, ignore_errors=True)
 
 
-BENCHMARKS = ("submit", "dispatch", "restart", "memory", "waiters")
+    # 6.
+
+    def bigsubmit(self, size=186 << 20):
+        """A legal submit of one large file (a 186 MB upload took the reactor
+        2.5 s once): the slowest /healthz answer while it is parsed and
+        stored, against the slowest on the idle server."""
+        self.say("bigsubmit: one %s multipart submit while a client asks /healthz every 10 ms"
+                 % (mb(size),))
+        daemon = self.server("bigsubmit")
+        daemon.start()
+        try:
+            idle = healthLatencies(daemon.port, 2.0)
+            boundary = b"bench-boundary"
+            request = json.dumps({"name": "big", "notify": "", "service": "count", "data": 1})
+            body = b"".join([
+                b'--%s\r\nContent-Disposition: form-data; name="request"\r\n\r\n%s\r\n'
+                % (boundary, request.encode()),
+                b'--%s\r\nContent-Disposition: form-data; name="file"; filename="big.dat"\r\n\r\n'
+                % (boundary,), b"0" * size, b"\r\n--%s--\r\n" % (boundary,)])
+            answer = {}
+
+            def upload():
+                conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=600)
+                conn.request("POST", "/api/v1/jobs", body, {
+                    "Content-Type": "multipart/form-data; boundary=" + boundary.decode(),
+                    "X-Requested-With": "bench"})
+                response = conn.getresponse()
+                answer["status"] = response.status
+                response.read()
+                conn.close()
+
+            sender = threading.Thread(target=upload)
+            started = time.monotonic()
+            sender.start()
+            busy = healthLatencies(daemon.port, None, until=sender)
+            seconds = time.monotonic() - started
+        finally:
+            daemon.stop()
+        worst, reference = max(busy), max(idle)
+        self.say("  submit answered %s in %.1f s; /healthz max %s (p50 %s) during it, %s idle"
+                 % (answer.get("status"), seconds, ms(worst), ms(statistics.median(busy)),
+                    ms(reference)))
+        self.result("large submit (%s), /healthz" % (mb(size),), "max %s during" % (ms(worst),),
+                    "max %s idle" % (ms(reference),), "max <= 250 ms, 201",
+                    worst <= 0.250 and answer.get("status") == 201)
+
+
+def healthLatencies(port, seconds, until=None):
+    """The latencies of ``GET /healthz`` asked every 10 ms for ``seconds``,
+    or while the thread ``until`` runs (bounded: 10 minutes)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    latencies = []
+    deadline = time.monotonic() + (seconds if seconds is not None else 600)
+    try:
+        while time.monotonic() < deadline and (until is None or until.is_alive()):
+            began = time.monotonic()
+            conn.request("GET", "/healthz", headers={"Host": "127.0.0.1"})
+            conn.getresponse().read()
+            latencies.append(time.monotonic() - began)
+            time.sleep(0.01)
+    finally:
+        conn.close()
+    return latencies
+
+
+BENCHMARKS = ("submit", "dispatch", "restart", "memory", "waiters", "bigsubmit")
 
 
 def run(names=BENCHMARKS, say=print, profileDir=None, keep=False):

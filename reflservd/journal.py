@@ -258,18 +258,23 @@ def iterFrames(data, end):
         offset = start + length
 
 
-_LONG_INTEGER = re.compile(rb"[0-9]{19}")
+class TooDeep(ValueError):
+    """JSON nested past what the standard library's parser can read."""
+
+
+_LONG_INTEGER = re.compile(rb"-[0-9]{19}|[0-9]{20}")
 
 
 def parseJSON(data):
     """``json.loads`` of bytes, by orjson where it can (twice as fast on a
     large snapshot) and by the standard library where orjson refuses: NaN
     and Infinity (``json.dumps`` writes them, for instance for the χ² of a
-    failed fit), lone surrogates. orjson reads an integer past 64 bits as a
-    float rather than refusing it, so text with a run of 19 digits or more
-    goes to the standard library, which keeps every digit. Text nested past
-    the standard library's recursion limit is a ValueError, as any other
-    text that is not a record is."""
+    failed fit), lone surrogates. orjson reads an integer past 64 bits
+    (below -2**63 or above 2**64 - 1) as a float rather than refusing it, so
+    text with a negative number of 19 digits or more, or a run of 20 digits,
+    goes to the standard library.
+    Text nested past the standard library's recursion limit is a ValueError,
+    as any other text that is not a record is."""
     if _LONG_INTEGER.search(data) is None:
         try:
             return orjson.loads(data)
@@ -278,7 +283,7 @@ def parseJSON(data):
     try:
         return json.loads(bytes(data))
     except RecursionError:
-        raise ValueError("JSON nested too deeply to decode") from None
+        raise TooDeep("JSON nested too deeply to decode") from None
 
 
 def decodePayload(payload):

@@ -35,7 +35,7 @@ def parseJSON(data, what="the body"):
     that is not encodable. NaN and Infinity are taken (a failed fit's χ²)."""
     try:
         value = journal.parseJSON(data)
-    except RecursionError:
+    except journal.TooDeep:
         raise Refused("%s is nested deeper than %d levels" % (what, MAX_DEPTH)) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise Refused("%s is not valid JSON: %s" % (what, e)) from None
@@ -102,13 +102,8 @@ def checkFiles(sizes, maxFiles=MAX_FILES, maxFileBytes=None, maxJobBytes=None):
 
 def finiteNumber(value, what):
     """``value`` as a float if it is a finite number; else ``Refused``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise Refused("%s must be a number" % (what,))
-    try:
-        number = float(value)
-    except OverflowError:
-        raise Refused("%s is out of range" % (what,)) from None
-    if not math.isfinite(number):
+    number = _number(value, what)
+    if number is None:
         raise Refused("%s must be a finite number" % (what,))
     return number
 

@@ -15,16 +15,14 @@ _JOB = {"$ref": "#/components/schemas/Job"}
 _REASONS = {
     "400": "a parameter or the body is not what the route takes",
     "401": "a worker route without this site's worker token",
-    "403": "not this caller's to do: a job's key or an admin token missing, a worker token of "
-           "another queue, a submit token missing, or a form another site could have sent "
-           "(send JSON, or an X-Requested-With header)",
+    "403": "not allowed: a job's key, a worker token of its queue, an admin or submit token, "
+           "or a request from this site's own pages is needed",
     "404": "no such job, file or route",
     "409": "the job's state or lease does not allow it",
     "413": "the body is over the route's limit",
     "415": "the body is not of the content type the route takes",
     "421": "the Host header names no host this server answers to (--public-host)",
-    "429": "the submitter is past its limits (--max-pending, --submits-per-minute); "
-           "Retry-After says when to try again",
+    "429": "the submitter is past its pending jobs or submissions a minute (Retry-After says when)",
     "503": "the journal or the store cannot be written; nothing was changed",
 }
 
@@ -44,13 +42,11 @@ def _object(required=(), **properties):
     return schema
 
 
-def _op(summary, responses, parameters=(), body=None, errors=("400", "404"), worker=False,
-        changes=False, security=None):
-    """An operation; every one may answer 421 (the Host rule), one that
-    changes something 403 (the same-origin rule), a worker's 401 and 403."""
+def _op(summary, responses, parameters=(), body=None, errors=("400", "404"), worker=False):
+    """An operation; every one may answer 421 (a Host this site does not
+    answer to), a worker's 401 and 403 too."""
     op = {"summary": summary, "tags": ["workers" if worker else "users"], "responses": dict(responses)}
-    extra = ("421",) + (("403",) if changes or worker else ()) + (("401",) if worker else ())
-    for code in tuple(errors) + extra:
+    for code in tuple(errors) + ("421",) + (("401", "403") if worker else ()):
         op["responses"][code] = _error(code)
     if "429" in op["responses"]:
         op["responses"]["429"] = dict(op["responses"]["429"], headers={
@@ -60,9 +56,7 @@ def _op(summary, responses, parameters=(), body=None, errors=("400", "404"), wor
     if body:
         op["requestBody"] = body
     if worker:
-        security = [{"workerToken": []}]
-    if security:
-        op["security"] = security
+        op["security"] = [{"workerToken": []}]
     return op
 
 
@@ -84,9 +78,7 @@ _NAME = _param("name", "path", description="a file name: no '/', no leading '.'"
 _TIMEOUT = _param("timeout", schema={"type": "number", "minimum": 0, "maximum": MAX_LONG_POLL},
                   description="seconds to wait (more is taken as %g)" % (MAX_LONG_POLL,))
 _LEASE = {"type": "integer", "description": "the lease token of the lease answer"}
-_CONTROL = [{"jobKey": []}, {"adminToken": []}]
-"""Cancel and delete: the job's key or an admin token (or, for a job
-submitted without a key, its submitting address)."""
+_KEY = _param("X-Job-Key", "header", description="the job's key, as its submit answered it")
 
 _SCHEMAS = {
     "Error": _object(["error"], error=_STR),
@@ -99,21 +91,18 @@ _SCHEMAS = {
         submitted=_NNUM, started=_NNUM, finished=_NNUM,
         progress={"type": "object", "nullable": True}, confinement=_NSTR,
         cancelRequested={"type": "boolean"}, result={"nullable": True}, error=_NSTR,
-        request={"type": "object"},
-        key={"type": "string", "description": "the job's key: in the submit's answer only"}),
+        request={"type": "object"}),
     "Event": _object(["seq", "type", "status"], seq=_INT, type=_STR, status=_STR),
 }
 
 # (path, method) -> operation
 OPERATIONS = {
     ("/api/v1/jobs", "post"): _op(
-        "Submit a job: a 'request' JSON part and 'file' parts",
-        {"201": _json("the job, with its key (answered this once)", _JOB)},
+        "Submit a job: a 'request' JSON part and 'file' parts", {"201": _json("the job", _JOB)},
         body={"required": True, "content": {"multipart/form-data": {"schema": _object(
             ["request"], request={"type": "string", "description": "the job's JSON request"},
             file={"type": "array", "items": {"type": "string", "format": "binary"}})}}},
-        errors=("400", "413", "415", "429", "503"), changes=True,
-        security=[{}, {"submitToken": []}]),
+        errors=("400", "403", "413", "415", "429", "503")),
     ("/api/v1/jobs", "get"): _op(
         "List jobs, newest first",
         {"200": _json("a page of jobs", _object(
@@ -127,10 +116,10 @@ OPERATIONS = {
     ("/api/v1/jobs/{jobId}", "get"): _op("A job's record", {"200": _json("the job", _JOB)}, [_ID]),
     ("/api/v1/jobs/{jobId}", "delete"): _op(
         "Delete a job and its files", {"200": _json("deleted", _object(["deleted"], deleted=_INT))},
-        [_ID], errors=("400", "404", "409", "503"), changes=True, security=_CONTROL),
+        [_ID, _KEY], errors=("400", "403", "404", "409", "503")),
     ("/api/v1/jobs/{jobId}/cancel", "post"): _op(
-        "Cancel a job", {"200": _json("the job", _JOB)}, [_ID], errors=("400", "404", "409", "503"),
-        changes=True, security=_CONTROL),
+        "Cancel a job", {"200": _json("the job", _JOB)}, [_ID, _KEY],
+        errors=("400", "403", "404", "409", "503")),
     ("/api/v1/jobs/{jobId}/files", "get"): _op(
         "A job's files",
         {"200": _json("the files", _object(["id", "files"], id=_INT, files={
@@ -208,16 +197,9 @@ def document():
         "paths": paths,
         "components": {
             "schemas": _SCHEMAS,
-            "securitySchemes": {
-                "workerToken": {"type": "http", "scheme": "bearer",
-                                "description": "a worker token of the queue (--worker-token-file); "
-                                               "not asked for when the site has none"},
-                "adminToken": {"type": "http", "scheme": "bearer",
-                               "description": "an admin token (--admin-token-file)"},
-                "submitToken": {"type": "http", "scheme": "bearer",
-                                "description": "a submit token (--submit-token-file), "
-                                               "asked for when the site has them"},
-                "jobKey": {"type": "apiKey", "in": "header", "name": "X-Job-Key",
-                           "description": "the key the job's submit answered"}},
+            "securitySchemes": {"workerToken": {
+                "type": "http", "scheme": "bearer",
+                "description": "the site's worker token (--worker-token-file); "
+                               "not asked for when the site has none"}},
         },
     }

@@ -246,7 +246,7 @@ class CappedRequest(server.Request):
             try:
                 access.checkHost(self)
             except QueueError as e:
-                self.setResponseCode(e.code)
+                self.setResponseCode(e.code, http.RESPONSES.get(e.code, b"Misdirected Request"))
                 self.setHeader(b"Content-Type", b"application/json")
                 self.write(json.dumps({"error": str(e)}).encode("utf-8"))
                 self.finish()

@@ -108,7 +108,7 @@ def submitFrom(port, source=OTHER):
             b"--%s--\r\n" % (boundary.encode(), json.dumps(job).encode(), boundary.encode(), boundary.encode()))
     return request(port, "POST", "/api/v1/jobs", body,
                    {"Content-Type": "multipart/form-data; boundary=" + boundary,
-                    "X-Requested-With": "reflservd-test"}, source)
+                    "X-Requested-With": "test"}, source)
 
 
 def closeAll(sockets):
@@ -147,7 +147,7 @@ def test_connectionsOverThePerAddressCapAreRefusedAndLoggedOnce(serverProcess):
         status, health = request(server.port, "GET", "/healthz")
         assert (status, health["status"]) == (200, "ok")
         status, job = submitFrom(server.port)
-        assert status == 201 and job.get("status") == "PENDING", (status, job)
+        assert (status, job["status"]) == (201, "PENDING"), job
     finally:
         closeAll(held + floods)
     deadline = time.monotonic() + 20
