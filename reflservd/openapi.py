@@ -21,6 +21,7 @@ _REASONS = {
     "409": "the job's state or lease does not allow it",
     "413": "the body is over the route's limit",
     "415": "the body is not of the content type the route takes",
+    "421": "the Host header names no host this server answers to (--public-host)",
     "429": "the submitter is past its pending jobs or submissions a minute (Retry-After says when)",
     "503": "the journal or the store cannot be written; nothing was changed",
 }
@@ -42,9 +43,14 @@ def _object(required=(), **properties):
 
 
 def _op(summary, responses, parameters=(), body=None, errors=("400", "404"), worker=False):
+    """An operation; every one may answer 421 (a Host this site does not
+    answer to), a worker's 401 and 403 too."""
     op = {"summary": summary, "tags": ["workers" if worker else "users"], "responses": dict(responses)}
-    for code in tuple(errors) + (("401", "403") if worker else ()):
+    for code in tuple(errors) + ("421",) + (("401", "403") if worker else ()):
         op["responses"][code] = _error(code)
+    if "429" in op["responses"]:
+        op["responses"]["429"] = dict(op["responses"]["429"], headers={
+            "Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}})
     if parameters:
         op["parameters"] = list(parameters)
     if body:

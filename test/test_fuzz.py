@@ -3,9 +3,10 @@ real ``twistd reflservd`` (issue 8 §6): no answer is a 5xx, and each answer is
 one the document names, with the content type and the body it documents (an
 error is ``{"error": string}``).
 
-The server has a worker token, so the worker routes run with it; it holds a
-few jobs (one ACTIVE under lease 1), so that generated job ids and leases
-reach past the 404. ``REFLSERVD_FUZZ_EXAMPLES`` sets the examples per
+The server has a token that is both its worker token and an admin token, and
+every case carries it, so the worker routes and cancel and delete run past
+their refusals; no submit limits; it holds a few jobs (one ACTIVE under lease
+1), so that generated job ids and leases reach past the 404. ``REFLSERVD_FUZZ_EXAMPLES`` sets the examples per
 operation (``make fuzz`` raises it); the default keeps ``make test`` at more
 than 1,000 cases in all. Under ``CI`` the hypothesis profile is
 derandomized (test/conftest.py): the same cases every run. ``HOSTILE`` holds
@@ -41,7 +42,9 @@ def fuzzServer(tmp_path_factory):
     directory = tmp_path_factory.mktemp("fuzz")
     tokenFile = directory / "token"
     tokenFile.write_text(TOKEN + "\n")
-    process = ServerProcess(directory / "server", tokenFile=str(tokenFile)).start()
+    tokenFile.chmod(0o600)
+    process = ServerProcess(directory / "server", tokenFile=str(tokenFile), args=[
+        "--admin-token-file", str(tokenFile), "--submits-per-minute", "0", "--max-pending", "0"]).start()
     api = Api(process.url, token=TOKEN)
     request = {"name": "fuzzed", "notify": "fuzz@example.org", "service": "refl1d",
                "data": {"model": "model.py", "options": {"fit": "lm"}}}
