@@ -184,17 +184,24 @@ class FakeRun:
         self.onCheckpoint, self.uid, self.gid = onCheckpoint, uid, gid
         self.done = defer.Deferred()
         self.cancels = []
+        self.aborts = []
         self.confinement = ""
 
     def cancel(self, grace=5.0):
         self.cancels.append(grace)
 
+    def abort(self, why):
+        self.aborts.append(why)
+
     def finish(self, status="COMPLETE", files=None, result=None):
+        """End the fit, leaving ``files`` in results/ (the fit's uid's, as a confined fit's are)."""
         folder = os.path.join(self.jobDir, "results")
         os.makedirs(folder, exist_ok=True)
         for name, data in (files or {}).items():
             with open(os.path.join(folder, name), "wb") as f:
                 f.write(data)
+            if self.uid is not None:
+                os.chown(os.path.join(folder, name), self.uid, self.uid)
         self.done.callback({"status": status, "result": result, "error": None, "trace": None,
                             "confinement": self.confinement})
 
@@ -233,6 +240,7 @@ class World:
         self.runner = FakeRunner()
         self.workDir = str(workDir)
         kwargs.setdefault("random", lambda: 1.0)
+        kwargs.setdefault("inThread", lambda f, *args: defer.maybeDeferred(f, *args))
         self.poller = Poller(self.clock, self.client, self.runner, "q1", self.workDir,
                              workerName="test:1", **kwargs)
 
@@ -670,6 +678,10 @@ def test_polling_starts_only_once_the_runner_is_ready(tmp_path):
 # ---- the tap
 
 
+NONE = ("--sandbox", "none", "--slot-uid-base", "0")
+"""--sandbox none, fits as the worker's uid: accepted as root wherever the checkout is."""
+
+
 def parse(*args):
     options = tap.Options()
     options.parseOptions(["--server", "http://127.0.0.1:8080", "--queue", "q1", *args])
@@ -677,18 +689,24 @@ def parse(*args):
 
 
 def test_tap_defaults():
-    """One slot, 30 s polls, 60 s checkpoints, local backend, drain=finish."""
-    options = parse("--sandbox", "none")
+    """One slot, 30 s polls, 60 s checkpoints, local backend, drain=finish; the
+    shipped limits (a day of CPU and wall time, 4 GiB, 512 processes, 512 MiB
+    files) and result quotas (500 files, 512 MiB), within the server's own."""
+    options = parse(*NONE)
     assert options["slots"] == 1 and options["poll-timeout"] == 30.0
     assert options["checkpoint-every"] == 60.0
     assert options["backend"] == "local" and options["drain"] == "finish"
-    assert options["limits"] == {}
+    assert options["limits"] == {"cpu": 86400, "memory": 4 << 30, "wall": 86400.0, "nproc": 512,
+                                 "fsize": 512 << 20}
+    assert options["limits-described"] == "rlimits(cpu=86400s,memory=4G,fsize=512M,nproc=512)+wall(86400s)"
+    assert (options["result-files-quota"], options["result-bytes-quota"]) == (500, 512 << 20)
+    assert options["result-files-quota"] <= 1000 and options["result-bytes-quota"] <= 1 << 30
 
 
 def test_tap_limits():
     """CPU, memory (with suffixes), wall, process and file-size limits become the
     fork server's limits."""
-    options = parse("--sandbox", "none", "--cpu-limit", "10.5", "--memory-limit", "2G",
+    options = parse(*NONE, "--cpu-limit", "10.5", "--memory-limit", "2G",
                     "--wall-limit", "60", "--process-limit", "64", "--file-size-limit", "16M")
     assert options["limits"] == {"cpu": 11, "memory": 2 << 30, "wall": 60.0, "nproc": 64,
                                  "fsize": 16 << 20}
@@ -720,12 +738,12 @@ def test_tap_needs_server_and_queue():
 def test_tap_reads_the_token(tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    assert parse("--sandbox", "none", "--token-file", str(token))["token"] == "s3cret"
+    assert parse(*NONE, "--token-file", str(token))["token"] == "s3cret"
 
 
 def test_tap_service_tree(tmp_path):
     """makeService gives a MultiService holding the poller, configured from the options."""
-    options = parse("--sandbox", "none", "--slots", "3", "--work-dir", str(tmp_path), "--drain", "release")
+    options = parse(*NONE, "--slots", "3", "--work-dir", str(tmp_path), "--drain", "release")
     top = tap.makeService(options, reactor=Clock())
     poller = top.getServiceNamed("poller")
     assert poller.slots == 3 and poller.drain == "release" and poller.queueName == "q1"
@@ -764,20 +782,46 @@ def test_tap_refuses_slot_uids_out_of_range(monkeypatch, base):
         parse("--sandbox", "namespaces", "--slots", "2", "--slot-uid-base", base)
 
 
-def test_tap_slot_uids_without_namespaces_need_a_reachable_installation(monkeypatch, tmp_path, logged):
+def test_tap_refuses_sandbox_none_as_root_where_slot_uids_cannot_reach_the_work(monkeypatch, tmp_path):
     """With --sandbox none the fit sees the host's files as its slot uid: where that
-    uid cannot reach the work directory, an explicit --slot-uid-base is refused
-    and the default is dropped with a warning that says why."""
+    uid cannot reach the work directory a root worker refuses to start, whether the
+    slot uids were asked for or are the default (it never falls back to running
+    fits as root); --slot-uid-base 0 (fits as root, said to be unsafe) is the
+    administrator's explicit choice."""
     monkeypatch.setattr(tap.sandbox, "choose", lambda mode: mode)
     monkeypatch.setattr(tap.os, "geteuid", lambda: 0)
     closed = str(tmp_path / "closed")
     workDir = os.path.join(closed, "work")
     monkeypatch.setattr(tap, "unreachable", lambda path: closed if path.startswith(closed) else None)
-    with pytest.raises(usage.UsageError, match="--slot-uid-base 60001: .*%s is not open" % (closed,)):
-        parse("--sandbox", "none", "--work-dir", workDir, "--slot-uid-base", "60001")
-    assert parse("--sandbox", "none", "--work-dir", workDir)["slot-uids"] is None
-    assert messages(logged, "no per-slot uids")
+    for explicit in ([], ["--slot-uid-base", "60001"]):
+        with pytest.raises(usage.UsageError, match="--slot-uid-base 60001: .*%s is not open" % (closed,)):
+            parse("--sandbox", "none", "--work-dir", workDir, *explicit)
+    assert parse("--sandbox", "none", "--work-dir", workDir, "--slot-uid-base", "0")["slot-uids"] is None
     assert parse("--sandbox", "none", "--work-dir", str(tmp_path / "open"))["slot-uids"] == 60001
+
+
+def test_tap_auto_never_ends_at_none_without_allow_unconfined(monkeypatch):
+    """--sandbox auto on a host that offers no namespaces refuses to start; with
+    --allow-unconfined it runs fits in mode none. The mode is chosen once, in
+    postOptions, and makeService hands the chosen mode to the fork server."""
+    chosen = []
+    monkeypatch.setattr(tap.sandbox, "choose", lambda mode: chosen.append(mode) or "none")
+    with pytest.raises(usage.UsageError, match="--allow-unconfined"):
+        parse("--slot-uid-base", "0")
+    options = parse("--slot-uid-base", "0", "--allow-unconfined")
+    assert options["sandbox-effective"] == "none"
+    chosen.clear()
+    poller = tap.makeService(options, reactor=Clock()).getServiceNamed("poller")
+    assert poller.runner.sandboxMode == "none" and chosen == []
+
+
+def test_tap_service_passes_limits_and_quotas(tmp_path):
+    """The limits reach the fork server and the result quotas the poller."""
+    options = parse(*NONE, "--work-dir", str(tmp_path), "--result-files-quota", "20",
+                    "--result-bytes-quota", "16M", "--cpu-limit", "5")
+    poller = tap.makeService(options, reactor=Clock()).getServiceNamed("poller")
+    assert (poller.resultFilesQuota, poller.resultBytesQuota) == (20, 16 << 20)
+    assert poller.runner.limits["cpu"] == 5 and poller.runner.sandboxMode == "none"
 
 
 def test_unreachable_names_the_first_closed_directory(tmp_path):
@@ -875,7 +919,7 @@ def writeSession(fitRun, data):
     with open(path + ".tmp", "wb") as f:
         f.write(data)
     os.rename(path + ".tmp", path)
-    return path
+    return "results/session.h5"     # what the fork server passes on: relative to the job
 
 
 def test_checkpoints_go_up_as_session_h5_at_most_every_checkpoint_interval(world):

@@ -377,7 +377,9 @@ def test_confineReturnsInTheFitProcessInItsNamespaces(site, tmp_path):
         os.close(spare)
     info = run.confined()
     run.succeed()
-    assert info["description"] == "namespaces(mount,pid,net,ipc,uts)+seccomp+rlimits+nice19+uid %d" % uid
+    assert info["description"] == ("namespaces(mount,pid,net,ipc,uts)+seccomp+rlimits(nofile=64)+nice19+uid %d"
+                                   % uid)
+    assert info["description"] == sandbox.describe("namespaces", {"nofile": 64}, uid, isRoot=True)
     assert info["pid"] == 1
     assert info["uid"] == uid
     assert info["cwd"] == os.path.realpath(site / "jobs" / "mine")
