@@ -81,6 +81,7 @@ def _openat2(dirFd, relative, flags):
         if code in (errno.ENOSYS, errno.EPERM) and _openat2Works is None:
             _openat2Works = False   # no openat2 here (or a seccomp filter refusing it)
             return None
+        _openat2Works = True
         raise OSError(code, os.strerror(code), relative)
     _openat2Works = True
     return fd
@@ -131,6 +132,8 @@ def _describeFailure(dirFd, relative, error):
 
 
 def _checkPlain(info, relative, uid):
+    if stat.S_ISLNK(info.st_mode):
+        raise UnsafeFile("%s is a symbolic link" % (relative,))
     if not stat.S_ISREG(info.st_mode):
         raise UnsafeFile("%s is %s, not a regular file" % (relative, kindOf(info.st_mode)))
     if info.st_nlink != 1:
@@ -325,6 +328,7 @@ def scanResults(jobDir, uid=None, maxFiles=None, maxBytes=None, resultsDir="resu
 
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_INNERMOST = re.compile(rb"\[\]|\{\}")
 
 
 def loadJSON(raw, maxBytes, maxDepth=MAX_DEPTH):
@@ -342,8 +346,8 @@ def loadJSON(raw, maxBytes, maxDepth=MAX_DEPTH):
     for _ in range(maxDepth):
         if not brackets:
             break
-        brackets = brackets.replace(b"[]", b"").replace(b"{}", b"")
-    if brackets:
+        brackets = _INNERMOST.sub(b"", brackets)     # one level: new pairs wait for the next pass
+    if _INNERMOST.search(brackets) or brackets.count(b"[") + brackets.count(b"{") > maxDepth:
         raise ValueError("nested deeper than %d levels" % (maxDepth,))
     try:
         return json.loads(raw)

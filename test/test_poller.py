@@ -558,7 +558,8 @@ def test_stale_complete_drops_quietly(world, logged):
 
 
 def test_links_left_by_a_fit_are_not_uploaded(world, tmp_path):
-    """A hostile fit's symlink in results/ pointing at the worker's files is never read."""
+    """A hostile fit's symlink in results/ pointing at the worker's files is never
+    read: the job ends ERROR naming it; its plain files still go up."""
     secret = tmp_path / "secret"
     secret.write_bytes(b"worker secret")
     w = world()
@@ -571,6 +572,78 @@ def test_links_left_by_a_fit_are_not_uploaded(world, tmp_path):
     w.pump()
     assert (8, "leak.txt") not in w.server.results
     assert w.server.results[(8, "ok.par")] == b"1"
+    [complete] = w.server.of("complete")
+    assert complete["json"]["status"] == "ERROR"
+    assert complete["json"]["error"] == ("the fit left what the worker does not read: "
+                                         "results/leak.txt is a symbolic link")
+
+
+def test_results_past_the_quota_end_the_job_error_keeping_what_fits(world):
+    """More result files than the quota: the job ends ERROR naming the limit and
+    the files left out; stdout.txt and stderr.txt are kept first, then by name."""
+    w = world(resultFilesQuota=3, resultBytesQuota=1 << 20)
+    w.server.grant(1)
+    w.pump()
+    files = {"f%02d" % n: b"x" for n in range(5)}
+    files.update({"stdout.txt": b"out", "stderr.txt": b"err"})
+    w.runner.runs[0].finish(files=files)
+    w.pump()
+    assert sorted(name for job, name in w.server.results) == ["f00", "stderr.txt", "stdout.txt"]
+    [complete] = w.server.of("complete")
+    assert complete["json"]["status"] == "ERROR"
+    assert complete["json"]["error"].startswith(
+        "results over the quota of 3 files per job; 4 file(s) left out (f01, f02, f03, f04), 3 kept")
+
+
+def test_results_past_the_byte_quota_count_sparse_files_whole(world):
+    """A sparse file counts by its apparent size: one past the byte quota is left out."""
+    w = world(resultBytesQuota=1 << 20)
+    w.server.grant(1)
+    w.pump()
+    fitRun = w.runner.runs[0]
+    folder = os.path.join(fitRun.jobDir, "results")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "sparse.bin"), "wb") as f:
+        f.truncate(2 << 20)
+    fitRun.finish(files={"fit.par": b"p"})
+    w.pump()
+    assert sorted(name for job, name in w.server.results) == ["fit.par"]
+    [complete] = w.server.of("complete")
+    assert "results over the quota of 1048576 bytes per job; 1 file(s) left out (sparse.bin)" in (
+        complete["json"]["error"])
+
+
+def test_a_413_on_upload_ends_the_job_error_with_the_servers_message(world):
+    """The server over its own quota answers 413: the worker sends no more files
+    and completes the job ERROR with the server's message."""
+    w = world()
+    w.server.grant(1)
+    w.pump()
+    w.server.codes[("put", 1)] = 413
+    w.runner.runs[0].finish(files={"a.par": b"1", "b.par": b"2", "c.par": b"3", "d.par": b"4",
+                                   "e.par": b"5", "f.par": b"6"})
+    w.pump()
+    assert len(w.server.of("put")) <= 4      # the first round only, none after the refusal
+    [complete] = w.server.of("complete")
+    assert complete["json"]["status"] == "ERROR"
+    assert complete["json"]["error"].startswith("the server refused result file ")
+    assert complete["json"]["error"].endswith(": refused with 413")
+
+
+def test_an_unusable_checkpoint_ends_the_fit_error(world):
+    """A checkpoint announced where the session file is a FIFO is not opened for
+    reading (nothing blocks): the fit is aborted with a message that says what was found."""
+    w = world()
+    w.server.grant(1, request=DREAM)
+    w.pump()
+    fitRun = w.runner.runs[0]
+    os.makedirs(os.path.join(fitRun.jobDir, "results"))
+    os.mkfifo(os.path.join(fitRun.jobDir, "results", "session.h5"))
+    fitRun.onCheckpoint("results/session.h5")
+    w.pump()
+    assert fitRun.aborts == ["its checkpoint cannot be used: results/session.h5 is a FIFO, "
+                             "not a regular file"]
+    assert not w.server.of("put")
 
 
 def test_a_fit_keeps_running_while_the_server_is_down(world):
