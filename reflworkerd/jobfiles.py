@@ -246,7 +246,7 @@ class Results:
         """The job's error in words, or None when every file is kept."""
         parts = []
         if self.unsafe:
-            shown = self.unsafe[:5]
+            shown = self.unsafe[:10]
             more = len(self.unsafe) - len(shown)
             parts.append("the fit left what the worker does not read: %s%s"
                          % ("; ".join(shown), "; and %d more" % (more,) if more else ""))

@@ -537,6 +537,8 @@ class LeasedJob:
             found = jobfiles.Results()
             found.unsafe.append("the job directory cannot be read (%s)" % (e.strerror,))
         self.results = dict(found.sizes)
+        said = (self.outcome or {}).get("error") or ""
+        found.unsafe = [what for what in found.unsafe if what not in said]     # said already (a checkpoint)
         problem = found.problem()
         if problem is not None:
             self._log.warn("job {jobId}: {problem}", jobId=self.jobId, problem=problem)
@@ -548,7 +550,7 @@ class LeasedJob:
         if outcome.get("status") == "CANCEL":
             return
         if outcome.get("status") == "ERROR" and outcome.get("error") and why not in outcome["error"]:
-            why = "%s (the fit itself ended: %s)" % (why, outcome["error"])
+            why = "%s; and %s" % (why, outcome["error"])
         self.outcome = {"status": "ERROR", "result": None, "error": why, "trace": outcome.get("trace"),
                         "confinement": outcome.get("confinement")}
 

@@ -261,7 +261,7 @@ def test_daemon_mode_runs_in_the_background_and_stops_on_sigterm(serverProcess, 
     pidfile, logfile = tmp_path / "worker.pid", tmp_path / "worker.log"
     subprocess.run([TWISTD, "--pidfile", str(pidfile), "--logfile", str(logfile), "reflworkerd",
                     "--server", server.url, "--queue", "daemon", "--work-dir", str(tmp_path / "work"),
-                    "--sandbox", "none", "--poll-timeout", "5"],
+                    "--sandbox", "none", "--slot-uid-base", "0", "--poll-timeout", "5"],
                    cwd=str(tmp_path), env=childEnvironment(), check=True, timeout=60)
     deadline = time.monotonic() + 60
     while not pidfile.exists() and time.monotonic() < deadline:
