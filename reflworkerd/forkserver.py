@@ -37,15 +37,22 @@ Events::
 
 Each child writes JSON lines on a pipe of its own, relayed as ``message``
 events (at most one of each type per ``RELAY_INTERVAL``, the latest):
-``{"type": "confined", "confinement": DESC, "pid": P}`` once confined,
-then ``{"type": "progress", "progress": {"step", "chisq", "parameters", "elapsed"}}``
+``{"type": "confined", "confinement": DESC, "pid": P}`` once confined (or
+``{"type": "unconfined", "error": …}`` where confining failed), then
+``{"type": "progress", "progress": {"step", "chisq", "parameters", "elapsed"}}``
 and ``{"type": "checkpoint", "path": "results/session.h5"}`` after each
-checkpoint of the session file.
+checkpoint of the session file. The model shares that pipe: the worker takes
+the first ``confined`` only as the sign that its own confinement
+(``sandbox.describe``) is in place, cuts progress down to typed fields
+(``jobfiles.cleanProgress``), and opens a checkpoint as any file of the job.
 
 The outcome (status, result summary, error, the model's traceback) does not go
 over the pipe: the child writes it to ``jobDir/.outcome.json`` as it ends
-(``runner.writeOutcome``), and the worker reads it (``runner.readOutcome``) once
-the server reports the child exited and its process group gone. A child that
+(``runner.writeOutcome``), and the worker reads it (``runner.readOutcome``,
+through ``jobfiles``, off the reactor thread) once the server reports the
+child exited and its process group gone. Every line either side parses is
+bounded in size and depth and never raises: one fit's output cannot end the
+fork server or another fit. A child that
 was killed, or died, leaves none, and the worker describes how it ended instead.
 
 Each fit runs in its own process group (its pid). When the child exits the

@@ -11,8 +11,11 @@ fork server calls two functions from here:
 - ``confine(jobDir, mode, limits, uid=None, gid=None)`` in a process freshly
   forked from the fork server, before the model is read. It returns only in
   the process that will run the fit, with its working directory set to the
-  (real path of the) job directory, and returns the description of what
-  confines it, for the job record.
+  (real path of the) job directory and a minimal environment
+  (``fitEnvironment``), and returns the description of what confines it.
+- ``describe(mode, limits, uid, isRoot)``: that description, as the worker
+  computes it for the job record from what it asked for (a fit can say
+  anything about itself).
 
 The layers (docs/security.md says what each one stops and what it does not):
 
