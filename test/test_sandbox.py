@@ -427,7 +427,9 @@ def test_fitCannotReachOtherFiles(site):
         marker.unlink()
     report = run.report()
     assert report["finished"]
-    private = ("/tmp/hostile-" + nonce, "/dev/shm/hostile-" + nonce)
+    # The private /tmp and /dev/shm, and the fit's home, which is its own job directory.
+    private = ("/tmp/hostile-" + nonce, "/dev/shm/hostile-" + nonce,
+               os.path.join(os.path.realpath(site / "jobs" / "mine"), "hostile-" + nonce))
     escaped = [name for name in failedAttempts(report)
                if report["attempts"][name]["detail"] not in private]
     assert escaped == [], report
