@@ -545,7 +545,12 @@ def _reap(child, lifeline):
             _dieBy(code - 128)
         os._exit(code)
     except BaseException:
-        os._exit(127)
+        try:
+            import traceback
+
+            traceback.print_exc()       # the fork server's stderr: the worker's log
+        finally:
+            os._exit(127)
 
 
 def _dieBy(signum):
