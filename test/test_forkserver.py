@@ -550,6 +550,20 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
         self.successResultOf(started)
         return server, proto, process
 
+    def test_theSandboxIsTheOneChosenAtStartNotChosenAgain(self):
+        """The fork server takes the mode sandbox.choose returned once, at the worker's
+        start: it probes nothing itself, sends that mode with each fit, and refuses a
+        mode that is not a choice made (``auto``)."""
+        chosen = []
+        original = sandbox.choose
+        sandbox.choose = lambda mode: chosen.append(mode) or mode
+        self.addCleanup(setattr, sandbox, "choose", original)
+        server, proto, process = self.startedServer(sandboxMode="namespaces")
+        server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        self.assertEqual((process.commands[0]["sandbox"], chosen), ("namespaces", []))
+        with self.assertRaises(ValueError):
+            ForkServer(self.reactor, sandboxMode="auto")
+
     def test_cancelSendsTermThenKillAfterGraceOnTheClock(self):
         """cancel TERMs the fit's group through the server at once and KILLs it when the grace
         period has passed on the injected clock; the run ends CANCEL when the server reports it gone."""

@@ -417,6 +417,13 @@ def test_progress_heartbeats_at_most_once_a_second_latest_wins(world):
     assert all(b["json"]["lease"] == 1 for b in beats)
 
 
+def test_progress_leaves_at_most_ten_times_a_second_whatever_is_asked(world):
+    """The progress rate limit has a floor: a poller asked for none still sends
+    a job's progress at most every 0.1 s."""
+    w = world(progressInterval=0.0)
+    assert w.poller.progressInterval == 0.1
+
+
 def test_heartbeats_keep_the_lease_without_progress(world):
     """With no progress a heartbeat still goes every third of the lease timeout."""
     w = world()
