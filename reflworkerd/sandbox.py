@@ -771,15 +771,24 @@ def _chownTree(top, uid, gid):
 
 
 def _closeFds(keep):
-    """Close every descriptor of this process but ``keep``."""
-    keep = set(keep)
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    """Close every descriptor of this process but ``keep``.
+
+    Not through ``/proc/self/fd``: the reaper calls this while the fit may
+    already have pivoted the shared mount namespace into its new root, whose
+    ``/proc`` is the fit's pid namespace's, where the reaper has no ``self``.
+    """
+    # Past every descriptor this process can hold, whatever its limit now (one
+    # opened before the limit was lowered stays open): the kernel's default
+    # fs.nr_open. os.closerange is one close_range(2) call, however wide.
+    end = 1 << 20
+    for limit in resource.getrlimit(resource.RLIMIT_NOFILE):
+        if limit != resource.RLIM_INFINITY and limit > end:
+            end = limit
+    start = 0
+    for fd in sorted(set(keep)) + [end]:
+        if fd > start:
+            os.closerange(start, min(fd, end))
+        start = max(start, fd + 1)
 
 
 def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None):
