@@ -18,9 +18,11 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 DEFAULT_LIMITS = {"cpu": 86400, "memory": 4 << 30, "wall": 86400.0, "nproc": 512, "fsize": 512 << 20}
 """What a fit may use unless told otherwise: a day of CPU and of wall-clock
-time, 4 GiB of address space, 512 processes and threads (per slot uid), files
-of 512 MiB. A DREAM fit of refl1d's examples uses a fraction of each
-(docs/security.md)."""
+time, 4 GiB of address space, 512 processes and threads, files of 512 MiB. A
+DREAM fit of refl1d's examples uses a fraction of each (docs/security.md).
+The process limit is the default only where each slot has a uid of its own:
+RLIMIT_NPROC counts every process of the fit's uid, and the worker's own uid
+(or root) has others on the host."""
 
 SLOT_UID_BASE = 60001
 """Slot i of a worker running as root runs its fits as uid/gid SLOT_UID_BASE + i."""
@@ -62,8 +64,9 @@ class Options(usage.Options):
         ["memory-limit", None, DEFAULT_LIMITS["memory"], "Address space of a fit, in bytes (K/M/G suffixes).",
          parseBytes],
         ["wall-limit", None, DEFAULT_LIMITS["wall"], "Seconds a fit may run.", _positive],
-        ["process-limit", None, DEFAULT_LIMITS["nproc"], "Processes and threads a fit's uid may have "
-         "(RLIMIT_NPROC; counted per uid, so per slot with slot uids).", int],
+        ["process-limit", None, None, "Processes and threads a fit's uid may have (RLIMIT_NPROC; "
+         "counted per uid; default %d where each slot has its own uid, none where fits run as the "
+         "worker's uid or root, whose other processes count too)." % (DEFAULT_LIMITS["nproc"],), int],
         ["file-size-limit", None, DEFAULT_LIMITS["fsize"], "Largest file a fit may write, in bytes "
          "(K/M/G suffixes).", parseBytes],
         ["result-files-quota", None, RESULT_FILES_QUOTA, "Result files a job may leave; past it the "
@@ -140,9 +143,11 @@ class Options(usage.Options):
             if self["file-size-limit"] < 1 << 20:
                 raise usage.UsageError("--file-size-limit below 1 MB leaves a fit no room for its results")
             limits["fsize"] = self["file-size-limit"]
+        self["slot-uids"] = self._slotUids(os.geteuid() == 0)
+        if "nproc" not in limits and self["slot-uids"] is not None:
+            limits["nproc"] = DEFAULT_LIMITS["nproc"]
         self["limits"] = limits
         self["limits-described"] = "+".join(sandbox.describeLimits(limits))
-        self["slot-uids"] = self._slotUids(os.geteuid() == 0)
 
     def _slotUids(self, isRoot):
         """The uid of slot 0 (slot i has this + i), or None: fits run as the worker's uid.

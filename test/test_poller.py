@@ -776,11 +776,23 @@ def test_tap_defaults():
     assert options["slots"] == 1 and options["poll-timeout"] == 30.0
     assert options["checkpoint-every"] == 60.0
     assert options["backend"] == "local" and options["drain"] == "finish"
-    assert options["limits"] == {"cpu": 86400, "memory": 4 << 30, "wall": 86400.0, "nproc": 512,
-                                 "fsize": 512 << 20}
-    assert options["limits-described"] == "rlimits(cpu=86400s,memory=4G,fsize=512M,nproc=512)+wall(86400s)"
+    assert options["limits"] == {"cpu": 86400, "memory": 4 << 30, "wall": 86400.0, "fsize": 512 << 20}
+    assert options["limits-described"] == "rlimits(cpu=86400s,memory=4G,fsize=512M)+wall(86400s)"
     assert (options["result-files-quota"], options["result-bytes-quota"]) == (500, 512 << 20)
     assert options["result-files-quota"] <= 1000 and options["result-bytes-quota"] <= 1 << 30
+
+
+def test_tap_process_limit_is_a_default_only_with_slot_uids(monkeypatch):
+    """RLIMIT_NPROC counts every process of the fit's uid: 512 by default where each
+    slot has its own uid, none by default where fits run as the worker's uid or root
+    (whose other processes on the host count too); an explicit one always applies."""
+    monkeypatch.setattr(tap.sandbox, "choose", lambda mode: mode)
+    monkeypatch.setattr(tap.os, "geteuid", lambda: 0)
+    assert parse("--sandbox", "namespaces")["limits"]["nproc"] == 512
+    assert "nproc" not in parse("--sandbox", "namespaces", "--slot-uid-base", "0")["limits"]
+    assert parse("--sandbox", "namespaces", "--slot-uid-base", "0", "--process-limit", "64")["limits"]["nproc"] == 64
+    monkeypatch.setattr(tap.os, "geteuid", lambda: 1000)
+    assert "nproc" not in parse("--sandbox", "namespaces")["limits"]
 
 
 def test_tap_limits():
