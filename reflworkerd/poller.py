@@ -762,8 +762,15 @@ class LeasedJob:
             return
 
     def _finish(self):
+        """Remove the job's files (off the reactor thread: a fit may have left
+        a great many), then say the job is no longer held here."""
         self._stopBeats()
-        self.cleanUp()
+        d = self.poller.inThread(self.cleanUp)
+        d.addErrback(lambda f: self._log.failure("job {jobId}: its files could not be removed", f,
+                                                 jobId=self.jobId))
+        d.addCallback(lambda _: self._removed())
+
+    def _removed(self):
         if self.delivered:
             self._log.info("job {jobId}: {status} delivered; its files are removed",
                            jobId=self.jobId, status=self.outcome.get("status"))
