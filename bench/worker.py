@@ -16,7 +16,16 @@ stored on the server:
     added per job;
 (c) the worker's memory with its fork server loaded: RSS of the worker
     process plus the fork server process (PSS alongside, where shared pages
-    count once); goal: at most 300 MB.
+    count once); goal: at most 300 MB;
+(d) what the safe reads of a job's files (``reflworkerd.jobfiles``: the
+    outcome, the scan of ``results/`` and each result file opened and read
+    the way the worker uploads it) cost per job, on the files a real LM fit
+    of the nickel film left (a cold run's directory), against the reads the
+    worker made before (``open``, ``O_NOFOLLOW`` on the last component,
+    ``lstat``), median of 200 of each; and the worker's hand-offs of those
+    reads to the reactor's thread pool (one per open, per part read, per
+    scan), each timed as a ``deferToThreadPool`` round trip in a running
+    reactor (a child process), median of 200. These are already inside (a).
 
 Each worker runs one untimed job first (first fork, first plots). The
 breakdown rows split the median job into queue hand-off, the worker's part
@@ -106,8 +115,9 @@ class Pair:
         self.samples.append(self.job())
 
 
-def coldRun(base, n, refl1d):
-    """One cold ``refl1d --batch`` of the same fit, process start to exit: seconds."""
+def coldRun(base, n, refl1d, keep=False):
+    """One cold ``refl1d --batch`` of the same fit, process start to exit: seconds
+    (and, with ``keep``, the job directory it left)."""
     jobDir = makeJob(base, n)
     started = time.perf_counter()
     done = subprocess.run([refl1d, "--batch", "nifilm.py", "--fit=lm", "--export=results",
@@ -115,8 +125,88 @@ def coldRun(base, n, refl1d):
     elapsed = time.perf_counter() - started
     if done.returncode != 0:
         raise RuntimeError("refl1d --batch exited %d:\n%s" % (done.returncode, done.stderr[-3000:]))
+    if keep:
+        return elapsed, jobDir
     shutil.rmtree(jobDir, ignore_errors=True)
     return elapsed
+
+
+READ_RUNS = 200
+HAND_OFF = """
+import statistics, time
+from twisted.internet import defer, reactor, threads
+samples = []
+@defer.inlineCallbacks
+def measure():
+    for _ in range(%d):
+        started = time.perf_counter()
+        yield threads.deferToThreadPool(reactor, reactor.getThreadPool(), int)
+        samples.append(time.perf_counter() - started)
+    print(statistics.median(samples))
+    reactor.stop()
+reactor.callWhenRunning(measure)
+reactor.run()
+""" % (READ_RUNS,)
+OUTCOME = {"status": "COMPLETE", "error": None, "trace": None,
+           "result": {"fitter": "lm", "steps": 12, "chisq": 1.03, "seed": 5, "elapsed": 0.4,
+                      "parameters": {"Ni thickness": {"value": 100.1, "uncertainty": 0.3},
+                                     "Ni interface": {"value": 4.9, "uncertainty": 0.2},
+                                     "Si interface": {"value": 2.1, "uncertainty": 0.4}}}}
+
+
+def _plainReads(jobDir):
+    """The reads of a job's files as the worker made them before jobfiles."""
+    import json
+    import stat
+
+    with open(os.path.join(jobDir, ".outcome.json"), "rb") as f:
+        json.loads(f.read(16 << 20))
+    folder = os.path.join(jobDir, "results")
+    for name in sorted(os.listdir(folder)):
+        info = os.lstat(os.path.join(folder, name))
+        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+            fd = os.open(os.path.join(folder, name), os.O_RDONLY | os.O_NOFOLLOW)
+            with os.fdopen(fd, "rb") as f:
+                os.fstat(f.fileno())
+                f.read(8 << 20)
+
+
+def _safeReads(jobDir):
+    """The same reads through jobfiles; the number of thread hand-offs the worker makes for them."""
+    from reflworkerd import jobfiles, runner
+
+    runner.readOutcome(jobDir)
+    found = jobfiles.scanResults(jobDir, None, jobfiles.RESULT_FILES_QUOTA, jobfiles.RESULT_BYTES_QUOTA)
+    handOffs = 2
+    for name in found.names:
+        with jobfiles.openFile(jobDir, "results/" + name) as f:
+            f.read(0, min(f.size, 8 << 20))
+        handOffs += 2 + f.size // (8 << 20)
+    return handOffs, len(found.names)
+
+
+def safeReadCost(jobDir, runs=READ_RUNS):
+    """(d): seconds per job of the safe reads, of the plain ones, of one thread hand-off;
+    hand-offs and files per job."""
+    import json
+
+    with open(os.path.join(jobDir, ".outcome.json"), "w") as f:
+        json.dump(OUTCOME, f)
+
+    def timed(function):
+        samples = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            function(jobDir)
+            samples.append(time.perf_counter() - started)
+        return statistics.median(samples)
+
+    plain, safe = timed(_plainReads), timed(_safeReads)
+    handOffs, files = _safeReads(jobDir)
+    done = subprocess.run([sys.executable, "-c", HAND_OFF], capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError("the hand-off measurement failed:\n%s" % (done.stderr[-3000:],))
+    return safe, plain, float(done.stdout), handOffs, files
 
 
 def median(samples, key):
@@ -149,6 +239,7 @@ def run(say=print, runs=RUNS, coldRuns=COLD_RUNS):
     confined = plain if missing else Pair(base, "namespaces")
     pairs = [plain] if missing else [confined, plain]
     cold = []
+    reads = None
     try:
         for pair in pairs:
             pair.start()
@@ -159,6 +250,9 @@ def run(say=print, runs=RUNS, coldRuns=COLD_RUNS):
                 cold.append(coldRun(base, n, refl1d))
         while len(cold) < coldRuns:
             cold.append(coldRun(base, len(cold) + runs, refl1d))
+        elapsed, jobDir = coldRun(base, runs + coldRuns + 1, refl1d, keep=True)
+        cold.append(elapsed)
+        reads = safeReadCost(jobDir)
         rss = pss = 0
         for pid in (confined.worker.pid, confined.forkServerPid()):
             r, p = memoryOf(pid)
@@ -199,6 +293,14 @@ def run(say=print, runs=RUNS, coldRuns=COLD_RUNS):
         "(c) worker memory, worker + fork server loaded",
         "%.0f MB RSS" % (rss / 2 ** 20,) + (", %.0f MB PSS" % (pss / 2 ** 20,) if pss else ""),
         "", "≤ %.0f MB RSS" % (MEMORY_GOAL / 2 ** 20,), rss <= MEMORY_GOAL))
+    safe, plain, handOff, handOffs, files = reads
+    added = safe - plain + handOffs * handOff
+    results.append(Result(
+        "(d) added per job by the safe reads of its files (%d result files, %d thread hand-offs)"
+        % (files, handOffs),
+        "%+.2f ms (safe reads %.2f ms + hand-offs %d × %.0f µs)" % (added * 1000, safe * 1000, handOffs,
+                                                                 handOff * 1e6),
+        "%.2f ms (plain reads, median of %d)" % (plain * 1000, READ_RUNS), "", None))
     say("confinement: %s" % (confined.samples[-1]["confinement"],))
     for row in results:
         say("%s: %s%s" % (row.name, row.figure, " vs %s" % row.reference if row.reference else ""))

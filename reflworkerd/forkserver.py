@@ -37,15 +37,22 @@ Events::
 
 Each child writes JSON lines on a pipe of its own, relayed as ``message``
 events (at most one of each type per ``RELAY_INTERVAL``, the latest):
-``{"type": "confined", "confinement": DESC, "pid": P}`` once confined,
-then ``{"type": "progress", "progress": {"step", "chisq", "parameters", "elapsed"}}``
+``{"type": "confined", "confinement": DESC, "pid": P}`` once confined (or
+``{"type": "unconfined", "error": …}`` where confining failed), then
+``{"type": "progress", "progress": {"step", "chisq", "parameters", "elapsed"}}``
 and ``{"type": "checkpoint", "path": "results/session.h5"}`` after each
-checkpoint of the session file.
+checkpoint of the session file. The model shares that pipe: the worker takes
+the first ``confined`` only as the sign that its own confinement
+(``sandbox.describe``) is in place, cuts progress down to typed fields
+(``jobfiles.cleanProgress``), and opens a checkpoint as any file of the job.
 
 The outcome (status, result summary, error, the model's traceback) does not go
 over the pipe: the child writes it to ``jobDir/.outcome.json`` as it ends
-(``runner.writeOutcome``), and the worker reads it (``runner.readOutcome``) once
-the server reports the child exited and its process group gone. A child that
+(``runner.writeOutcome``), and the worker reads it (``runner.readOutcome``,
+through ``jobfiles``, off the reactor thread) once the server reports the
+child exited and its process group gone. Every line either side parses is
+bounded in size and depth and never raises: one fit's output cannot end the
+fork server or another fit. A child that
 was killed, or died, leaves none, and the worker describes how it ended instead.
 
 Each fit runs in its own process group (its pid). When the child exits the
@@ -67,10 +74,10 @@ import signal
 import sys
 import time
 
-from twisted.internet import defer, error, protocol
+from twisted.internet import defer, error, protocol, threads
 from twisted.logger import Logger
 
-from reflworkerd import runner, sandbox
+from reflworkerd import jobfiles, runner, sandbox
 
 COMMANDS_FD = 3
 EVENTS_FD = 4
@@ -80,7 +87,8 @@ LEFTOVER_TIMEOUT = 10.0
 RELAY_INTERVAL = 0.1
 """At most one message of each type per child per this many seconds goes to the
 worker (the latest wins): a fit that floods its pipe cannot flood the worker."""
-RELAYED_TYPES = ("confined", "progress", "checkpoint")
+RELAYED_TYPES = ("confined", "unconfined", "progress", "checkpoint")
+CHECKPOINT_PATH = runner.RESULTS_DIR + "/" + runner.SESSION_NAME
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -119,9 +127,11 @@ class _LineBuffer:
 
 
 def _parseLine(line):
+    """A JSON object from a line, or None: bounded in size and depth (a fit writes
+    some of these lines), and never raising."""
     try:
-        value = json.loads(line)
-    except ValueError:
+        value = jobfiles.loadJSON(line, MAX_LINE)
+    except Exception:
         return None
     return value if isinstance(value, dict) else None
 
@@ -136,8 +146,9 @@ class FitRun:
     ``done`` fires once with ``{"status": "COMPLETE"|"ERROR"|"CANCEL", "result",
     "error", "trace", "confinement"}``, after the fit's process group is gone.
     ``pid`` is the forked child's pid, which is also its process group, once
-    the server has started it. ``confinement`` is what the child reported about
-    its confinement, once it has.
+    the server has started it. ``confinement`` is the confinement the worker
+    applies (``sandbox.describe``), set once the child says it is confined;
+    what a fit says about itself is never taken for it.
     """
 
     _log = Logger()
@@ -159,6 +170,9 @@ class FitRun:
         self.finished = False
         self.cancelRequested = False
         self.wallExceeded = False
+        self.aborted = None
+        self.unconfined = None
+        self.applied = ""
         self._grace = 5.0
         self._wallCall = None
         self._killCall = None
@@ -175,6 +189,19 @@ class FitRun:
             self._finish({"status": "CANCEL", "result": None, "error": None, "trace": None})
         elif self.pid is not None:
             self._terminate(grace)
+
+    def abort(self, why):
+        """End the fit ``ERROR`` with ``why`` (what it left cannot be used): TERM
+        its group, KILL it after the grace period."""
+        if self.finished or self.cancelRequested or self.aborted is not None:
+            return
+        self._log.warn("fit {jobId} ends: {why}", jobId=self.jobId, why=why)
+        self.aborted = why
+        if not self.sent:
+            self._server._unqueue(self)
+            self._finish(_errorRecord(why))
+        elif self.pid is not None:
+            self._terminate(self._grace)
 
     def _terminate(self, grace):
         self._signal(signal.SIGTERM)
@@ -196,7 +223,7 @@ class FitRun:
         wall = (self._server.limits or {}).get("wall")
         if wall:
             self._wallCall = self._clock.callLater(wall, self._wallLimit, wall)
-        if self.cancelRequested:
+        if self.cancelRequested or self.aborted is not None:
             self._terminate(self._grace)
 
     def _wallLimit(self, wall):
@@ -207,47 +234,69 @@ class FitRun:
             self._terminate(self._grace)
 
     def _message(self, message):
+        """A message relayed from the child. Only the first ``confined`` and an
+        ``unconfined`` come from the worker's own code (before the model is
+        read); the rest may be the model's: only their shape is used."""
         kind = message.get("type")
-        if kind == "confined" and isinstance(message.get("confinement"), str):
-            self.confinement = message["confinement"]
-        elif kind == "progress" and isinstance(message.get("progress"), dict):
-            try:
-                self._onProgress(message["progress"])
-            except Exception:
-                self._log.failure("progress handler for fit {jobId} failed", jobId=self.jobId)
+        if kind == "confined" and not self.confinement:
+            self.confinement = self.applied
+        elif kind == "unconfined" and self.unconfined is None and not self.confinement:
+            self.unconfined = str(message.get("error"))[:2000]
+        elif kind == "progress":
+            progress = jobfiles.cleanProgress(message.get("progress"))
+            if progress is not None:
+                self._onProgress(progress)
         elif kind == "checkpoint" and self._onCheckpoint is not None:
-            if message.get("path") != os.path.join(runner.RESULTS_DIR, runner.SESSION_NAME):
-                return
-            try:
-                self._onCheckpoint(os.path.join(self.jobDir, message["path"]))
-            except Exception:
-                self._log.failure("checkpoint handler for fit {jobId} failed", jobId=self.jobId)
+            if message.get("path") == CHECKPOINT_PATH:
+                self._onCheckpoint(CHECKPOINT_PATH)
 
+    @defer.inlineCallbacks
     def _exited(self, event):
-        self._finish(self._outcome(event))
+        record = self._decided()
+        if record is None:
+            try:
+                outcome = yield self._server._inThread(runner.readOutcome, self.jobDir, self.owner)
+                record = self._record(outcome, event)
+            except jobfiles.UnsafeFile as e:
+                record = _errorRecord("the fit left an outcome the worker does not read: %s" % (e,))
+            except Exception as e:
+                self._log.failure("fit {jobId}: its outcome could not be read", jobId=self.jobId)
+                record = _errorRecord("the worker could not read the fit's outcome: %s" % (e,))
+        self._finish(record)
 
-    def _outcome(self, event):
+    @property
+    def owner(self):
+        """The uid the fit's files must belong to."""
+        return jobfiles.expectedOwner(self.uid)
+
+    def _decided(self):
+        """The outcome where the worker decided it, without reading the fit's; else None."""
         limits = self._server.limits or {}
+        if self.aborted is not None:
+            return _errorRecord(self.aborted)
         if self.wallExceeded:
             return _errorRecord("wall-clock limit of %s s exceeded" % (_number(limits.get("wall")),))
         if self.cancelRequested:
             return {"status": "CANCEL", "result": None, "error": None, "trace": None}
         if self._server._stopping:
             return _errorRecord("the worker stopped while this fit ran")
-        outcome = runner.readOutcome(self.jobDir)
-        if outcome is not None:
-            record = {
-                "status": outcome["status"],
-                "result": outcome.get("result"),
-                "error": outcome.get("error"),
-                "trace": outcome.get("trace"),
-            }
-            if outcome.get("confinement"):
-                self.confinement = outcome["confinement"]
-            if record["status"] == "ERROR":
-                record["error"] = _limitMessage(record["error"] or "", outcome.get("limit"), limits)
-            return record
-        return _errorRecord(_deathMessage(event, limits))
+        if self.unconfined is not None:
+            return _errorRecord("could not confine the fit: %s" % (self.unconfined,))
+        return None
+
+    def _record(self, outcome, event):
+        limits = self._server.limits or {}
+        if outcome is None:
+            return _errorRecord(_deathMessage(event, limits))
+        record = {
+            "status": outcome["status"],
+            "result": outcome.get("result"),
+            "error": outcome.get("error"),
+            "trace": outcome.get("trace"),
+        }
+        if record["status"] == "ERROR":
+            record["error"] = _limitMessage(record["error"] or "", outcome.get("limit"), limits)
+        return record
 
     def _lost(self, why):
         """The fork server is gone with this fit in it: KILL the fit's group, fail the job."""
@@ -272,6 +321,8 @@ class FitRun:
     def _finish(self, record):
         if self.finished:
             return
+        if self.aborted is not None and record.get("status") != "ERROR":
+            record = _errorRecord(self.aborted)
         self.finished = True
         for name in ("_wallCall", "_killCall", "_goneCall"):
             call = getattr(self, name)
@@ -349,11 +400,16 @@ class _ServerProtocol(protocol.ProcessProtocol):
         self.output = {1: _LineBuffer(), 2: _LineBuffer()}
 
     def childDataReceived(self, fd, data):
+        """Never raises: an exception here would make Twisted close the pipe, and
+        the fork server, every fit in it."""
         if fd == EVENTS_FD:
             for line in self.events.feed(data):
                 event = _parseLine(line)
                 if event is not None:
-                    self.owner._event(self, event)
+                    try:
+                        self.owner._event(self, event)
+                    except Exception:
+                        self._log.failure("fork server event {event!r:.300}", event=event)
         elif fd in self.output:
             for line in self.output[fd].feed(data):
                 self.owner._output(fd, line.decode("utf-8", "replace"))
@@ -365,10 +421,14 @@ class _ServerProtocol(protocol.ProcessProtocol):
 class ForkServer:
     """The worker's handle on its fork server process.
 
-    ``limits`` applies to every fit: ``{"cpu": s, "memory": bytes, "wall": s,
-    "fsize": bytes, "nproc": n, "nofile": n}``; all but ``wall`` are applied in
-    the child by ``sandbox.confine``, ``wall`` is kept from here.
-    ``checkpointEvery`` is the session autosave interval of long (DREAM) fits.
+    ``sandboxMode`` is what ``sandbox.choose`` returned (once, at the
+    worker's start). ``limits`` applies to every fit: ``{"cpu": s, "memory":
+    bytes, "wall": s, "fsize": bytes, "nproc": n, "nofile": n}``; all but
+    ``wall`` are applied in the child by ``sandbox.confine``, ``wall`` is kept
+    from here. ``checkpointEvery`` is the session autosave interval of long
+    (DREAM) fits. ``inThread(f, *args)`` runs a blocking call (reading what a
+    fit left) off the reactor thread and returns a Deferred; by default in the
+    reactor's thread pool.
     """
 
     _log = Logger()
@@ -383,11 +443,15 @@ class ForkServer:
         checkpointEvery=300,
         restartDelay=1.0,
         stopTimeout=10.0,
+        inThread=None,
     ):
+        if sandboxMode not in ("apparmor", "namespaces", "none"):
+            raise ValueError("sandboxMode is what sandbox.choose returned, not %r" % (sandboxMode,))
         self._reactor = reactor
         self.python = python
         self.sandboxMode = sandboxMode
-        self.effectiveSandbox = None
+        self._inThread = inThread or (
+            lambda f, *args: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args))
         self.limits = dict(limits or {})
         self.env = env
         self.checkpointEvery = checkpointEvery
@@ -413,7 +477,6 @@ class ForkServer:
         if self._starting is not None:
             return self._starting
         self._stopping = False
-        self.effectiveSandbox = sandbox.choose(self.sandboxMode)
         self._starting = defer.Deferred()
         self._spawn()
         return self._starting
@@ -446,9 +509,10 @@ class ForkServer:
         """Fork a fit for the job in ``jobDir``; ``onProgress(dict)`` gets its progress.
 
         ``onCheckpoint(path)`` is called (in the reactor thread) with the
-        absolute path of the session file each time the fit has checkpointed
-        it (every ``checkpointEvery`` seconds): a consistent file, replaced
-        whole by the next checkpoint. A retry given that file as
+        path of the session file relative to ``jobDir`` each time the fit says
+        it has checkpointed it (every ``checkpointEvery`` seconds): a
+        consistent file, replaced whole by the next checkpoint, unless the
+        fit lies (read it with ``jobfiles.openFile``). A retry given that file as
         ``results/session.h5`` in its job directory and the option
         ``"resume": true`` resumes the fit from it.
         ``uid``/``gid``: the slot's unprivileged user, for ``sandbox.confine``
@@ -459,6 +523,7 @@ class ForkServer:
         runner.removeOutcome(jobDir)
         fitRun = FitRun(self, self._tokens, jobId, jobDir, request, onProgress)
         fitRun.uid, fitRun.gid = uid, gid
+        fitRun.applied = sandbox.describe(self.sandboxMode, self.limits, uid, os.geteuid() == 0)
         fitRun._onCheckpoint = onCheckpoint
         self._runs[fitRun.token] = fitRun
         if self._ready:
@@ -505,7 +570,7 @@ class ForkServer:
                 "jobId": fitRun.jobId,
                 "jobDir": fitRun.jobDir,
                 "request": fitRun.request,
-                "sandbox": self.effectiveSandbox,
+                "sandbox": self.sandboxMode,
                 "limits": {k: v for k, v in self.limits.items() if k != "wall"},
                 "checkpointEvery": self.checkpointEvery,
                 "uid": fitRun.uid,
@@ -539,7 +604,7 @@ class ForkServer:
         if proto is not self._protocol:
             return
         kind = event.get("event")
-        fitRun = self._runs.get(event.get("run"))
+        fitRun = self._runs.get(event.get("run")) if isinstance(event.get("run"), int) else None
         if kind == "ready":
             self._becameReady(event)
         elif fitRun is None:
@@ -766,10 +831,8 @@ class _Server:
                     keepFds=[progressFd],
                 )
             except Exception as exc:
-                runner.writeOutcome(
-                    command["jobDir"],
-                    {"status": "ERROR", "result": None, "error": "could not confine the fit: %s" % (exc,), "trace": None},
-                )
+                # Said on the pipe, not in a file: this process is not the fit's uid.
+                reporter.send({"type": "unconfined", "error": "%s: %s" % (type(exc).__name__, exc)})
                 code = 0
                 return
             reporter.send({"type": "confined", "confinement": confinement, "pid": os.getpid()})
@@ -784,7 +847,6 @@ class _Server:
                 checkpointEvery=command.get("checkpointEvery", 300),
                 checkpoint=reporter.checkpoint,
             )
-            outcome["confinement"] = confinement
             runner.writeOutcome(jobDir, outcome)
             code = 0
         except BaseException:

@@ -21,8 +21,15 @@ checkpoint of an earlier attempt (``"checkpoint"`` in the lease answer), the
 worker downloads it into ``results/`` and runs the fit with ``resume``: it goes
 on from where the lost attempt left off instead of starting over.
 
-When the fit ends, every file it left in ``results/`` is uploaded in bounded
-parts and the job is completed with its lease token. Until the server has
+When the fit ends, the files it left in ``results/`` are looked at
+(``jobfiles.scanResults``, off the reactor thread, as every read of what a
+fit left): anything but a regular file of the slot's uid ends the job
+``ERROR`` saying what was found, and so do results past the per-job quota
+(``resultFilesQuota`` files, ``resultBytesQuota`` bytes by apparent size),
+keeping the files within it and naming those left out. What is kept is
+uploaded in bounded parts (a server that answers 413, over its own quota,
+ends the job ``ERROR`` with its message) and the job is completed with its
+lease token. Until the server has
 acknowledged the completion the outcome stays on disk
 (``workDir/jobs/<id>.json``): a server that is down only delays delivery, and
 a worker that restarts delivers what its previous run could not. A 409 (or
@@ -39,13 +46,14 @@ import os
 import random as _random
 import shutil
 import socket
-import stat
 
 import treq
 from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from reflworkerd import jobfiles
 
 RESULTS_DIR = "results"
 SESSION_NAME = "session.h5"
@@ -56,6 +64,9 @@ PART_SIZE = 8 * 1024 * 1024
 UPLOADS_AT_ONCE = 4
 """Result files uploaded at the same time when a fit ends."""
 
+MIN_PROGRESS_INTERVAL = 0.1
+"""The shortest ``progressInterval``: progress leaves the worker at most this often per job."""
+
 LEASE_MARGIN = 15.0
 """Seconds a lease long-poll may take past its own timeout before we give up on it."""
 
@@ -63,10 +74,11 @@ LEASE_MARGIN = 15.0
 class ServerError(Exception):
     """The server answered with an error status, or could not be reached (``code`` None)."""
 
-    def __init__(self, code, message):
+    def __init__(self, code, message, detail=None):
         Exception.__init__(self, message)
         self.code = code
         self.message = message
+        self.detail = detail if detail is not None else message
 
     @property
     def stale(self):
@@ -82,6 +94,10 @@ class ServerError(Exception):
         if self.code is None:
             return self.message
         return "%d %s" % (self.code, self.message)
+
+
+class OverQuota(Exception):
+    """A file of a job that is larger than the job may send."""
 
 
 def checkName(name):
@@ -147,7 +163,7 @@ class ServerClient:
                 message = json.loads(content)["error"]
             except Exception:
                 message = content[:200].decode("utf-8", "replace")
-            raise ServerError(response.code, "%s %s: %s" % (method, path, message))
+            raise ServerError(response.code, "%s %s: %s" % (method, path, message), str(message))
         if response.code == 204 or not content:
             return None
         try:
@@ -213,63 +229,12 @@ class ServerClient:
         os.rename(temporary, path)
         return size[0]
 
-    @defer.inlineCallbacks
-    def putFile(self, jobId, lease, name, path, partSize=PART_SIZE):
-        """Upload the file at ``path`` as the job's result ``name``, in parts of ``partSize``."""
-        offset = 0
-        with _openPlain(path) as f:
-            while True:
-                part = f.read(partSize)
-                last = len(part) < partSize or not _more(f)
-                params = {"lease": str(lease), "offset": str(offset)}
-                if last:
-                    params["last"] = "1"
-                yield self._call("PUT", "/api/v1/jobs/%d/files/%s" % (jobId, name),
-                                 params=params, data=part)
-                offset += len(part)
-                if last:
-                    return offset
-
-
-def _more(f):
-    """Whether the file has bytes past the current position."""
-    here = f.tell()
-    more = bool(f.read(1))
-    f.seek(here)
-    return more
-
-
-def _openPlain(path):
-    """Open a file the fit left, refusing links (a hostile fit could point one
-    at the worker's own files)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    f = os.fdopen(fd, "rb")
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
-        f.close()
-        raise OSError("%s is not a plain file" % (path,))
-    return f
-
-
-def resultFiles(jobDir):
-    """The names of the plain files the fit left in ``jobDir/results``, sorted."""
-    folder = os.path.join(jobDir, RESULTS_DIR)
-    try:
-        if not stat.S_ISDIR(os.lstat(folder).st_mode):
-            return []
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    kept = []
-    for name in sorted(names):
-        try:
-            checkName(name)
-            info = os.lstat(os.path.join(folder, name))
-        except (ValueError, OSError):
-            continue
-        if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
-            kept.append(name)
-    return kept
+    def putPart(self, jobId, lease, name, offset, data, last):
+        """Upload ``data`` at ``offset`` of the job's result ``name`` (``last`` ends it)."""
+        params = {"lease": str(lease), "offset": str(offset)}
+        if last:
+            params["last"] = "1"
+        return self._call("PUT", "/api/v1/jobs/%d/files/%s" % (jobId, name), params=params, data=data)
 
 
 def _describe(exc):
@@ -335,7 +300,7 @@ class LeasedJob:
     _log = Logger()
 
     def __init__(self, poller, jobId, lease, leaseTimeout, request=None, files=(),
-                 outcome=None, uploaded=(), checkpoint=None, slot=None):
+                 outcome=None, uploaded=(), checkpoint=None, slot=None, uid=None, results=None):
         self.poller = poller
         self.reactor = poller.reactor
         self.client = poller.client
@@ -350,6 +315,8 @@ class LeasedJob:
         self.statePath = self.jobDir + ".json"
         self.checkpoint = checkpoint
         self.slot = slot
+        self.uid = uid if uid is not None else poller.slotUid(slot)
+        self.results = dict(results) if results is not None else None
         self.fitRun = None
         self.dropped = False
         self.delivered = False
@@ -370,13 +337,15 @@ class LeasedJob:
         self._checkpointCall = None
         self._checkpointUpload = None
         self._lastCheckpoint = None
+        self._serverQuotaReached = False
 
     # ---- state on disk
 
     def saveState(self):
         """Write the worker's state of this job (for a restart); True when it is on disk."""
         state = {"id": self.jobId, "lease": self.lease, "leaseTimeout": self.leaseTimeout,
-                 "outcome": self.outcome, "uploaded": sorted(self.uploaded)}
+                 "outcome": self.outcome, "uploaded": sorted(self.uploaded), "uid": self.uid,
+                 "results": self.results}
         temporary = self.statePath + ".tmp"
         try:
             with open(temporary, "w") as f:
@@ -462,10 +431,9 @@ class LeasedJob:
         if self.outcome is None and not (self.dropped or self.releasing or self.cancelled):
             self._log.info("job {jobId} (lease {lease}): fit starts", jobId=self.jobId,
                            lease=self.lease)
-            uid = self.poller.slotUid(self.slot)
             self.fitRun = self.poller.runner.run(
                 self.jobId, self.jobDir, request, self.progress,
-                onCheckpoint=self.checkpointed if self.resumable() else None, uid=uid, gid=uid)
+                onCheckpoint=self.checkpointed if self.resumable() else None, uid=self.uid, gid=self.uid)
             try:
                 self.outcome = yield self.fitRun.done
             except Exception as e:
@@ -474,8 +442,10 @@ class LeasedJob:
                            status=self.outcome.get("status"))
         elif self.outcome is None:
             self.outcome = {"status": "CANCEL", "result": None, "error": None, "trace": None}
-        self._endFit(self.outcome)
         yield self._stopCheckpoints()
+        if not (self.dropped or self.releasing):
+            yield self._keepResults()
+        self._endFit(self.outcome)
         if self.dropped:
             self._finish()
             return
@@ -555,11 +525,64 @@ class LeasedJob:
         request["data"]["options"]["resume"] = True
         return request
 
+    @defer.inlineCallbacks
+    def _keepResults(self):
+        """Decide which result files go to the server: the regular files of the
+        fit's uid within the quota. Anything else ends the job ERROR saying so."""
+        try:
+            found = yield self.poller.inThread(
+                jobfiles.scanResults, self.jobDir, self.uid, self.poller.resultFilesQuota,
+                self.poller.resultBytesQuota, RESULTS_DIR, checkName)
+        except OSError as e:
+            found = jobfiles.Results()
+            found.unsafe.append("the job directory cannot be read (%s)" % (e.strerror,))
+        self.results = dict(found.sizes)
+        said = (self.outcome or {}).get("error") or ""
+        found.unsafe = [what for what in found.unsafe if what not in said]     # said already (a checkpoint)
+        problem = found.problem()
+        if problem is not None:
+            self._log.warn("job {jobId}: {problem}", jobId=self.jobId, problem=problem)
+            self._failWith(problem)
+
+    def _failWith(self, why):
+        """The job ends ERROR for ``why`` (its fit's own error, if any, kept after it)."""
+        outcome = self.outcome or {}
+        if outcome.get("status") == "CANCEL":
+            return
+        if outcome.get("status") == "ERROR" and outcome.get("error") and why not in outcome["error"]:
+            why = "%s; and %s" % (why, outcome["error"])
+        self.outcome = {"status": "ERROR", "result": None, "error": why, "trace": outcome.get("trace"),
+                        "confinement": outcome.get("confinement")}
+
+    @defer.inlineCallbacks
+    def _putFile(self, name, relative, limit=None, maximum=None):
+        """Upload the job's file ``relative`` as its result ``name``, opened and read
+        off the reactor thread (``jobfiles.openFile``), at most ``limit`` bytes of it
+        (its size when it was looked at); the bytes sent. A file larger than
+        ``maximum`` is not sent (`OverQuota`)."""
+        jobFile = yield self.poller.inThread(jobfiles.openFile, self.jobDir, relative, self.uid)
+        try:
+            if maximum is not None and jobFile.size > maximum:
+                raise OverQuota("%s is %d bytes, over the quota of %d bytes per job"
+                                % (relative, jobFile.size, maximum))
+            size = jobFile.size if limit is None else min(jobFile.size, limit)
+            offset = 0
+            while True:
+                part = yield self.poller.inThread(jobFile.read, offset, min(self.poller.partSize, size - offset))
+                last = offset + len(part) >= size or not part
+                yield self.client.putPart(self.jobId, self.lease, name, offset, part, last)
+                offset += len(part)
+                if last:
+                    return offset
+        finally:
+            jobFile.close()
+
     # ---- checkpoints
 
     def checkpointed(self, path):
-        """The fit saved its session file at ``path``: upload it as the job's
-        ``session.h5``, at most every ``checkpointEvery`` seconds (the latest wins)."""
+        """The fit says it saved its session file at ``path`` (relative to the job
+        directory): upload it as the job's ``session.h5``, at most every
+        ``checkpointEvery`` seconds (the latest wins)."""
         if self.dropped or self.fitEnded.called:
             return
         self._checkpointWanted = path
@@ -579,8 +602,7 @@ class LeasedJob:
         if path is None or self.dropped or self.fitEnded.called:
             return
         self._lastCheckpoint = self.reactor.seconds()
-        d = self._checkpointUpload = self.client.putFile(self.jobId, self.lease, SESSION_NAME, path,
-                                                         self.poller.partSize)
+        d = self._checkpointUpload = self._putFile(SESSION_NAME, path, maximum=self.poller.resultBytesQuota)
         d.addCallbacks(self._checkpointSent, self._checkpointFailed)
         d.addBoth(self._checkpointDone)
 
@@ -589,7 +611,10 @@ class LeasedJob:
         self._log.info("job {jobId}: checkpoint sent ({size} bytes)", jobId=self.jobId, size=size)
 
     def _checkpointFailed(self, failure):
-        if failure.check(ServerError):
+        if failure.check(jobfiles.UnsafeFile):
+            if self.fitRun is not None:
+                self.fitRun.abort("its checkpoint cannot be used: %s" % (failure.value,))
+        elif failure.check(ServerError):
             error = failure.value
             if error.stale:
                 self.drop(str(error))
@@ -597,7 +622,7 @@ class LeasedJob:
                 self.poller.reachability.failed(error)
             else:
                 self._log.warn("job {jobId}: checkpoint refused ({why})", jobId=self.jobId, why=str(error))
-        elif failure.check(OSError):
+        elif failure.check(OSError, OverQuota):
             self._log.warn("job {jobId}: checkpoint not sent ({why})", jobId=self.jobId,
                            why=failure.getErrorMessage())
         else:
@@ -633,7 +658,9 @@ class LeasedJob:
         is a round trip and a journal record on the server). Every upload of
         a round ends before this does, so a retry never races one in flight;
         then a stale or transient refusal, if any, is raised."""
-        names = [name for name in resultFiles(self.jobDir) if name not in self.uploaded]
+        if self.results is None:
+            yield self._keepResults()     # an outcome a worker of an older version left
+        names = [name for name in sorted(self.results) if name not in self.uploaded]
         limit = defer.DeferredSemaphore(UPLOADS_AT_ONCE)
         outcomes = yield defer.DeferredList(
             [limit.run(self._uploadOne, name) for name in names], consumeErrors=True)
@@ -644,15 +671,25 @@ class LeasedJob:
 
     @defer.inlineCallbacks
     def _uploadOne(self, name):
+        if self._serverQuotaReached:
+            return
         try:
-            yield self.client.putFile(self.jobId, self.lease, name,
-                                      os.path.join(self.jobDir, RESULTS_DIR, name),
-                                      self.poller.partSize)
+            yield self._putFile(name, RESULTS_DIR + "/" + name, self.results.get(name))
         except ServerError as e:
             if e.stale or e.transient:
                 raise
-            self._log.error("job {jobId}: result file {name} refused ({why}); "
-                            "skipped", jobId=self.jobId, name=name, why=str(e))
+            if e.code == 413:
+                self._log.error("job {jobId}: result file {name} refused, over the server's quota "
+                                "({why}); no more are sent", jobId=self.jobId, name=name, why=str(e))
+                self._serverQuotaReached = True
+                self._failWith("the server refused result file %s: %s" % (name, e.detail))
+            else:
+                self._log.error("job {jobId}: result file {name} refused ({why}); "
+                                "skipped", jobId=self.jobId, name=name, why=str(e))
+        except jobfiles.UnsafeFile as e:
+            self._log.warn("job {jobId}: result file {name} not sent ({why})",
+                           jobId=self.jobId, name=name, why=str(e))
+            self._failWith("the fit left what the worker does not read: %s" % (e,))
         except OSError as e:
             self._log.warn("job {jobId}: result file {name} not sent ({why})",
                            jobId=self.jobId, name=name, why=str(e))
@@ -725,8 +762,15 @@ class LeasedJob:
             return
 
     def _finish(self):
+        """Remove the job's files (off the reactor thread: a fit may have left
+        a great many), then say the job is no longer held here."""
         self._stopBeats()
-        self.cleanUp()
+        d = self.poller.inThread(self.cleanUp)
+        d.addErrback(lambda f: self._log.failure("job {jobId}: its files could not be removed", f,
+                                                 jobId=self.jobId))
+        d.addCallback(lambda _: self._removed())
+
+    def _removed(self):
         if self.delivered:
             self._log.info("job {jobId}: {status} delivered; its files are removed",
                            jobId=self.jobId, status=self.outcome.get("status"))
@@ -893,7 +937,9 @@ class Poller(service.Service):
                  pollTimeout=30.0, drain="finish", workerName=None, random=_random.random,
                  backoffInitial=0.5, backoffCap=30.0, progressInterval=1.0,
                  partSize=PART_SIZE, cancelGrace=5.0, deliverGrace=30.0, slotUidBase=None,
-                 checkpointEvery=60.0, onFatal=None):
+                 checkpointEvery=60.0, onFatal=None, inThread=None,
+                 resultFilesQuota=jobfiles.RESULT_FILES_QUOTA,
+                 resultBytesQuota=jobfiles.RESULT_BYTES_QUOTA):
         if drain not in ("finish", "release"):
             raise ValueError("drain is 'finish' or 'release', not %r" % (drain,))
         self.reactor = reactor
@@ -909,13 +955,17 @@ class Poller(service.Service):
         self.random = random
         self.backoffInitial = backoffInitial
         self.backoffCap = backoffCap
-        self.progressInterval = progressInterval
+        self.progressInterval = max(progressInterval, MIN_PROGRESS_INTERVAL)
         self.partSize = partSize
         self.cancelGrace = cancelGrace
         self.deliverGrace = deliverGrace
         self.slotUidBase = slotUidBase
         self.checkpointEvery = checkpointEvery
         self.onFatal = onFatal
+        self.inThread = inThread or (
+            lambda f, *args: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args))
+        self.resultFilesQuota = resultFilesQuota
+        self.resultBytesQuota = resultBytesQuota
         self.reachability = Reachability(client.baseURL)
         self.leaseBackoff = self.makeBackoff()
         self.jobs = {}          # jobId -> LeasedJob, from lease to acknowledged result
@@ -1004,7 +1054,8 @@ class Poller(service.Service):
                     state = json.load(f)
                 job = LeasedJob(self, int(state["id"]), int(state["lease"]),
                                 float(state["leaseTimeout"]), outcome=state.get("outcome"),
-                                uploaded=state.get("uploaded") or ())
+                                uploaded=state.get("uploaded") or (), uid=state.get("uid"),
+                                results=state.get("results"))
             except (OSError, ValueError, KeyError, TypeError) as e:
                 self._log.warn("unreadable job state {path} ({why}); removed", path=path, why=e)
                 os.unlink(path)

@@ -492,32 +492,34 @@ def _jsonDefault(value):
         return repr(value)
 
 
-MAX_OUTCOME_BYTES = 16 * 1024 * 1024
+MAX_OUTCOME_BYTES = 4 * 1024 * 1024
 
 
-def readOutcome(jobDir):
-    """The outcome the child wrote, or None when there is none or it is not a valid record.
+def readOutcome(jobDir, uid=None):
+    """The outcome the child wrote, or None when it wrote none.
 
     The file was written by a process running a model nobody vetted: it is
-    data, checked for shape and size, never trusted further.
+    opened with ``jobfiles.openFile`` (a regular file of the fit's ``uid``,
+    reached through no link) and parsed with bounded size and depth; anything
+    else raises ``jobfiles.UnsafeFile`` saying what was found. Its
+    ``confinement``, if any, is dropped: the worker reports what it applied.
     """
-    path = os.path.join(jobDir, OUTCOME_NAME)
+    from reflworkerd import jobfiles
+
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_OUTCOME_BYTES + 1)
-    except OSError:
-        return None
-    if len(raw) > MAX_OUTCOME_BYTES:
+        raw = jobfiles.readFile(jobDir, OUTCOME_NAME, uid, MAX_OUTCOME_BYTES)
+    except FileNotFoundError:
         return None
     try:
-        outcome = json.loads(raw)
-    except ValueError:
-        return None
+        outcome = jobfiles.loadJSON(raw, MAX_OUTCOME_BYTES)
+    except ValueError as e:
+        raise jobfiles.UnsafeFile("%s is not an outcome record: %s" % (OUTCOME_NAME, e))
     if not isinstance(outcome, dict) or outcome.get("status") not in ("COMPLETE", "ERROR"):
-        return None
-    for key in ("error", "trace", "confinement", "limit"):
+        raise jobfiles.UnsafeFile("%s is not an outcome record (no status COMPLETE or ERROR)" % (OUTCOME_NAME,))
+    for key in ("error", "trace", "limit"):
         if outcome.get(key) is not None and not isinstance(outcome[key], str):
-            return None
+            raise jobfiles.UnsafeFile("%s is not an outcome record (%s is not text)" % (OUTCOME_NAME, key))
+    outcome.pop("confinement", None)
     return outcome
 
 

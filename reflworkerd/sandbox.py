@@ -11,8 +11,11 @@ fork server calls two functions from here:
 - ``confine(jobDir, mode, limits, uid=None, gid=None)`` in a process freshly
   forked from the fork server, before the model is read. It returns only in
   the process that will run the fit, with its working directory set to the
-  (real path of the) job directory, and returns the description of what
-  confines it, for the job record.
+  (real path of the) job directory and a minimal environment
+  (``fitEnvironment``), and returns the description of what confines it.
+- ``describe(mode, limits, uid, isRoot)``: that description, as the worker
+  computes it for the job record from what it asked for (a fit can say
+  anything about itself).
 
 The layers (docs/security.md says what each one stops and what it does not):
 
@@ -542,7 +545,12 @@ def _reap(child, lifeline):
             _dieBy(code - 128)
         os._exit(code)
     except BaseException:
-        os._exit(127)
+        try:
+            import traceback
+
+            traceback.print_exc()       # the fork server's stderr: the worker's log
+        finally:
+            os._exit(127)
 
 
 def _dieBy(signum):
@@ -572,14 +580,85 @@ def _loopbackUp():
 
 
 def _applyLimits(limits):
-    applied = False
     for name, value in sorted(limits.items()):
         if name in NOT_RLIMITS or value is None:
             continue
         resource.setrlimit(LIMITS[name], (int(value), int(value)))
-        applied = True
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return applied
+
+
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+LOCALE = "C.UTF-8"
+
+
+def fitEnvironment(home, tmp, inherited):
+    """The whole environment of a fit: a path, its home in its job directory,
+    matplotlib's settings there too, a locale, and the thread counts the fork
+    server has; nothing else of the worker's (``inherited``)."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": tmp,
+           "MPLCONFIGDIR": os.path.join(home, ".config", "matplotlib"), "MPLBACKEND": "Agg",
+           "LANG": LOCALE, "LC_ALL": LOCALE}
+    for name in THREAD_VARIABLES:
+        env[name] = inherited.get(name) or "1"
+    return env
+
+
+def _minimalEnvironment(home, tmp):
+    env = fitEnvironment(home, tmp, os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    tempfile.tempdir = None
+
+
+def _size(value):
+    for shift, unit in ((40, "T"), (30, "G"), (20, "M"), (10, "K")):
+        if value >= 1 << shift and value % (1 << shift) == 0:
+            return "%d%s" % (value >> shift, unit)
+    return str(value)
+
+
+def describeLimits(limits):
+    """The limits as the confinement string shows them, e.g.
+    ``rlimits(cpu=86400s,memory=4G,fsize=512M,nproc=512,nofile=4096)+wall(86400s)``."""
+    shown = []
+    for name in ("cpu", "memory", "fsize", "nproc", "nofile"):
+        value = (limits or {}).get(name)
+        if value is None:
+            continue
+        value = int(value)
+        shown.append("%s=%s" % (name, "%ds" % value if name == "cpu" else
+                                _size(value) if name in ("memory", "fsize") else str(value)))
+    layers = ["rlimits(%s)" % (",".join(shown),)] if shown else []
+    if (limits or {}).get("wall"):
+        layers.append("wall(%gs)" % (float(limits["wall"]),))
+    return layers
+
+
+def describe(mode, limits, uid, isRoot, seccomp=None):
+    """What ``confine(jobDir, mode, limits, uid)`` applies, in words, e.g.
+    ``namespaces(mount,pid,net,ipc,uts)+seccomp+rlimits(...)+wall(...)+nice19+uid 60001``.
+
+    The worker reports this for each job, computed from what it asked for,
+    never from what a fit says. ``seccomp`` defaults to whether this machine
+    has a filter. ``limits["wall"]`` is shown though the worker keeps it.
+    """
+    if seccomp is None:
+        seccomp = seccompProgram(platform.machine()) is not None
+    layers = []
+    if mode == "apparmor":
+        layers.append("apparmor(%s)" % (FIT_PROFILE,))
+    if mode in ("apparmor", "namespaces"):
+        names = (["user"] if not isRoot else []) + ["mount", "pid", "net", "ipc", "uts"]
+        layers.append("namespaces(%s)" % (",".join(names),))
+    if seccomp:
+        layers.append("seccomp")
+    layers.extend(describeLimits(limits))
+    layers.append("nice19")
+    if uid is not None:
+        layers.append("uid %d" % (uid,))
+    elif isRoot:
+        layers.append("uid 0 without capabilities")
+    return "+".join(layers)
 
 
 def _dropBoundingSet():
@@ -692,15 +771,24 @@ def _chownTree(top, uid, gid):
 
 
 def _closeFds(keep):
-    """Close every descriptor of this process but ``keep``."""
-    keep = set(keep)
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd not in keep:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+    """Close every descriptor of this process but ``keep``.
+
+    Not through ``/proc/self/fd``: the reaper calls this while the fit may
+    already have pivoted the shared mount namespace into its new root, whose
+    ``/proc`` is the fit's pid namespace's, where the reaper has no ``self``.
+    """
+    # Past every descriptor this process can hold, whatever its limit now (one
+    # opened before the limit was lowered stays open): the kernel's default
+    # fs.nr_open. os.closerange is one close_range(2) call, however wide.
+    end = 1 << 20
+    for limit in resource.getrlimit(resource.RLIMIT_NOFILE):
+        if limit != resource.RLIM_INFINITY and limit > end:
+            end = limit
+    start = 0
+    for fd in sorted(set(keep)) + [end]:
+        if fd > start:
+            os.closerange(start, min(fd, end))
+        start = max(start, fd + 1)
 
 
 def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None):
@@ -748,13 +836,12 @@ def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None)
     # A daemonized worker inherits twistd's umask 077; the new root's
     # directories must stay traversable by the slot's uid.
     os.umask(0o022)
-    layers = []
     lifeline = None
     if mode in ("apparmor", "namespaces"):
         plan = RootPlan(jobDir, readOnly)
         if uid is not None:
             _chownTree(jobDir, uid, gid)
-        names, lifeline = _enterNamespaces(isRoot)
+        _, lifeline = _enterNamespaces(isRoot)
         # Here: pid 1 of the new pid namespace.
         for signum in FORWARDED_SIGNALS:
             signal.signal(signum, _exitOnSignal)
@@ -763,33 +850,23 @@ def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None)
                      int(limits.get("tmp") or TMP_SIZE)).build()
         socket.sethostname(HOSTNAME)
         _loopbackUp()
-        layers.append("namespaces(%s)" % (",".join(names),))
     elif uid is not None:
         _chownTree(jobDir, uid, gid)
     os.chdir(jobDir)
-    os.environ["HOME"] = "/tmp" if mode != "none" else jobDir
-    os.environ["TMPDIR"] = "/tmp" if mode != "none" else jobDir
-    tempfile.tempdir = None
-    if _applyLimits(limits):
-        layers.append("rlimits")
+    _minimalEnvironment(jobDir, "/tmp" if mode != "none" else jobDir)
+    _applyLimits(limits)
     os.setpriority(os.PRIO_PROCESS, 0, 19)
-    layers.append("nice19")
     _dropBoundingSet()
     if uid is not None:
         os.setgroups([])
         os.setresgid(gid, gid, gid)
         os.setresuid(uid, uid, uid)
-        layers.append("uid %d" % (uid,))
-    elif isRoot:
-        layers.append("uid 0 without capabilities")
     _dropCapabilities()
     if mode == "apparmor":
         _changeProfile(FIT_PROFILE)
-        layers.insert(0, "apparmor(%s)" % (FIT_PROFILE,))
     _prctl(PR_SET_NO_NEW_PRIVS, 1)
     _prctl(PR_SET_DUMPABLE, 0)
-    if _applySeccomp():
-        layers.insert(1 if mode != "none" else 0, "seccomp")
+    seccomp = _applySeccomp()
     if keepFds is not None:
         _closeFds(set(keepFds) | {0, 1, 2} | ({lifeline} if lifeline is not None else set()))
     if lifeline is not None:
@@ -798,7 +875,7 @@ def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None)
         if ready:
             os._exit(128 + signal.SIGKILL)
         os.close(lifeline)
-    return "+".join(layers)
+    return describe(mode, limits, uid, isRoot, seccomp=seccomp)
 
 
 def _appArmorMissing():

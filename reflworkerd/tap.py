@@ -11,9 +11,18 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from reflworkerd import sandbox
+from reflworkerd.jobfiles import RESULT_BYTES_QUOTA, RESULT_FILES_QUOTA
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+DEFAULT_LIMITS = {"cpu": 86400, "memory": 4 << 30, "wall": 86400.0, "nproc": 512, "fsize": 512 << 20}
+"""What a fit may use unless told otherwise: a day of CPU and of wall-clock
+time, 4 GiB of address space, 512 processes and threads, files of 512 MiB. A
+DREAM fit of refl1d's examples uses a fraction of each (docs/security.md).
+The process limit is the default only where each slot has a uid of its own:
+RLIMIT_NPROC counts every process of the fit's uid, and the worker's own uid
+(or root) has others on the host."""
 
 SLOT_UID_BASE = 60001
 """Slot i of a worker running as root runs its fits as uid/gid SLOT_UID_BASE + i."""
@@ -37,6 +46,10 @@ def _positive(value):
 
 class Options(usage.Options):
     synopsis = "--server URL --queue NAME [options]"
+    optFlags = [
+        ["allow-unconfined", None, "Let --sandbox auto run fits without namespaces where the host "
+         "has none (else the worker refuses to start)."],
+    ]
     longdesc = ("A reflservd worker: long-polls its queue for fits, runs each in a "
                 "preloaded fork server, sandboxed, and streams progress and results back.")
     optParameters = [
@@ -47,13 +60,19 @@ class Options(usage.Options):
         ["token-file", None, None, "File holding the server's worker token."],
         ["poll-timeout", None, 30.0, "Seconds one lease long-poll waits (at most 60).", float],
         ["sandbox", None, "auto", "Confinement: auto, apparmor, namespaces or none."],
-        ["cpu-limit", None, None, "CPU seconds a fit may use.", _positive],
-        ["memory-limit", None, None, "Address space of a fit, in bytes (K/M/G suffixes).", parseBytes],
-        ["wall-limit", None, None, "Seconds a fit may run.", _positive],
-        ["process-limit", None, None, "Processes and threads a fit's uid may have (RLIMIT_NPROC; "
-         "counted per uid, so per slot with slot uids).", int],
-        ["file-size-limit", None, None, "Largest file a fit may write, in bytes (K/M/G suffixes).",
+        ["cpu-limit", None, DEFAULT_LIMITS["cpu"], "CPU seconds a fit may use.", _positive],
+        ["memory-limit", None, DEFAULT_LIMITS["memory"], "Address space of a fit, in bytes (K/M/G suffixes).",
          parseBytes],
+        ["wall-limit", None, DEFAULT_LIMITS["wall"], "Seconds a fit may run.", _positive],
+        ["process-limit", None, None, "Processes and threads a fit's uid may have (RLIMIT_NPROC; "
+         "counted per uid; default %d where each slot has its own uid, none where fits run as the "
+         "worker's uid or root, whose other processes count too)." % (DEFAULT_LIMITS["nproc"],), int],
+        ["file-size-limit", None, DEFAULT_LIMITS["fsize"], "Largest file a fit may write, in bytes "
+         "(K/M/G suffixes).", parseBytes],
+        ["result-files-quota", None, RESULT_FILES_QUOTA, "Result files a job may leave; past it the "
+         "job ends ERROR, keeping files within the quota.", int],
+        ["result-bytes-quota", None, RESULT_BYTES_QUOTA, "Bytes of results a job may leave (apparent "
+         "sizes; K/M/G suffixes).", parseBytes],
         ["checkpoint-every", None, 60.0, "Seconds between session checkpoints of long fits.", _positive],
         ["backend", None, "local", "Where fits run: local (slurm comes later)."],
         ["drain", None, "finish", "On stop: finish the fits in hand, or release them to the queue."],
@@ -91,6 +110,12 @@ class Options(usage.Options):
             self["sandbox-effective"] = sandbox.choose(self["sandbox"])
         except sandbox.SandboxUnavailable as e:
             raise usage.UsageError("--sandbox=%s: %s" % (self["sandbox"], e))
+        if self["sandbox"] == "auto" and self["sandbox-effective"] == "none" and not self["allow-unconfined"]:
+            raise usage.UsageError("--sandbox=auto: this host cannot confine fits in namespaces (see the "
+                                   "log); give --allow-unconfined to run them with --sandbox none's "
+                                   "protection only, or fix the host")
+        if self["result-files-quota"] < 1 or self["result-bytes-quota"] < 1 << 20:
+            raise usage.UsageError("--result-files-quota must be at least 1 and --result-bytes-quota 1M")
         self["token"] = None
         if self["token-file"] is not None:
             try:
@@ -118,20 +143,22 @@ class Options(usage.Options):
             if self["file-size-limit"] < 1 << 20:
                 raise usage.UsageError("--file-size-limit below 1 MB leaves a fit no room for its results")
             limits["fsize"] = self["file-size-limit"]
-        self["limits"] = limits
         self["slot-uids"] = self._slotUids(os.geteuid() == 0)
+        if "nproc" not in limits and self["slot-uids"] is not None:
+            limits["nproc"] = DEFAULT_LIMITS["nproc"]
+        self["limits"] = limits
+        self["limits-described"] = "+".join(sandbox.describeLimits(limits))
 
     def _slotUids(self, isRoot):
         """The uid of slot 0 (slot i has this + i), or None: fits run as the worker's uid.
 
         Only a root worker can change uid. In ``--sandbox none`` the fit sees
         the host's file system as its uid would: where that uid cannot reach
-        the Python installation or the work directory, an explicit
-        ``--slot-uid-base`` is refused and the default is dropped with a warning
-        (the job records then say ``uid 0 without capabilities``).
+        the Python installation or the work directory the worker refuses to
+        start (running the fit as root instead would let it read every
+        secret of the host and write into the venv).
         """
         base = self["slot-uid-base"]
-        explicit = base is not None
         if base is None:
             base = SLOT_UID_BASE
         if base < 0 or base + self["slots"] - 1 > MAX_UID:
@@ -151,11 +178,8 @@ class Options(usage.Options):
             if blocked:
                 why = ("with --sandbox none a fit runs as uid %d on the host's files, and %s is not "
                        "open to other users (it needs o+x on the way, o+rx at the end)" % (base, blocked[0]))
-                if explicit:
-                    raise usage.UsageError("--slot-uid-base %d: %s; open it, use --sandbox namespaces, "
-                                           "or --slot-uid-base 0 (unsafe)" % (base, why))
-                self._log.warn("no per-slot uids: {why}; fits run as root without capabilities", why=why)
-                return None
+                raise usage.UsageError("--slot-uid-base %d: %s; open it, or use --sandbox namespaces"
+                                       % (base, why))
         return base
 
 
@@ -209,7 +233,7 @@ def makeService(config, reactor=None):
     pool.maxPersistentPerHost = config["slots"] + 2
     http = HTTPClient(Agent(reactor, pool=pool))
     client = ServerClient(reactor, http, config["server"], token=config["token"])
-    runner = ForkServer(reactor, sandboxMode=config["sandbox"], limits=config["limits"],
+    runner = ForkServer(reactor, sandboxMode=config["sandbox-effective"], limits=config["limits"],
                         checkpointEvery=config["checkpoint-every"])
 
     def fatal(why):
@@ -222,6 +246,8 @@ def makeService(config, reactor=None):
                     workerName=config["name"],
                     slotUidBase=config["slot-uids"],
                     checkpointEvery=config["checkpoint-every"],
+                    resultFilesQuota=config["result-files-quota"],
+                    resultBytesQuota=config["result-bytes-quota"],
                     onFatal=fatal)
     poller.setName("poller")
     top = service.MultiService()

@@ -270,7 +270,7 @@ class CancelTests(ForkServerTestCase):
         outcome = yield fitRun.done
         self.assertEqual(outcome["status"], "CANCEL")
         session = os.path.join(jobDir, "results", "session.h5")
-        self.assertEqual(set(checkpoints), {session})
+        self.assertEqual(set(checkpoints), {"results/session.h5"})     # relative to the job
         self.assertTrue(os.path.getsize(session) > 0)
 
         progress = []
@@ -371,7 +371,7 @@ class ErrorTests(ForkServerTestCase):
         self.assertEqual(outcome["status"], "ERROR")
         self.assertEqual(outcome["error"], "SystemExit: flooded 1 pipe(s)")
         self.assertLess(len(progress), 1000)
-        self.assertEqual(progress[-1], {"step": 99999})
+        self.assertEqual(progress[-1], {"step": 99999, "chisq": None, "parameters": {}, "elapsed": 0.0})
 
     @defer.inlineCallbacks
     def test_modelThatRaisesGivesItsTraceback(self):
@@ -537,6 +537,7 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
         self.addCleanup(shutil.rmtree, self.jobDir, True)
 
     def startedServer(self, **kw):
+        kw.setdefault("inThread", lambda f, *args: defer.maybeDeferred(f, *args))
         server = ForkServer(self.reactor, python="/usr/bin/python3", env={"PATH": "/usr/bin"}, **kw)
         started = server.start()
         proto, process, args, env, childFDs = self.reactor.spawned[-1]
@@ -548,6 +549,20 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
         event(proto, event="ready", pid=process.pid, preload=1.0, threads=1)
         self.successResultOf(started)
         return server, proto, process
+
+    def test_theSandboxIsTheOneChosenAtStartNotChosenAgain(self):
+        """The fork server takes the mode sandbox.choose returned once, at the worker's
+        start: it probes nothing itself, sends that mode with each fit, and refuses a
+        mode that is not a choice made (``auto``)."""
+        chosen = []
+        original = sandbox.choose
+        sandbox.choose = lambda mode: chosen.append(mode) or mode
+        self.addCleanup(setattr, sandbox, "choose", original)
+        server, proto, process = self.startedServer(sandboxMode="namespaces")
+        server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        self.assertEqual((process.commands[0]["sandbox"], chosen), ("namespaces", []))
+        with self.assertRaises(ValueError):
+            ForkServer(self.reactor, sandboxMode="auto")
 
     def test_cancelSendsTermThenKillAfterGraceOnTheClock(self):
         """cancel TERMs the fit's group through the server at once and KILLs it when the grace
@@ -585,16 +600,65 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
         self.assertEqual((outcome["status"], outcome["error"]), ("ERROR", "wall-clock limit of 30 s exceeded"))
 
     def test_progressAndConfinementReachTheRun(self):
-        """Messages relayed from the child reach onProgress and the run's confinement, in the reactor thread."""
-        server, proto, process = self.startedServer()
+        """Messages relayed from the child reach onProgress (typed fields only) and the
+        run's confinement, in the reactor thread. The confinement is the one the worker
+        applies, whatever the child says; a later, forged one changes nothing."""
+        server, proto, process = self.startedServer(limits={"cpu": 10, "wall": 20})
         progress = []
         fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, progress.append)
         run = process.commands[0]["run"]
         event(proto, event="started", run=run, pid=1234)
-        event(proto, event="message", run=run, message={"type": "confined", "confinement": "rlimits+nice19"})
-        event(proto, event="message", run=run, message={"type": "progress", "progress": {"step": 3, "chisq": 2.0}})
-        self.assertEqual(fitRun.confinement, "rlimits+nice19")
-        self.assertEqual(progress, [{"step": 3, "chisq": 2.0}])
+        self.assertEqual(fitRun.confinement, "")
+        event(proto, event="message", run=run, message={"type": "confined", "confinement": "apparmor(forged)"})
+        event(proto, event="message", run=run, message={"type": "progress", "progress": {
+            "step": 3, "chisq": 2.0, "parameters": {"a": 1}, "elapsed": 0.5, "extra": "x" * 1000}})
+        applied = sandbox.describe("none", {"cpu": 10, "wall": 20}, None, os.geteuid() == 0)
+        self.assertEqual(fitRun.confinement, applied)
+        self.assertIn("rlimits(cpu=10s)+wall(20s)", applied)
+        event(proto, event="message", run=run, message={"type": "confined", "confinement": "apparmor(forged)"})
+        self.assertEqual(fitRun.confinement, applied)
+        self.assertEqual(progress, [{"step": 3, "chisq": 2.0, "parameters": {"a": 1.0}, "elapsed": 0.5}])
+
+    def test_aForgedOutcomeConfinementIsNotTaken(self):
+        """An outcome that claims a confinement (a fit can write any) ends with the
+        worker's own description of what it applied."""
+        server, proto, process = self.startedServer()
+        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        run = process.commands[0]["run"]
+        event(proto, event="started", run=run, pid=1234)
+        event(proto, event="message", run=run, message={"type": "confined", "confinement": "x"})
+        with open(os.path.join(self.jobDir, ".outcome.json"), "w") as f:
+            json.dump({"status": "COMPLETE", "result": 1, "confinement": "apparmor(reflworkerd-fit)+uid 60001"}, f)
+        event(proto, event="exited", run=run, code=0, signal=None, cpu=0.1, leftover=False)
+        outcome = self.successResultOf(fitRun.done)
+        self.assertEqual((outcome["status"], outcome["confinement"]),
+                         ("COMPLETE", sandbox.describe("none", {}, None, os.geteuid() == 0)))
+
+    def test_eventsThatCannotBeHandledDoNotEndTheServer(self):
+        """A deep, broken or unexpected event line is dropped; the pipe stays open and
+        the next job's events still arrive."""
+        server, proto, process = self.startedServer()
+        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        run = process.commands[0]["run"]
+        proto.childDataReceived(4, b"[" * 200000 + b"\n")
+        event(proto, event="started", run=run, pid="not a pid")
+        event(proto, event="message", run=run, message={"type": "checkpoint", "path": "/etc/shadow"})
+        event(proto, event="started", run=run, pid=1234)
+        self.assertEqual(fitRun.pid, 1234)
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)    # logged, not raised
+
+    def test_abortEndsTheFitErrorWithItsReason(self):
+        """abort TERMs the fit and ends it ERROR saying why, whatever outcome it left."""
+        server, proto, process = self.startedServer()
+        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        run = process.commands[0]["run"]
+        event(proto, event="started", run=run, pid=1234)
+        fitRun.abort("its checkpoint cannot be used: results is a symbolic link")
+        self.assertEqual(process.commands[-1], {"op": "signal", "run": run, "signal": signal.SIGTERM})
+        event(proto, event="exited", run=run, code=None, signal=15, cpu=0.1, leftover=False)
+        outcome = self.successResultOf(fitRun.done)
+        self.assertEqual((outcome["status"], outcome["error"]),
+                         ("ERROR", "its checkpoint cannot be used: results is a symbolic link"))
 
     def test_deathWithoutOutcomeIsDescribed(self):
         """A child that leaves no outcome is described by how it ended: the CPU limit by name, other signals by name."""

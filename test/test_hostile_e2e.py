@@ -173,7 +173,9 @@ def test_hostile_jobs_fail_inside_and_the_worker_keeps_serving(serverProcess, wo
             assert reports[script]["finished"], reports[script]
 
     files = reports["escape_files"]
-    private = ("/tmp/hostile-" + nonce, "/dev/shm/hostile-" + nonce)
+    # The private /tmp and /dev/shm, and the fit's home, which is its own job directory.
+    private = ("/tmp/hostile-" + nonce, "/dev/shm/hostile-" + nonce,
+               os.path.join(os.path.realpath(jobsDir), str(jobs["escape_files"]["id"]), "hostile-" + nonce))
     assert [n for n in succeeded(files) if files["attempts"][n]["detail"] not in private] == [], files
     assert files["ownJobWritable"]
     assert records["escape_files"]["finished"] < sleeping["finished"], "the other job was gone already"

@@ -184,17 +184,24 @@ class FakeRun:
         self.onCheckpoint, self.uid, self.gid = onCheckpoint, uid, gid
         self.done = defer.Deferred()
         self.cancels = []
+        self.aborts = []
         self.confinement = ""
 
     def cancel(self, grace=5.0):
         self.cancels.append(grace)
 
+    def abort(self, why):
+        self.aborts.append(why)
+
     def finish(self, status="COMPLETE", files=None, result=None):
+        """End the fit, leaving ``files`` in results/ (the fit's uid's, as a confined fit's are)."""
         folder = os.path.join(self.jobDir, "results")
         os.makedirs(folder, exist_ok=True)
         for name, data in (files or {}).items():
             with open(os.path.join(folder, name), "wb") as f:
                 f.write(data)
+            if self.uid is not None:
+                os.chown(os.path.join(folder, name), self.uid, self.uid)
         self.done.callback({"status": status, "result": result, "error": None, "trace": None,
                             "confinement": self.confinement})
 
@@ -233,6 +240,7 @@ class World:
         self.runner = FakeRunner()
         self.workDir = str(workDir)
         kwargs.setdefault("random", lambda: 1.0)
+        kwargs.setdefault("inThread", lambda f, *args: defer.maybeDeferred(f, *args))
         self.poller = Poller(self.clock, self.client, self.runner, "q1", self.workDir,
                              workerName="test:1", **kwargs)
 
@@ -409,6 +417,13 @@ def test_progress_heartbeats_at_most_once_a_second_latest_wins(world):
     assert all(b["json"]["lease"] == 1 for b in beats)
 
 
+def test_progress_leaves_at_most_ten_times_a_second_whatever_is_asked(world):
+    """The progress rate limit has a floor: a poller asked for none still sends
+    a job's progress at most every 0.1 s."""
+    w = world(progressInterval=0.0)
+    assert w.poller.progressInterval == 0.1
+
+
 def test_heartbeats_keep_the_lease_without_progress(world):
     """With no progress a heartbeat still goes every third of the lease timeout."""
     w = world()
@@ -550,7 +565,8 @@ def test_stale_complete_drops_quietly(world, logged):
 
 
 def test_links_left_by_a_fit_are_not_uploaded(world, tmp_path):
-    """A hostile fit's symlink in results/ pointing at the worker's files is never read."""
+    """A hostile fit's symlink in results/ pointing at the worker's files is never
+    read: the job ends ERROR naming it; its plain files still go up."""
     secret = tmp_path / "secret"
     secret.write_bytes(b"worker secret")
     w = world()
@@ -563,6 +579,78 @@ def test_links_left_by_a_fit_are_not_uploaded(world, tmp_path):
     w.pump()
     assert (8, "leak.txt") not in w.server.results
     assert w.server.results[(8, "ok.par")] == b"1"
+    [complete] = w.server.of("complete")
+    assert complete["json"]["status"] == "ERROR"
+    assert complete["json"]["error"] == ("the fit left what the worker does not read: "
+                                         "results/leak.txt is a symbolic link")
+
+
+def test_results_past_the_quota_end_the_job_error_keeping_what_fits(world):
+    """More result files than the quota: the job ends ERROR naming the limit and
+    the files left out; stdout.txt and stderr.txt are kept first, then by name."""
+    w = world(resultFilesQuota=3, resultBytesQuota=1 << 20)
+    w.server.grant(1)
+    w.pump()
+    files = {"f%02d" % n: b"x" for n in range(5)}
+    files.update({"stdout.txt": b"out", "stderr.txt": b"err"})
+    w.runner.runs[0].finish(files=files)
+    w.pump()
+    assert sorted(name for job, name in w.server.results) == ["f00", "stderr.txt", "stdout.txt"]
+    [complete] = w.server.of("complete")
+    assert complete["json"]["status"] == "ERROR"
+    assert complete["json"]["error"].startswith(
+        "results over the quota of 3 files per job; 4 file(s) left out (f01, f02, f03, f04), 3 kept")
+
+
+def test_results_past_the_byte_quota_count_sparse_files_whole(world):
+    """A sparse file counts by its apparent size: one past the byte quota is left out."""
+    w = world(resultBytesQuota=1 << 20)
+    w.server.grant(1)
+    w.pump()
+    fitRun = w.runner.runs[0]
+    folder = os.path.join(fitRun.jobDir, "results")
+    os.makedirs(folder)
+    with open(os.path.join(folder, "sparse.bin"), "wb") as f:
+        f.truncate(2 << 20)
+    fitRun.finish(files={"fit.par": b"p"})
+    w.pump()
+    assert sorted(name for job, name in w.server.results) == ["fit.par"]
+    [complete] = w.server.of("complete")
+    assert "results over the quota of 1048576 bytes per job; 1 file(s) left out (sparse.bin)" in (
+        complete["json"]["error"])
+
+
+def test_a_413_on_upload_ends_the_job_error_with_the_servers_message(world):
+    """The server over its own quota answers 413: the worker sends no more files
+    and completes the job ERROR with the server's message."""
+    w = world()
+    w.server.grant(1)
+    w.pump()
+    w.server.codes[("put", 1)] = 413
+    w.runner.runs[0].finish(files={"a.par": b"1", "b.par": b"2", "c.par": b"3", "d.par": b"4",
+                                   "e.par": b"5", "f.par": b"6"})
+    w.pump()
+    assert len(w.server.of("put")) <= 4      # the first round only, none after the refusal
+    [complete] = w.server.of("complete")
+    assert complete["json"]["status"] == "ERROR"
+    assert complete["json"]["error"].startswith("the server refused result file ")
+    assert complete["json"]["error"].endswith(": refused with 413")
+
+
+def test_an_unusable_checkpoint_ends_the_fit_error(world):
+    """A checkpoint announced where the session file is a FIFO is not opened for
+    reading (nothing blocks): the fit is aborted with a message that says what was found."""
+    w = world()
+    w.server.grant(1, request=DREAM)
+    w.pump()
+    fitRun = w.runner.runs[0]
+    os.makedirs(os.path.join(fitRun.jobDir, "results"))
+    os.mkfifo(os.path.join(fitRun.jobDir, "results", "session.h5"))
+    fitRun.onCheckpoint("results/session.h5")
+    w.pump()
+    assert fitRun.aborts == ["its checkpoint cannot be used: results/session.h5 is a FIFO, "
+                             "not a regular file"]
+    assert not w.server.of("put")
 
 
 def test_a_fit_keeps_running_while_the_server_is_down(world):
@@ -670,6 +758,10 @@ def test_polling_starts_only_once_the_runner_is_ready(tmp_path):
 # ---- the tap
 
 
+NONE = ("--sandbox", "none", "--slot-uid-base", "0")
+"""--sandbox none, fits as the worker's uid: accepted as root wherever the checkout is."""
+
+
 def parse(*args):
     options = tap.Options()
     options.parseOptions(["--server", "http://127.0.0.1:8080", "--queue", "q1", *args])
@@ -677,18 +769,36 @@ def parse(*args):
 
 
 def test_tap_defaults():
-    """One slot, 30 s polls, 60 s checkpoints, local backend, drain=finish."""
-    options = parse("--sandbox", "none")
+    """One slot, 30 s polls, 60 s checkpoints, local backend, drain=finish; the
+    shipped limits (a day of CPU and wall time, 4 GiB, 512 processes, 512 MiB
+    files) and result quotas (500 files, 512 MiB), within the server's own."""
+    options = parse(*NONE)
     assert options["slots"] == 1 and options["poll-timeout"] == 30.0
     assert options["checkpoint-every"] == 60.0
     assert options["backend"] == "local" and options["drain"] == "finish"
-    assert options["limits"] == {}
+    assert options["limits"] == {"cpu": 86400, "memory": 4 << 30, "wall": 86400.0, "fsize": 512 << 20}
+    assert options["limits-described"] == "rlimits(cpu=86400s,memory=4G,fsize=512M)+wall(86400s)"
+    assert (options["result-files-quota"], options["result-bytes-quota"]) == (500, 512 << 20)
+    assert options["result-files-quota"] <= 1000 and options["result-bytes-quota"] <= 1 << 30
+
+
+def test_tap_process_limit_is_a_default_only_with_slot_uids(monkeypatch):
+    """RLIMIT_NPROC counts every process of the fit's uid: 512 by default where each
+    slot has its own uid, none by default where fits run as the worker's uid or root
+    (whose other processes on the host count too); an explicit one always applies."""
+    monkeypatch.setattr(tap.sandbox, "choose", lambda mode: mode)
+    monkeypatch.setattr(tap.os, "geteuid", lambda: 0)
+    assert parse("--sandbox", "namespaces")["limits"]["nproc"] == 512
+    assert "nproc" not in parse("--sandbox", "namespaces", "--slot-uid-base", "0")["limits"]
+    assert parse("--sandbox", "namespaces", "--slot-uid-base", "0", "--process-limit", "64")["limits"]["nproc"] == 64
+    monkeypatch.setattr(tap.os, "geteuid", lambda: 1000)
+    assert "nproc" not in parse("--sandbox", "namespaces")["limits"]
 
 
 def test_tap_limits():
     """CPU, memory (with suffixes), wall, process and file-size limits become the
     fork server's limits."""
-    options = parse("--sandbox", "none", "--cpu-limit", "10.5", "--memory-limit", "2G",
+    options = parse(*NONE, "--cpu-limit", "10.5", "--memory-limit", "2G",
                     "--wall-limit", "60", "--process-limit", "64", "--file-size-limit", "16M")
     assert options["limits"] == {"cpu": 11, "memory": 2 << 30, "wall": 60.0, "nproc": 64,
                                  "fsize": 16 << 20}
@@ -720,12 +830,12 @@ def test_tap_needs_server_and_queue():
 def test_tap_reads_the_token(tmp_path):
     token = tmp_path / "token"
     token.write_text("s3cret\n")
-    assert parse("--sandbox", "none", "--token-file", str(token))["token"] == "s3cret"
+    assert parse(*NONE, "--token-file", str(token))["token"] == "s3cret"
 
 
 def test_tap_service_tree(tmp_path):
     """makeService gives a MultiService holding the poller, configured from the options."""
-    options = parse("--sandbox", "none", "--slots", "3", "--work-dir", str(tmp_path), "--drain", "release")
+    options = parse(*NONE, "--slots", "3", "--work-dir", str(tmp_path), "--drain", "release")
     top = tap.makeService(options, reactor=Clock())
     poller = top.getServiceNamed("poller")
     assert poller.slots == 3 and poller.drain == "release" and poller.queueName == "q1"
@@ -764,20 +874,46 @@ def test_tap_refuses_slot_uids_out_of_range(monkeypatch, base):
         parse("--sandbox", "namespaces", "--slots", "2", "--slot-uid-base", base)
 
 
-def test_tap_slot_uids_without_namespaces_need_a_reachable_installation(monkeypatch, tmp_path, logged):
+def test_tap_refuses_sandbox_none_as_root_where_slot_uids_cannot_reach_the_work(monkeypatch, tmp_path):
     """With --sandbox none the fit sees the host's files as its slot uid: where that
-    uid cannot reach the work directory, an explicit --slot-uid-base is refused
-    and the default is dropped with a warning that says why."""
+    uid cannot reach the work directory a root worker refuses to start, whether the
+    slot uids were asked for or are the default (it never falls back to running
+    fits as root); --slot-uid-base 0 (fits as root, said to be unsafe) is the
+    administrator's explicit choice."""
     monkeypatch.setattr(tap.sandbox, "choose", lambda mode: mode)
     monkeypatch.setattr(tap.os, "geteuid", lambda: 0)
     closed = str(tmp_path / "closed")
     workDir = os.path.join(closed, "work")
     monkeypatch.setattr(tap, "unreachable", lambda path: closed if path.startswith(closed) else None)
-    with pytest.raises(usage.UsageError, match="--slot-uid-base 60001: .*%s is not open" % (closed,)):
-        parse("--sandbox", "none", "--work-dir", workDir, "--slot-uid-base", "60001")
-    assert parse("--sandbox", "none", "--work-dir", workDir)["slot-uids"] is None
-    assert messages(logged, "no per-slot uids")
+    for explicit in ([], ["--slot-uid-base", "60001"]):
+        with pytest.raises(usage.UsageError, match="--slot-uid-base 60001: .*%s is not open" % (closed,)):
+            parse("--sandbox", "none", "--work-dir", workDir, *explicit)
+    assert parse("--sandbox", "none", "--work-dir", workDir, "--slot-uid-base", "0")["slot-uids"] is None
     assert parse("--sandbox", "none", "--work-dir", str(tmp_path / "open"))["slot-uids"] == 60001
+
+
+def test_tap_auto_never_ends_at_none_without_allow_unconfined(monkeypatch):
+    """--sandbox auto on a host that offers no namespaces refuses to start; with
+    --allow-unconfined it runs fits in mode none. The mode is chosen once, in
+    postOptions, and makeService hands the chosen mode to the fork server."""
+    chosen = []
+    monkeypatch.setattr(tap.sandbox, "choose", lambda mode: chosen.append(mode) or "none")
+    with pytest.raises(usage.UsageError, match="--allow-unconfined"):
+        parse("--slot-uid-base", "0")
+    options = parse("--slot-uid-base", "0", "--allow-unconfined")
+    assert options["sandbox-effective"] == "none"
+    chosen.clear()
+    poller = tap.makeService(options, reactor=Clock()).getServiceNamed("poller")
+    assert poller.runner.sandboxMode == "none" and chosen == []
+
+
+def test_tap_service_passes_limits_and_quotas(tmp_path):
+    """The limits reach the fork server and the result quotas the poller."""
+    options = parse(*NONE, "--work-dir", str(tmp_path), "--result-files-quota", "20",
+                    "--result-bytes-quota", "16M", "--cpu-limit", "5")
+    poller = tap.makeService(options, reactor=Clock()).getServiceNamed("poller")
+    assert (poller.resultFilesQuota, poller.resultBytesQuota) == (20, 16 << 20)
+    assert poller.runner.limits["cpu"] == 5 and poller.runner.sandboxMode == "none"
 
 
 def test_unreachable_names_the_first_closed_directory(tmp_path):
@@ -875,7 +1011,7 @@ def writeSession(fitRun, data):
     with open(path + ".tmp", "wb") as f:
         f.write(data)
     os.rename(path + ".tmp", path)
-    return path
+    return "results/session.h5"     # what the fork server passes on: relative to the job
 
 
 def test_checkpoints_go_up_as_session_h5_at_most_every_checkpoint_interval(world):

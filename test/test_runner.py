@@ -147,23 +147,31 @@ def test_modelTracebackWithoutJobFramesDropsOnlyPlumbing(jobDir):
 
 
 def test_outcomeRoundTripsThroughTheJobDirectory(jobDir):
-    """What the child writes with writeOutcome the worker reads back with readOutcome; removeOutcome clears it."""
-    record = {"status": "COMPLETE", "result": {"chisq": 1.0}, "error": None, "trace": None, "confinement": "rlimits"}
-    runner.writeOutcome(jobDir, record)
+    """What the child writes with writeOutcome the worker reads back with readOutcome,
+    but for a confinement, which the worker never takes from the fit; removeOutcome
+    clears it."""
+    record = {"status": "COMPLETE", "result": {"chisq": 1.0}, "error": None, "trace": None}
+    runner.writeOutcome(jobDir, dict(record, confinement="apparmor(reflworkerd-fit)+uid 60001"))
     assert runner.readOutcome(jobDir) == record
     runner.removeOutcome(jobDir)
     assert runner.readOutcome(jobDir) is None
 
 
 @pytest.mark.parametrize(
-    "content",
-    [b"", b"{not json", b"[1, 2]", b'{"status": "DONE"}', b'{"status": "ERROR", "error": 5}', b'{"status": "COMPLETE", "trace": []}'],
+    "content, says",
+    [(b"", "not JSON"), (b"{not json", "not JSON"), (b"[1, 2]", "no status"), (b'{"status": "DONE"}', "no status"),
+     (b'{"status": "ERROR", "error": 5}', "error is not text"), (b'{"status": "COMPLETE", "trace": []}', "trace is not text"),
+     (b"[" * 200000, "nested deeper than 32 levels")],
 )
-def test_readOutcomeRefusesWhatIsNotAnOutcome(jobDir, content):
-    """The outcome file is written by a process running untrusted code: anything not shaped like an outcome is ignored."""
+def test_readOutcomeRefusesWhatIsNotAnOutcome(jobDir, content, says):
+    """The outcome file is written by a process running untrusted code: anything not
+    shaped like an outcome is refused, saying why (never an exception of the parser)."""
+    from reflworkerd import jobfiles
+
     with open(os.path.join(jobDir, runner.OUTCOME_NAME), "wb") as f:
         f.write(content)
-    assert runner.readOutcome(jobDir) is None
+    with pytest.raises(jobfiles.UnsafeFile, match=r"^\.outcome\.json is not an outcome record.*" + says):
+        runner.readOutcome(jobDir)
 
 
 def test_memoryErrorIsMarkedForTheWorker(jobDir):

@@ -377,7 +377,9 @@ def test_confineReturnsInTheFitProcessInItsNamespaces(site, tmp_path):
         os.close(spare)
     info = run.confined()
     run.succeed()
-    assert info["description"] == "namespaces(mount,pid,net,ipc,uts)+seccomp+rlimits+nice19+uid %d" % uid
+    assert info["description"] == ("namespaces(mount,pid,net,ipc,uts)+seccomp+rlimits(nofile=64)+nice19+uid %d"
+                                   % uid)
+    assert info["description"] == sandbox.describe("namespaces", {"nofile": 64}, uid, isRoot=True)
     assert info["pid"] == 1
     assert info["uid"] == uid
     assert info["cwd"] == os.path.realpath(site / "jobs" / "mine")
@@ -425,7 +427,9 @@ def test_fitCannotReachOtherFiles(site):
         marker.unlink()
     report = run.report()
     assert report["finished"]
-    private = ("/tmp/hostile-" + nonce, "/dev/shm/hostile-" + nonce)
+    # The private /tmp and /dev/shm, and the fit's home, which is its own job directory.
+    private = ("/tmp/hostile-" + nonce, "/dev/shm/hostile-" + nonce,
+               os.path.join(os.path.realpath(site / "jobs" / "mine"), "hostile-" + nonce))
     escaped = [name for name in failedAttempts(report)
                if report["attempts"][name]["detail"] not in private]
     assert escaped == [], report

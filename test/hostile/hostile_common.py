@@ -35,3 +35,24 @@ def save(report):
         f.write(text)
     os.replace("hostile-report.json.tmp", "hostile-report.json")
     print("HOSTILE-REPORT " + text, flush=True)
+
+
+def announce(message):
+    """Write ``message`` as a JSON line on the fit's message pipe to the fork server
+    (a pipe among the fit's descriptors past 2), as the worker's own code does."""
+    import stat
+
+    line = (json.dumps(message) + "\n").encode() if not isinstance(message, bytes) else message
+    for fd in map(int, os.listdir("/proc/self/fd")):
+        try:
+            if fd > 2 and stat.S_ISFIFO(os.fstat(fd).st_mode):
+                os.write(fd, line)
+        except OSError:
+            pass
+
+
+def waitToBeKilled(seconds=120):
+    """Sleep until the worker ends this fit (bounded: it ends by itself after ``seconds``)."""
+    import time
+
+    time.sleep(seconds)
