@@ -149,3 +149,19 @@ def runInThread(target, *args):
         return outcome.get("value")
 
     return join
+
+
+def sessionGenerations(path):
+    """The DREAM generations in a session file (a fit's checkpoint); 0 when
+    it is missing, unreadable (being written) or holds no sampler state (the
+    save at the fit's start)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            state = h5.get("fitting/fit_state")
+            if state is None or "total_generations" not in state:
+                return 0
+            return int(state["total_generations"][()])
+    except (OSError, KeyError, ValueError):
+        return 0
