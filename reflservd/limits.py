@@ -1,6 +1,6 @@
 """What a request may carry: the limits every input is held to at the door.
 
-Each check refuses with a ``queue.Refused`` (or ``TooLarge``) whose message
+Each check refuses with an ``errors.Refused`` (or ``TooLarge``) whose message
 names the limit, before anything changes: so a value that reaches the queue,
 the journal or the store can always be encoded, stored and shown. JSON is
 read with a bounded nesting depth and every string in it must be text that
@@ -11,7 +11,7 @@ carry but no file name, page or mail can).
 import math
 
 from reflservd import journal
-from reflservd.queue import Refused, TooLarge
+from reflservd.errors import Refused, TooLarge
 
 MAX_DEPTH = 32
 """Nesting of objects and arrays in any JSON a request carries."""

@@ -30,9 +30,9 @@ from reflservd.access import KEY_COOKIE
 from reflservd.api import selectJobs
 from reflservd.client import (VERSION, displayText, field, fitSteps, formatDuration, formatParameter,
                               formatValue)
-from reflservd.queue import QueueError
-from reflservd.store import BadName, checkName
-from reflservd.web import APIError, Routes, formParts
+from reflservd.errors import DomainError, UnknownJob
+from reflservd.store import checkName
+from reflservd.web import APIError, Routes, formParts, statusOf
 
 app = Routes.app
 
@@ -580,7 +580,7 @@ class JobPages(Routes):
         _pageHeaders(request)
         try:
             job = self.server.queue.get(jobId)
-        except QueueError as e:
+        except UnknownJob as e:
             request.setResponseCode(404)
             return self.render(request, Page("No job %d" % (jobId,), ErrorBody("No job %d" % (jobId,), e.message)))
         ahead = 0
@@ -608,8 +608,8 @@ class JobPages(Routes):
             parts = yield self.parseBody(request, formParts, self.maxUpload)
             jobRequest, files, values = _formRequest(parts)
             job, key = yield self.server.submit(jobRequest, files, origin, owner)
-        except (APIError, QueueError, BadName) as e:
-            request.setResponseCode(getattr(e, "code", 400))
+        except (APIError, DomainError) as e:
+            request.setResponseCode(statusOf(e))
             body = SubmitBody(values, "Not submitted: " + displayText(str(e)))
             page = yield self.render(request, Page("Submit a fit", body, scripts=["submit.js"], section="submit"))
             return page

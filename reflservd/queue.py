@@ -16,6 +16,8 @@ import operator
 from collections import deque
 from sys import intern
 
+from reflservd.errors import Conflict, Refused, UnknownJob
+
 PENDING, ACTIVE, COMPLETE, ERROR, CANCEL = "PENDING", "ACTIVE", "COMPLETE", "ERROR", "CANCEL"
 STATUSES = (PENDING, ACTIVE, COMPLETE, ERROR, CANCEL)
 FINISHED = (COMPLETE, ERROR, CANCEL)
@@ -28,60 +30,6 @@ LEGACY_LEASE_TIMEOUT = 24 * 3600.0
 """Seconds a legacy worker's lease lasts without a sign of life from that
 worker (docs/legacy.md): the old worker sends no heartbeat and holds a
 prefetched job, unread, while it runs a long one."""
-
-
-class QueueError(Exception):
-    """A request the queue refuses; ``code`` is the HTTP status that says so."""
-
-    code = 400
-
-    def __init__(self, message, code=None):
-        Exception.__init__(self, message)
-        self.message = message
-        if code is not None:
-            self.code = code
-
-
-class Refused(QueueError):
-    """A request whose input breaks a limit or a rule (``reflservd.limits``)."""
-
-
-class TooLarge(QueueError):
-    """A request past a size or count limit."""
-
-    code = 413
-
-
-class RateLimited(QueueError):
-    """A submitter past its limits; ``retryAfter`` seconds until it may try again."""
-
-    code = 429
-
-    def __init__(self, message, retryAfter):
-        QueueError.__init__(self, message)
-        self.retryAfter = retryAfter
-
-
-class Unavailable(QueueError):
-    """The disk refused a write: nothing was changed."""
-
-    code = 503
-
-
-class Forbidden(QueueError):
-    """A request from someone who may not act on this job or queue."""
-
-    code = 403
-
-
-class UnknownJob(QueueError):
-    code = 404
-
-
-class Conflict(QueueError):
-    """The request does not fit the job's state, or carries a stale lease."""
-
-    code = 409
 
 
 class Job:
@@ -334,7 +282,7 @@ class Queue:
                      trace=None, confinement=None, posted=None):
         job = self.checkLease(jobId, lease)
         if status not in FINISHED:
-            raise QueueError("status must be one of %s, not %r" % (", ".join(FINISHED), status))
+            raise Refused("status must be one of %s, not %r" % (", ".join(FINISHED), status))
         if job.status == CANCEL:
             status = CANCEL
         record = {"type": "complete", "time": now, "id": jobId, "status": status,

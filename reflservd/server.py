@@ -6,7 +6,7 @@ decision, the record is applied to the queue and appended to the journal, and
 the caller's Deferred fires once the journal has it on disk. The HTTP layer
 answers only then, so a 2xx always means durable. When the disk refuses a
 write, the state is reloaded from what is on disk and the callers get
-``queue.Unavailable``: nothing is acknowledged that was not persisted.
+``errors.Unavailable``: nothing is acknowledged that was not persisted.
 """
 
 import collections
@@ -24,6 +24,7 @@ from twisted.python.threadpool import ThreadPool
 from reflservd import limits
 from reflservd import queue as Q
 from reflservd.access import newJobKey
+from reflservd.errors import Conflict, DomainError, RateLimited, Refused, TooLarge, Unavailable
 from reflservd.journal import (
     Journal, JournalCorrupt, JournalWriteError, RecordTooLarge, salvageJournal)
 from reflservd.store import Store, checkName
@@ -212,7 +213,7 @@ class QueueServer(service.Service):
         try:
             frame = self.journal.encode(record)
         except RecordTooLarge as e:
-            raise Q.TooLarge(str(e)) from None
+            raise TooLarge(str(e)) from None
         self.queue.apply(record)
         d = self.journal.append(record, syncFirst=namesFiles, before=before, frame=frame)
         d.addErrback(self._journalFailed, generation)
@@ -228,7 +229,7 @@ class QueueServer(service.Service):
                 recovery = Journal(self.stateDir, self.reactor, lock=False).load()
                 self._setQueue(loadQueue(recovery, self.leaseTimeout, self.maxAttempts,
                                          self.legacyLeaseTimeout))
-        raise Q.Unavailable("the journal cannot be written (%s); nothing was changed"
+        raise Unavailable("the journal cannot be written (%s); nothing was changed"
                             % (failure.getErrorMessage(),))
 
     def readRequest(self, jobId):
@@ -257,7 +258,7 @@ class QueueServer(service.Service):
         name, notify, serviceName, version = checkRequest(request)
         names = [checkName(n) for n, _ in files]
         if len(set(names)) != len(names):
-            raise Q.Refused("two files have the same name")
+            raise Refused("two files have the same name")
         quotas = self.quotas
         limits.checkFiles([(n, _sourceSize(source)) for n, source in files], quotas.maxFiles,
                           quotas.maxFileBytes, quotas.maxJobBytes)
@@ -278,13 +279,13 @@ class QueueServer(service.Service):
                 uploads = yield self.inThread(self.store.writeJob, jobId, request, files)
             except OSError as e:
                 self.inThread(self.store.remove, jobId)
-                raise Q.Unavailable("the job's files could not be stored: %s" % (e.strerror,))
+                raise Unavailable("the job's files could not be stored: %s" % (e.strerror,))
         record = self.queue.makeSubmit(jobId, self._now(), name, notify, origin,
                                        serviceName, version, uploads, owner=owner,
                                        keyHash=keyHash)
         try:
             d = self.commit(record, namesFiles=True, before=before)
-        except Q.QueueError:
+        except DomainError:
             if before is None:
                 self.inThread(self.store.remove, jobId)
             raise
@@ -303,7 +304,7 @@ class QueueServer(service.Service):
         submitted too many in the last minute."""
         quotas = self.quotas
         if quotas.maxPending and self.queue.pendingOf(owner) >= quotas.maxPending:
-            raise Q.RateLimited("you have %d jobs pending, the most this server takes from one "
+            raise RateLimited("you have %d jobs pending, the most this server takes from one "
                                 "submitter; submit more when some have started"
                                 % (quotas.maxPending,), 60)
         times = self._submitTimes.get(owner)
@@ -315,7 +316,7 @@ class QueueServer(service.Service):
         if not times:
             del self._submitTimes[owner]
         elif quotas.submitsPerMinute and len(times) >= quotas.submitsPerMinute:
-            raise Q.RateLimited("this server takes %d submissions a minute from one submitter"
+            raise RateLimited("this server takes %d submissions a minute from one submitter"
                                 % (quotas.submitsPerMinute,),
                                 max(1, math.ceil(times[0] + 60.0 - now)))
 
@@ -325,7 +326,7 @@ class QueueServer(service.Service):
         may still be on its way there)."""
         try:
             record = self.queue.makeCancel(jobId, self._now())
-        except Q.Conflict:
+        except Conflict:
             d = self.journal.durable()
             d.addErrback(lambda f: f.trap(JournalWriteError) and _unavailable(f))
             return d.addCallback(lambda _: self.queue.get(jobId))
@@ -442,9 +443,9 @@ class QueueServer(service.Service):
         try:
             size = yield self.inThread(self.store.writeResultPart, jobId, name, offset, source, last)
         except OSError as e:
-            raise Q.Unavailable("the file could not be stored: %s" % (e.strerror,))
+            raise Unavailable("the file could not be stored: %s" % (e.strerror,))
         except ValueError as e:
-            raise Q.Refused(str(e))
+            raise Refused(str(e))
         if last:
             yield self.commit(self.queue.makeFile(jobId, lease, self._now(), name, size),
                               namesFiles=True)
@@ -454,10 +455,10 @@ class QueueServer(service.Service):
     def _checkResultQuota(self, sizes, name, size):
         quotas = self.quotas
         if name not in sizes and len(sizes) >= quotas.maxResultFiles:
-            raise Q.TooLarge("a job keeps at most %d result files" % (quotas.maxResultFiles,))
+            raise TooLarge("a job keeps at most %d result files" % (quotas.maxResultFiles,))
         total = sum(sizes.values()) - sizes.get(name, 0) + size
         if total > quotas.maxResultBytes:
-            raise Q.TooLarge("a job keeps at most %d bytes of results; with %r it would be %d"
+            raise TooLarge("a job keeps at most %d bytes of results; with %r it would be %d"
                              % (quotas.maxResultBytes, name, total))
 
     @defer.inlineCallbacks
@@ -499,7 +500,7 @@ class QueueServer(service.Service):
 
 
 def _unavailable(failure):
-    raise Q.Unavailable("the journal cannot be written (%s); nothing was changed"
+    raise Unavailable("the journal cannot be written (%s); nothing was changed"
                         % (failure.getErrorMessage(),))
 
 
@@ -529,17 +530,17 @@ def checkRequest(request):
     """The request's name, notify, service and version, or ``Refused`` saying
     what is wrong. All of the request is held to ``limits.checkJSON``."""
     if not isinstance(request, dict):
-        raise Q.Refused("the request must be a JSON object")
+        raise Refused("the request must be a JSON object")
     limits.checkJSON(request, "the request")
     for field in ("name", "notify"):
         if field not in request:
-            raise Q.Refused("the request needs a %r field" % (field,))
+            raise Refused("the request needs a %r field" % (field,))
     name = limits.checkText(request["name"], "'name'")
     notify = limits.checkText(request["notify"], "'notify'")
     serviceName = limits.checkText(request.get("service", "refl1d"), "'service'")
     version = limits.checkText(request.get("version", ""), "'version'")
     if serviceName == "fitter":
-        raise Q.Refused("the legacy 'fitter' service sends a pickled problem; this server "
+        raise Refused("the legacy 'fitter' service sends a pickled problem; this server "
                         "never unpickles (unpickling runs code on the server). Submit the "
                         "model script or its JSON serialization to the 'refl1d' service")
     return name, notify, serviceName, version

@@ -19,12 +19,10 @@ import json
 import os
 import shutil
 
+from reflservd.errors import BadName
+
 MAX_NAME = 255
 SYNC_ITSELF = 1 << 20
-
-
-class BadName(ValueError):
-    """A file name that could escape the job's directory or confuse a shell."""
 
 
 def checkName(name):

@@ -6,6 +6,7 @@ import json
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
+from reflservd import errors
 from reflservd import queue as Q
 
 DAY = 24 * 3600.0
@@ -85,11 +86,11 @@ def test_stale_lease_is_refused_and_changes_nothing():
     second = lease(queue, 13)
     assert second["lease"] == first["lease"] + 1
     before = json.dumps(queue.snapshot(), sort_keys=True)
-    with pytest.raises(Q.Conflict):
+    with pytest.raises(errors.Conflict):
         queue.heartbeat(jobId, first["lease"], 14)
-    with pytest.raises(Q.Conflict):
+    with pytest.raises(errors.Conflict):
         queue.makeComplete(jobId, first["lease"], 14, Q.COMPLETE)
-    with pytest.raises(Q.Conflict):
+    with pytest.raises(errors.Conflict):
         queue.makeFile(jobId, first["lease"], 14, "x.par", 3)
     assert json.dumps(queue.snapshot(), sort_keys=True) == before
     assert queue.get(jobId).attempts == 2
@@ -146,7 +147,7 @@ def test_deleted_job_is_never_leased_and_unknown():
     queue.apply(queue.makeDelete(jobId, 1))
     assert lease(queue, 2) is None
     assert queue.status(jobId) == "UNKNOWN"
-    with pytest.raises(Q.UnknownJob):
+    with pytest.raises(errors.UnknownJob):
         queue.get(jobId)
 
 
@@ -155,7 +156,7 @@ def test_complete_for_finished_job_is_refused():
     jobId, _ = submit(queue, 0)
     token = lease(queue, 1)["lease"]
     queue.apply(queue.makeComplete(jobId, token, 2, Q.COMPLETE, result={"chisq": 1.0}))
-    with pytest.raises(Q.Conflict):
+    with pytest.raises(errors.Conflict):
         queue.makeComplete(jobId, token, 3, Q.ERROR, error="again")
     assert queue.get(jobId).result == {"chisq": 1.0}
 
@@ -296,7 +297,7 @@ def test_random_operations_keep_invariants_and_replay_gives_live_state(ops):
                 commit(queue.makeDelete(jobId, now))
             elif op == "release":
                 commit(queue.makeRelease(jobId, queue.jobs[jobId].lease, now))
-        except Q.QueueError:
+        except errors.DomainError:
             pass
         _checkInvariants(queue)
 

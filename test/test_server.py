@@ -9,8 +9,10 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from reflservd import errors
 from reflservd import queue as Q
 from reflservd.server import QueueServer
+from reflservd.web import statusOf
 
 
 def inline(f, *args):
@@ -165,9 +167,9 @@ def test_events_long_poll_wakes_on_progress(tmp_path):
 
 def test_fitter_service_refused_and_nothing_stored(tmp_path):
     server = makeServer(tmp_path, Clock())
-    with pytest.raises(Q.Refused) as caught:
+    with pytest.raises(errors.Refused) as caught:
         result(server.submit({"name": "x", "notify": "", "service": "fitter"}, [], "h"))
-    assert caught.value.code == 400
+    assert statusOf(caught.value) == 400
     assert server.queue.jobs == {} and server.store.files(1, "upload") == []
     result(server.stopService())
 
@@ -219,7 +221,7 @@ def test_random_operations_survive_restarts_through_the_real_journal(tmp_path_fa
                 result(server.complete(jobId, server.queue.jobs[jobId].lease, Q.COMPLETE, {"x": 1}))
             elif op == "delete":
                 result(server.delete(jobId))
-        except Q.QueueError:
+        except errors.DomainError:
             pass
     before = _comparable(server.queue)
     result(server.stopService())
