@@ -10,7 +10,7 @@ carry but no file name, page or mail can).
 
 import math
 
-from reflservd import journal
+from reflservd import journalframes
 from reflservd.errors import Refused, TooLarge
 
 MAX_DEPTH = 32
@@ -34,8 +34,8 @@ def parseJSON(data, what="the body"):
     not JSON, not UTF-8, nested deeper than ``MAX_DEPTH``, or holding text
     that is not encodable. NaN and Infinity are taken (a failed fit's χ²)."""
     try:
-        value = journal.parseJSON(data)
-    except journal.TooDeep:
+        value = journalframes.parseJSON(data)
+    except journalframes.TooDeep:
         raise Refused("%s is nested deeper than %d levels" % (what, MAX_DEPTH)) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise Refused("%s is not valid JSON: %s" % (what, e)) from None

@@ -11,7 +11,6 @@ write, the state is reloaded from what is on disk and the callers get
 
 import collections
 import contextlib
-import functools
 import gc
 import math
 import time
@@ -25,15 +24,18 @@ from reflservd import limits
 from reflservd import queue as Q
 from reflservd.access import newJobKey
 from reflservd.errors import Conflict, DomainError, RateLimited, Refused, TooLarge, Unavailable
-from reflservd.journal import (
-    Journal, JournalCorrupt, JournalWriteError, RecordTooLarge, salvageJournal)
-from reflservd.store import Store, checkName
+from reflservd.journal import Journal
+from reflservd.journalfiles import JournalWriteError, salvageJournal
+from reflservd.journalframes import RecordTooLarge
+from reflservd.journalrecovery import JournalCorrupt
+from reflservd.queuesnapshot import encodeSnapshot, queueFromSnapshot, snapshotOf
+from reflservd.store import BatchedWrites, Store, checkName
 
 MAX_LONG_POLL = 60.0
 INLINE_WRITE = 256 * 1024
 """A submit whose uploaded files total at most this many bytes (in memory)
-is written to the store by the journal's files thread; a bigger one in the
-store's pool before its record is journaled."""
+is written to the store with others (``store.BatchedWrites``) while its
+record waits in the journal; a bigger one before its record is journaled."""
 
 
 @contextlib.contextmanager
@@ -77,8 +79,8 @@ def loadQueue(recovery, leaseTimeout, maxAttempts, legacyLeaseTimeout=Q.LEGACY_L
     """The queue that a journal's snapshot and records describe (called
     with the collector paused, around the journal's load as well). A record
     that does not apply raises ``ReplayError`` naming where it is."""
-    queue = Q.Queue.fromSnapshot(recovery.snapshot, leaseTimeout=leaseTimeout,
-                                 maxAttempts=maxAttempts, legacyLeaseTimeout=legacyLeaseTimeout)
+    queue = queueFromSnapshot(recovery.snapshot, leaseTimeout=leaseTimeout,
+                              maxAttempts=maxAttempts, legacyLeaseTimeout=legacyLeaseTimeout)
     record = None
     index = -1
     try:
@@ -126,6 +128,7 @@ class QueueServer(service.Service):
         self._generation = 0
         self._runInThread = runInThread
         self._pool = ThreadPool(minthreads=1, maxthreads=4, name="reflservd-store")
+        self._smallWrites = BatchedWrites(self.inThread)
 
     # ---- life
 
@@ -155,8 +158,8 @@ class QueueServer(service.Service):
     def _load(self):
         started = time.monotonic()
         self.journal = Journal(self.stateDir, self.reactor, snapshotEvery=self.snapshotEvery,
-                               snapshotState=lambda: self.queue.snapshot(),
-                               encodeState=Q.encodeSnapshot,
+                               snapshotState=lambda: snapshotOf(self.queue),
+                               encodeState=encodeSnapshot,
                                runInThread=self._runInThread, syncFirst=self.store.sync)
         if self.metrics is not None:
             self.journal.onBatch = self.metrics.journalBatch
@@ -203,19 +206,20 @@ class QueueServer(service.Service):
 
     # ---- the one way state changes
 
-    def commit(self, record, namesFiles=False, before=None):
+    def commit(self, record, namesFiles=False, after=None):
         """Apply ``record`` and return a Deferred that fires once it is on
         disk. It is encoded first: a record the journal cannot hold is
-        refused (``TooLarge``) before it changes anything; ``namesFiles`` when it names files just written to the store
-        (they are made durable before it); ``before`` writes them first
-        (``Journal.append``)."""
+        refused (``TooLarge``) before it changes anything. ``namesFiles``
+        when it names files written to the store (they are made durable
+        before it); ``after``, a Deferred that fires once they are written,
+        when they are still being written (``Journal.append``)."""
         generation = self._generation
         try:
             frame = self.journal.encode(record)
         except RecordTooLarge as e:
             raise TooLarge(str(e)) from None
         self.queue.apply(record)
-        d = self.journal.append(record, syncFirst=namesFiles, before=before, frame=frame)
+        d = self.journal.append(record, syncFirst=namesFiles, after=after, frame=frame)
         d.addErrback(self._journalFailed, generation)
         return d
 
@@ -266,14 +270,14 @@ class QueueServer(service.Service):
         self._checkSubmitter(owner)
         key, keyHash = newJobKey()
         jobId = self.queue.reserveId()
-        before = None
+        written = None
         if sum(_inlineSize(source) for _, source in files) <= INLINE_WRITE:
-            # A small job's files are written by the journal's files thread,
-            # many jobs at a time, while the batch ahead is synced: no disk
-            # work on the reactor and no hand-off per job. Until its record
-            # is on disk, its request is served from memory.
+            # A small job's files are written with others' in one hand-off
+            # (once its record is accepted), while the journal's batch ahead
+            # is synced; its record waits for them. Until the record is on
+            # disk, its request is served from memory.
             uploads = {fileName: len(source) for fileName, source in files}
-            before = functools.partial(self.store.writeJob, jobId, request, files)
+            written = defer.Deferred()
         else:
             try:
                 uploads = yield self.inThread(self.store.writeJob, jobId, request, files)
@@ -284,13 +288,14 @@ class QueueServer(service.Service):
                                        serviceName, version, uploads, owner=owner,
                                        keyHash=keyHash)
         try:
-            d = self.commit(record, namesFiles=True, before=before)
+            d = self.commit(record, namesFiles=True, after=written)
         except DomainError:
-            if before is None:
+            if written is None:
                 self.inThread(self.store.remove, jobId)
             raise
         self._submitTimes.setdefault(owner, collections.deque()).append(self._now())
-        if before is not None:
+        if written is not None:
+            self._smallWrites.write(self.store.writeJob, jobId, request, files).chainDeferred(written)
             self._unstored[jobId] = request
             d.addBoth(_passThrough, self._unstored.pop, jobId, None)
         self.dispatch()

@@ -11,6 +11,7 @@ from twisted.internet.task import Clock
 
 from reflservd import errors
 from reflservd import queue as Q
+from reflservd.queuesnapshot import snapshotOf
 from reflservd.server import QueueServer
 from reflservd.web import statusOf
 
@@ -181,7 +182,7 @@ operations = st.lists(st.tuples(
 
 
 def _comparable(queue):
-    state = queue.snapshot()
+    state = snapshotOf(queue)
     for job in state["jobs"]:
         job[state["fields"].index("progress")] = None  # a view, not journaled
     return json.dumps(state, sort_keys=True)
@@ -250,3 +251,41 @@ def test_a_cancel_of_an_ended_job_is_answered_once_the_end_is_on_disk(tmp_path):
     runner.runAll()
     assert result(first).status == result(second).status == Q.CANCEL
     assert result(server.journal.durable()) is None
+
+
+def test_small_writes_that_arrive_while_one_runs_go_together_in_the_next():
+    """``BatchedWrites`` hands the calls that arrive while a group is on the
+    thread to the thread together, in the next group; each caller gets its
+    own call's result or exception."""
+    from twisted.internet import defer
+    from reflservd.store import BatchedWrites
+    turns = []
+
+    def runInThread(f, *args):
+        d = defer.Deferred()
+        turns.append((f, args, d))
+        return d
+
+    def runTurn():
+        f, args, d = turns.pop(0)
+        d.callback(f(*args))
+
+    calls = []
+
+    def write(i):
+        calls.append(i)
+        if i == 3:
+            raise OSError(28, "No space left on device")
+        return i * 10
+
+    writes = BatchedWrites(runInThread)
+    first = writes.write(write, 1)
+    later = [writes.write(write, i) for i in (2, 3, 4)]
+    assert len(turns) == 1
+    runTurn()
+    assert calls == [1] and result(first) == 10 and len(turns) == 1
+    runTurn()
+    assert calls == [1, 2, 3, 4] and not turns
+    assert result(later[0]) == 20 and result(later[2]) == 40
+    with pytest.raises(OSError):
+        result(later[1])
