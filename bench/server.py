@@ -524,8 +524,9 @@ def buildStates(root, records, snapshotTail):
     snapshot, which a start never reads, are left out of ``snapshot``."""
     from itertools import islice
 
-    from reflservd.journal import journalDirectory, segmentName
+    from reflservd.journalfiles import journalDirectory, segmentName
     from reflservd.queue import Queue
+    from reflservd.queuesnapshot import snapshotOf
 
     plain, snap = os.path.join(root, "plain"), os.path.join(root, "snapshot")
     for stateDir in (plain, snap):
@@ -535,7 +536,7 @@ def buildStates(root, records, snapshotTail):
     with open(os.path.join(journalDirectory(plain), segmentName(0)), "wb") as f:
         writeSegmentTo(f, islice(history, records - snapshotTail))
         lastTime = max(job.finished or job.started or job.submitted for job in queue.jobs.values())
-        snapshotSize = writeSnapshot(journalDirectory(snap), 1, queue.snapshot(), lastTime)
+        snapshotSize = writeSnapshot(journalDirectory(snap), 1, snapshotOf(queue), lastTime)
         with open(os.path.join(journalDirectory(snap), segmentName(1)), "wb") as tail:
             for frames in chunkedFrames(history):
                 f.write(frames)
@@ -545,13 +546,13 @@ def buildStates(root, records, snapshotTail):
 
 def writeSnapshot(journalDir, number, state, lastTime):
     """Write ``state`` as the server's snapshot thread does; its size."""
-    from reflservd import journal, queue
-    return journal.encodeAndWriteSnapshot(journalDir, number, state, time.time(), lastTime, 2,
-                                          queue.encodeSnapshot)[1]
+    from reflservd import journalfiles, queuesnapshot
+    return journalfiles.encodeAndWriteSnapshot(journalDir, number, state, time.time(), lastTime, 2,
+                                          queuesnapshot.encodeSnapshot)[1]
 
 
 def chunkedFrames(records, size=10000):
-    from reflservd.journal import encodeRecord
+    from reflservd.journalframes import encodeRecord
     frames = []
     for record in records:
         frames.append(encodeRecord(record))
@@ -569,7 +570,7 @@ def writeSegmentTo(f, records):
 
 def buildPending(stateDir, jobs):
     """A state directory with ``jobs`` pending jobs (submit records only)."""
-    from reflservd.journal import journalDirectory, segmentName
+    from reflservd.journalfiles import journalDirectory, segmentName
     from reflservd.queue import Queue
     os.makedirs(journalDirectory(stateDir))
     queue = Queue()

@@ -14,7 +14,7 @@ import secrets
 import stat
 import urllib.parse
 
-from reflservd.queue import Forbidden
+from reflservd.errors import Forbidden, Unauthenticated, WrongHost
 
 JOB_KEY_HEADER = b"x-job-key"
 KEY_COOKIE = "reflservd-key-%d"
@@ -167,8 +167,8 @@ class Access:
             return
         name = _lookup(self.workerTokens, _bearer(request))
         if name is None:
-            raise Forbidden("worker routes need 'Authorization: Bearer TOKEN' with a worker "
-                            "token of this site", 401)
+            raise Unauthenticated("worker routes need 'Authorization: Bearer TOKEN' with a "
+                                  "worker token of this site")
         if name != ANY_QUEUE and name != queueName:
             raise Forbidden("this worker token serves queue %r, not %r" % (name, queueName))
 
@@ -206,14 +206,14 @@ class Access:
     # ---- where it comes from
 
     def checkHost(self, request):
-        """``Refused`` when the Host header is not one this site answers to
+        """``WrongHost`` when the Host header is not one this site answers to
         (a DNS rebinding page reaches a server under a name of its own)."""
         if self.publicHosts is None:
             return
         host = _hostName(request.getHeader(b"host"))
         if host not in self.publicHosts:
-            raise Forbidden("this server answers to %s, not %r"
-                            % (", ".join(sorted(self.publicHosts)), host), 421)
+            raise WrongHost("this server answers to %s, not %r"
+                            % (", ".join(sorted(self.publicHosts)), host))
 
     def checkSameOrigin(self, request, simpleAllowed=False, bodiless=False):
         """A state-changing request must come from this site's own pages

@@ -8,6 +8,7 @@ from twisted.logger import Logger
 
 from reflservd import limits
 from reflservd.access import Access
+from reflservd.names import SESSION_NAME
 from reflservd.server import MAX_LONG_POLL
 from reflservd.store import checkName
 from reflservd.web import APIError, Routes, checkSize, downloadable, formParts, jsonBody, readJSON
@@ -16,9 +17,6 @@ app = Routes.app
 MAX_PAGE = 1000
 PARSE_IN_THREAD = 1 << 20
 """A body over this many bytes is parsed in the store's thread pool, off the reactor."""
-CHECKPOINT = "session.h5"
-"""The result file a worker sends as a fit's checkpoint; named in the lease answer
-of a later attempt of the same job, so that its worker resumes from it."""
 
 
 class JobAPI(Routes):
@@ -205,8 +203,8 @@ class JobAPI(Routes):
         store = self.server.store
         files = {"request": self.server.readRequest(jobId),
                  "files": [[n, s] for n, s in store.files(jobId, "upload")]}
-        if attempts >= 2 and any(n == CHECKPOINT for n, _ in store.files(jobId, "result")):
-            files["checkpoint"] = CHECKPOINT
+        if attempts >= 2 and any(n == SESSION_NAME for n, _ in store.files(jobId, "result")):
+            files["checkpoint"] = SESSION_NAME
         return files
 
     @app.route("/api/v1/jobs/<int:jobId>/heartbeat", methods=["POST"])

@@ -20,23 +20,15 @@ import sys
 import time
 
 from reflservd.client import (
-    DEFAULT_SERVER, FINISHED, Client, ClientError, ServerUnreachable, UnknownJob, displayText, field,
-    fitSteps, formatDuration, formatParameter, formatValue, lastLine)
+    DEFAULT_SERVER, FINISHED, Client, ClientError, ServerUnreachable, UnknownJob)
+from reflservd.fitoptions import OPTION_FIELDS, OPTION_NAMES
+from reflservd.format import (
+    displayText, field, fitSteps, formatDuration, formatParameter, formatValue, lastLine)
+from reflservd.names import LOG_NAMES
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
 EXIT_INTERNAL = 70
-
-
-def _logNames():
-    try:
-        from reflworkerd.runner import STDERR_NAME, STDOUT_NAME
-        return (STDOUT_NAME, STDERR_NAME)
-    except ImportError:
-        return ("stdout.txt", "stderr.txt")
-
-
-LOG_NAMES = _logNames()
 
 
 class UsageError(Exception):
@@ -128,7 +120,7 @@ def cmdSubmit(client, args, out):
         out.note("reflq: warning: %s names %s, which is in its folder but not among the files "
                  "sent; add it to the command line if the fit reads it"
                  % (os.path.basename(args.model), os.path.basename(path)))
-    options = {name: getattr(args, name) for name in ("steps", "samples", "burn", "pop", "init", "seed", "time")}
+    options = {name: getattr(args, name) for name in OPTION_NAMES}
     job = client.submit(args.model, data=args.data, fit=args.fit, name=args.name,
                         notify=args.notify, **options)
     if not args.wait:
@@ -415,13 +407,13 @@ def parser():
     submit.add_argument("model", metavar="MODEL")
     submit.add_argument("data", metavar="DATA", nargs="*")
     submit.add_argument("--fit", metavar="NAME", help="fitter: lm, amoeba, de, dream, newton, pt")
-    submit.add_argument("--steps", type=int, metavar="N")
-    submit.add_argument("--samples", type=int, metavar="N")
-    submit.add_argument("--burn", type=int, metavar="N")
-    submit.add_argument("--pop", type=float, metavar="N")
-    submit.add_argument("--init", metavar="NAME")
-    submit.add_argument("--seed", type=int, metavar="N")
-    submit.add_argument("--time", type=float, metavar="H", help="stop the fit after H hours")
+    for name, _, kind, _, _ in OPTION_FIELDS:
+        if name == "time":
+            submit.add_argument("--time", type=float, metavar="H", help="stop the fit after H hours")
+        elif isinstance(kind, tuple):
+            submit.add_argument("--" + name, metavar="NAME")
+        else:
+            submit.add_argument("--" + name, type=kind, metavar="N")
     submit.add_argument("--name", metavar="NAME", help="the job's name (default: the model's)")
     submit.add_argument("--notify", metavar="ADDRESS", default=os.environ.get("REFLQ_NOTIFY", ""),
                         help="mail this address when the job starts and ends (default: $REFLQ_NOTIFY)")

@@ -23,34 +23,21 @@ job's key when it cancels or deletes it.
 """
 
 import base64
-import decimal
 import http.client
 import json
-import math
 import os
-import re
 import socket
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-import uuid
+
+from reflservd.clientfiles import CHUNK, KeyStore, multipartBody, rangeStarts
+from reflservd.names import VERSION
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 FINISHED = ("COMPLETE", "ERROR", "CANCEL")
 LONG_POLL = 25.0
-CHUNK = 1 << 16
-
-
-def _version():
-    try:
-        from importlib.metadata import version
-        return version("reflservd")
-    except Exception:
-        return "0"
-
-
-VERSION = _version()
 
 
 class ClientError(Exception):
@@ -73,48 +60,6 @@ class UnknownJob(ClientError):
 
 class WaitTimeout(ClientError, TimeoutError):
     """``Job.wait(timeout=…)`` ran out before the job ended."""
-
-
-def keysPath():
-    """The file of the job keys this user's clients were given."""
-    config = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
-    return os.path.join(config, "reflq", "keys.json")
-
-
-class KeyStore:
-    """The keys of the jobs this user submitted, by server and job id, in a
-    file only its owner may read (``keysPath()``)."""
-
-    def __init__(self, path=None):
-        self.path = path or keysPath()
-
-    def _read(self):
-        try:
-            with open(self.path, encoding="utf-8") as f:
-                keys = json.load(f)
-        except (OSError, ValueError):
-            return {}
-        return keys if isinstance(keys, dict) else {}
-
-    def get(self, url, jobId):
-        key = self._read().get("%s#%d" % (url, jobId))
-        return key if isinstance(key, str) else None
-
-    def held(self, url):
-        """The ids of the jobs on ``url`` whose keys are kept here."""
-        prefix = url + "#"
-        return {int(name[len(prefix):]) for name in self._read()
-                if name.startswith(prefix) and name[len(prefix):].isdigit()}
-
-    def put(self, url, jobId, key):
-        keys = self._read()
-        keys["%s#%d" % (url, jobId)] = key
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
-        temporary = "%s.%d.tmp" % (self.path, os.getpid())
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(keys, f, indent=0, sort_keys=True)
-        os.replace(temporary, self.path)
 
 
 class Client:
@@ -211,7 +156,7 @@ class Client:
         }
         if self.legacy:
             return self._submitLegacy(request, list(zip(names, paths)))
-        body, length, boundary = _multipart(request, list(zip(names, paths)))
+        body, length, boundary = multipartBody(request, list(zip(names, paths)))
         headers = {"Content-Type": "multipart/form-data; boundary=" + boundary,
                    "Content-Length": str(length), "Accept": "application/json"}
         response = self.open("POST", "/api/v1/jobs", body, headers, timeout=max(self.timeout, 600))
@@ -497,7 +442,7 @@ class Job:
             try:
                 response = self.client.open("GET", self._fileURL(name), headers=headers)
                 with response:
-                    if response.status == 206 and not _rangeStarts(response, have):
+                    if response.status == 206 and not rangeStarts(response, have):
                         raise ClientError("%s: the server answered a different range than asked" % (name,))
                     mode = "ab" if response.status == 206 else "wb"
                     with open(partial, mode) as f:
@@ -540,169 +485,6 @@ class Job:
         else:
             self.client.call("DELETE", self._path(), jobId=self.id)
         self.record = None
-
-
-def formatDuration(seconds, missing="-"):
-    """``H:MM:SS`` (what reflq, the pages and the mails show), or ``missing``
-    for anything that is not a finite number of seconds."""
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        return missing
-    if isinstance(seconds, float) and not math.isfinite(seconds):
-        return missing
-    seconds = int(round(max(0, seconds)))
-    hours, rest = divmod(seconds, 3600)
-    return "%d:%02d:%02d" % (hours, rest // 60, rest % 60)
-
-
-_SURROGATES = re.compile("[\ud800-\udfff]")
-
-
-def displayText(value, missing="", limit=None):
-    """Any value a job carries, whatever its JSON type, as text that can be
-    written anywhere (a page, a mail, a terminal): a string with its lone
-    surrogates replaced by U+FFFD, a number or a boolean as written, an object
-    or a list as compact JSON (as the pages' scripts write it); ``missing``
-    for None. ``limit`` clips it."""
-    if value is None:
-        return missing
-    if isinstance(value, str):
-        text = value
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, int):
-        try:
-            text = str(value)
-        except ValueError:          # past Python's limit on the digits of an int
-            text = "(an integer of %d bits)" % (value.bit_length(),)
-    elif isinstance(value, float):
-        text = repr(value)
-    else:
-        try:
-            text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), default=repr)
-        except (ValueError, TypeError, RecursionError):
-            text = "(%s)" % (type(value).__name__,)
-    text = _SURROGATES.sub("\ufffd", text)
-    if limit is not None and len(text) > limit:
-        text = text[:max(0, limit - 1)] + "…"
-    return text
-
-
-def field(value, *keys):
-    """``value[k1][k2]…`` where each step is an object that has the key, else
-    None: a job's request, progress and result may hold any JSON type."""
-    for key in keys:
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
-
-
-def fitSteps(request):
-    """The number of steps a job's request asks for (``data.options.steps``),
-    or None when it names no positive whole number."""
-    steps = field(request, "data", "options", "steps")
-    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps > 0 else None
-
-
-def lastLine(text):
-    """The last line of an error's text (what a one-line report shows), as `displayText`."""
-    lines = displayText(text).strip().splitlines()
-    return lines[-1] if lines else ""
-
-
-_WIDEST = 30
-"""Past this many digits between a value's first and its uncertainty's second,
-the two are written apart (1e+300 ± 1.0e-300) rather than to one place."""
-_DECIMALS = decimal.Context(prec=_WIDEST + 10, Emin=-decimal.MAX_EMAX, Emax=decimal.MAX_EMAX)
-
-
-def formatValue(value, uncertainty=None, digits=6):
-    """A number as the pages, the mails and reflq show it.
-
-    With a finite positive uncertainty: ``value ± uncertainty``, the
-    uncertainty to two significant digits and the value to the same decimal
-    place, with a shared power of ten (``(3.000 ± 0.020)e-7``) when they
-    are very large or very small. Without one: an integer with all its
-    digits, a float to ``digits`` significant digits. Anything else (a
-    string, an object, NaN …) as `displayText`."""
-    number = _exact(value)
-    if number is None:
-        return displayText(value)
-    spread = _exact(uncertainty)
-    if spread is None or spread <= 0:
-        return displayText(value) if isinstance(value, int) else "%.*g" % (digits, value)
-    with decimal.localcontext(_DECIMALS):
-        place = spread.adjusted() - 1            # the uncertainty's second digit
-        spread = spread.quantize(decimal.Decimal(1).scaleb(place))
-        if spread.adjusted() - 1 > place:        # 9.96 rounded to 10.0: two digits are 10
-            place += 1
-            spread = spread.quantize(decimal.Decimal(1).scaleb(place))
-        if number and number.adjusted() - place > _WIDEST:
-            return "%s ± %s" % (formatValue(value, digits=digits), format(spread, ".1e"))
-        number = number.quantize(decimal.Decimal(1).scaleb(place))
-        lead = max(number.adjusted() if number else spread.adjusted(), spread.adjusted())
-        if -4 <= lead < 6:
-            return "%s ± %s" % (format(number, "f"), format(spread, "f"))
-        return "(%s ± %s)e%+d" % (format(number.scaleb(-lead), "f"), format(spread.scaleb(-lead), "f"), lead)
-
-
-def formatParameter(value):
-    """A fitted parameter of a result: ``{"value", "uncertainty"}`` as
-    `formatValue` writes the pair, anything else as a bare value."""
-    if isinstance(value, dict):
-        return formatValue(value.get("value"), value.get("uncertainty"))
-    return formatValue(value)
-
-
-def _exact(value):
-    """A finite int or float as an exact Decimal, else None."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return decimal.Decimal(value)
-
-
-def _multipart(request, files):
-    """A streamed ``multipart/form-data`` body: ``(chunks, length, boundary)``;
-    the files are read in blocks as the body is sent."""
-    boundary = "reflq-" + uuid.uuid4().hex
-    head = ('--%s\r\nContent-Disposition: form-data; name="request"\r\n'
-            "Content-Type: application/json\r\n\r\n" % (boundary,)).encode() + \
-        json.dumps(request).encode("utf-8") + b"\r\n"
-    pieces = [head]
-    length = len(head)
-    for fileName, path in files:
-        quoted = fileName.replace("\\", "\\\\").replace('"', '\\"')
-        header = ('--%s\r\nContent-Disposition: form-data; name="file"; filename="%s"\r\n'
-                  "Content-Type: application/octet-stream\r\n\r\n" % (boundary, quoted)).encode("utf-8")
-        pieces.extend([header, path, b"\r\n"])
-        length += len(header) + os.path.getsize(path) + 2
-    tail = ("--%s--\r\n" % (boundary,)).encode()
-    pieces.append(tail)
-    length += len(tail)
-
-    def chunks():
-        for piece in pieces:
-            if isinstance(piece, bytes):
-                yield piece
-                continue
-            with open(piece, "rb") as f:
-                while True:
-                    block = f.read(CHUNK)
-                    if not block:
-                        break
-                    yield block
-
-    return chunks(), length, boundary
-
-
-def _rangeStarts(response, offset):
-    contentRange = response.headers.get("Content-Range", "")
-    try:
-        return int(contentRange.split()[1].split("-")[0]) == offset
-    except (IndexError, ValueError):
-        return False
 
 
 def _query(values):

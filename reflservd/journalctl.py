@@ -24,11 +24,13 @@ import re
 import sys
 from collections import Counter
 
-from reflservd.journal import (
-    HEADER, Journal, JournalCorrupt, JournalLocked, JournalWriteError, SnapshotError, decodePayload,
-    decodeRecords, iterFrames, journalDirectory, listJournal, lockHolder, parseJSON,
-    readSnapshotFile, scanSegment, segmentName, snapshotName,
-)
+from reflservd.journal import Journal
+from reflservd.journalfiles import (
+    JournalLocked, JournalWriteError, journalDirectory, listJournal, lockHolder, readSnapshotFile,
+    segmentName, snapshotName)
+from reflservd.journalframes import (
+    HEADER, SnapshotError, decodePayload, decodeRecords, iterFrames, parseJSON, scanSegment)
+from reflservd.journalrecovery import JournalCorrupt
 
 EXIT_OK, EXIT_BAD, EXIT_USAGE, EXIT_LOCKED = 0, 1, 2, 3
 
@@ -237,11 +239,11 @@ def _replayProblems(files):
     """What a start would refuse in whole records: the first one the queue
     cannot apply to the state before it (a record about an unknown job,
     say), as ``[description]``; ``[]`` when all of them apply."""
-    from reflservd.queue import Queue
+    from reflservd.queuesnapshot import queueFromSnapshot
 
     try:
         start, state, _ = _startingSnapshot(files, None)
-        queue = Queue.fromSnapshot(state)
+        queue = queueFromSnapshot(state)
     except (CommandError, ValueError, KeyError, TypeError) as e:
         return ["the newest whole snapshot cannot be loaded: %s" % (e,)]
     for number, offset, record, _ in files.records(fromSegment=start):
@@ -350,12 +352,12 @@ def stats(args, out, err):
 
 def replay(args, out, err):
     """The queue as of a point: jobs by state and the pending order."""
-    from reflservd.queue import Queue
+    from reflservd.queuesnapshot import queueFromSnapshot
 
     files = JournalFiles(args.stateDir)
     point = parsePoint(args.at) if args.at is not None else None
     start, state, fromName = _startingSnapshot(files, point)
-    queue = Queue.fromSnapshot(state)
+    queue = queueFromSnapshot(state)
     applied, last = 0, None
     for number, offset, record, _ in files.records(fromSegment=start, err=err):
         if point is not None:
@@ -409,14 +411,14 @@ def compact(args, out, err):
     directory to itself."""
     from twisted.internet import defer, reactor
     from twisted.python.failure import Failure
-    from reflservd.queue import Queue, encodeSnapshot
+    from reflservd.queuesnapshot import encodeSnapshot, queueFromSnapshot, snapshotOf
 
     journalDir = journalDirectory(args.stateDir)
     if not os.path.isdir(journalDir):
         raise CommandError("%s has no journal (no %s)" % (args.stateDir, journalDir))
     queue = None
     try:
-        journal = Journal(args.stateDir, reactor, snapshotState=lambda: queue.snapshot(),
+        journal = Journal(args.stateDir, reactor, snapshotState=lambda: snapshotOf(queue),
                           encodeState=encodeSnapshot, keepSnapshots=1,
                           runInThread=defer.maybeDeferred)
     except JournalLocked as e:
@@ -428,7 +430,7 @@ def compact(args, out, err):
         recovery = journal.load()
         for torn in recovery.torn:
             print("torn tail set aside: %s" % (torn,), file=out)
-        queue = Queue.fromSnapshot(recovery.snapshot)
+        queue = queueFromSnapshot(recovery.snapshot)
         for record in recovery.records:
             queue.apply(record)
         journal.snapshot().addBoth(outcome.append)

@@ -18,6 +18,7 @@ from twisted.internet import defer
 from reflservd import limits
 from reflservd import queue as Q
 from reflservd.api import selectJobs
+from reflservd.errors import Forbidden, Refused, TooLarge
 from reflservd.store import baseName, checkName
 from reflservd.web import (
     JSON, APIError, Routes, contentType, downloadable, formParts, jsonBody, readJSON)
@@ -92,7 +93,7 @@ class LegacyAPI(Routes):
         checkFormat(fmt)
         job = self.server.queue.get(jobId)
         if not self.mayControlLegacy(request, job):
-            raise Q.Forbidden("job %d may be deleted from the address that submitted it, with "
+            raise Forbidden("job %d may be deleted from the address that submitted it, with "
                               "its key, or with an admin token" % (jobId,))
         yield self.server.delete(jobId)
         return jsonBody(request, {"jobs": sorted(self.server.queue.jobs)})
@@ -182,7 +183,7 @@ def parseResults(text):
     """The ``results`` field of a postjob; not JSON → the original's ERROR."""
     try:
         results = limits.parseJSON(text.encode("utf-8", "replace")) if text is not None else None
-    except Q.QueueError:
+    except Refused:
         results = None
     if not isinstance(results, dict):
         return {"status": Q.ERROR, "error": "No results returned from the server", "trace": text}
@@ -206,7 +207,7 @@ def inlineFiles(jobRequest, maxFiles=limits.MAX_FILES):
     if not isinstance(inline, dict):
         raise APIError(400, "data.files must map file names to their contents")
     if len(inline) > maxFiles:
-        raise Q.TooLarge("a job takes at most %d files, not %d" % (maxFiles, len(inline)))
+        raise TooLarge("a job takes at most %d files, not %d" % (maxFiles, len(inline)))
     files = []
     for name, content in inline.items():
         checkName(name)

@@ -1,6 +1,6 @@
 """What a request may carry: the limits every input is held to at the door.
 
-Each check refuses with a ``queue.Refused`` (or ``TooLarge``) whose message
+Each check refuses with an ``errors.Refused`` (or ``TooLarge``) whose message
 names the limit, before anything changes: so a value that reaches the queue,
 the journal or the store can always be encoded, stored and shown. JSON is
 read with a bounded nesting depth and every string in it must be text that
@@ -10,8 +10,8 @@ carry but no file name, page or mail can).
 
 import math
 
-from reflservd import journal
-from reflservd.queue import Refused, TooLarge
+from reflservd import journalframes
+from reflservd.errors import Refused, TooLarge
 
 MAX_DEPTH = 32
 """Nesting of objects and arrays in any JSON a request carries."""
@@ -34,8 +34,8 @@ def parseJSON(data, what="the body"):
     not JSON, not UTF-8, nested deeper than ``MAX_DEPTH``, or holding text
     that is not encodable. NaN and Infinity are taken (a failed fit's χ²)."""
     try:
-        value = journal.parseJSON(data)
-    except journal.TooDeep:
+        value = journalframes.parseJSON(data)
+    except journalframes.TooDeep:
         raise Refused("%s is nested deeper than %d levels" % (what, MAX_DEPTH)) from None
     except (ValueError, UnicodeDecodeError) as e:
         raise Refused("%s is not valid JSON: %s" % (what, e)) from None

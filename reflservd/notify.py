@@ -18,7 +18,7 @@ from email.utils import formatdate, make_msgid
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from reflservd.client import displayText, formatDuration, formatParameter, formatValue, lastLine
+from reflservd.format import displayText, formatDuration, formatParameter, formatValue, lastLine
 
 MAILED = ("ACTIVE", "COMPLETE", "ERROR", "CANCEL")
 ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\\x00-\x1f\x7f\ud800-\udfff]{1,64}"

@@ -9,13 +9,12 @@ Content-Security-Policy on every page, so that text a user put in a job (its
 name, its error) can never run as code in another user's browser.
 
 Every value that comes from a job, whatever its JSON type, is made text
-(`reflservd.client.displayText`, `formatValue`) before it is rendered, and a
+(`reflservd.format.displayText`, `formatValue`) before it is rendered, and a
 page is flattened to bytes before any is sent: one that still fails is a
 logged 500 for that request alone.
 """
 
 import datetime
-import math
 import os
 import time
 import urllib.parse
@@ -28,11 +27,13 @@ from twisted.web.template import Element, XMLFile, flattenString, renderer, tags
 from reflservd import queue as Q
 from reflservd.access import KEY_COOKIE
 from reflservd.api import selectJobs
-from reflservd.client import (VERSION, displayText, field, fitSteps, formatDuration, formatParameter,
-                              formatValue)
-from reflservd.queue import QueueError
-from reflservd.store import BadName, checkName
-from reflservd.web import APIError, Routes, formParts
+from reflservd.fitoptions import FITTERS, OPTION_FIELDS, fitOptions
+from reflservd.format import (
+    displayText, field, fitSteps, formatDuration, formatParameter, formatValue)
+from reflservd.names import LOG_NAMES, VERSION
+from reflservd.errors import DomainError, UnknownJob
+from reflservd.store import checkName
+from reflservd.web import APIError, Routes, formParts, statusOf
 
 app = Routes.app
 
@@ -55,21 +56,6 @@ NAME_LIMIT = 200
 VALUE_LIMIT = 4000
 """A value of a job's request or result shown as text is clipped to this many characters."""
 LOG_TAIL = 8 * 1024
-LOG_NAMES = ("stdout.txt", "stderr.txt")
-FITTERS = (("", "refl1d's default (amoeba)"), ("lm", "Levenberg-Marquardt (lm)"),
-           ("amoeba", "Nelder-Mead simplex (amoeba)"), ("dream", "DREAM, Bayesian uncertainty (dream)"),
-           ("de", "differential evolution (de)"), ("newton", "quasi-Newton BFGS (newton)"),
-           ("pt", "parallel tempering (pt)"))
-OPTION_FIELDS = (
-    # name, label, type, input attributes, the fitters it applies to ("" = all)
-    ("steps", "Steps", int, {"min": "0"}, "amoeba de dream newton lm pt"),
-    ("samples", "Samples", int, {"min": "1"}, "dream"),
-    ("burn", "Burn-in steps", int, {"min": "0"}, "dream pt"),
-    ("pop", "Population", float, {"step": "any"}, "de dream"),
-    ("init", "Initializer", ("eps", "lhs", "cov", "random"), {}, "dream"),
-    ("seed", "Seed", int, {"min": "1"}, ""),
-    ("time", "Time limit (hours)", float, {"min": "0", "step": "any"}, ""),
-)
 
 
 def _pageHeaders(request):
@@ -580,7 +566,7 @@ class JobPages(Routes):
         _pageHeaders(request)
         try:
             job = self.server.queue.get(jobId)
-        except QueueError as e:
+        except UnknownJob as e:
             request.setResponseCode(404)
             return self.render(request, Page("No job %d" % (jobId,), ErrorBody("No job %d" % (jobId,), e.message)))
         ahead = 0
@@ -608,8 +594,8 @@ class JobPages(Routes):
             parts = yield self.parseBody(request, formParts, self.maxUpload)
             jobRequest, files, values = _formRequest(parts)
             job, key = yield self.server.submit(jobRequest, files, origin, owner)
-        except (APIError, QueueError, BadName) as e:
-            request.setResponseCode(getattr(e, "code", 400))
+        except (APIError, DomainError) as e:
+            request.setResponseCode(statusOf(e))
             body = SubmitBody(values, "Not submitted: " + displayText(str(e)))
             page = yield self.render(request, Page("Submit a fit", body, scripts=["submit.js"], section="submit"))
             return page
@@ -663,28 +649,7 @@ def _formRequest(parts):
         raise APIError(400, "choose the model file (.py or .json)")
     if not model.endswith((".py", ".json")):
         raise APIError(400, "the model must be a .py script or a .json FitProblem, not %r" % (model,))
-    options = {}
-    if values.get("fit"):
-        if values["fit"] not in [value for value, _ in FITTERS if value]:
-            raise APIError(400, "unknown fitter %r" % (values["fit"],))
-        options["fit"] = values["fit"]
-    fitter = values.get("fit") or "amoeba"
-    for name, label, kind, _, fitters in OPTION_FIELDS:
-        text = values.get(name, "")
-        if not text or (fitters and fitter not in fitters.split()):
-            continue
-        if isinstance(kind, tuple):
-            if text not in kind:
-                raise APIError(400, "%s must be one of %s" % (label, ", ".join(kind)))
-            options[name] = text
-            continue
-        try:
-            options[name] = kind(text)
-        except ValueError:
-            raise APIError(400, "%s must be %s, not %r" % (label, "a whole number" if kind is int else "a number",
-                                                            text))
-        if kind is float and not math.isfinite(options[name]):
-            raise APIError(400, "%s must be a finite number" % (label,))
+    options = fitOptions(values)
     jobRequest = {
         "name": values.get("name") or os.path.splitext(model)[0],
         "notify": values.get("notify", ""),

@@ -12,9 +12,10 @@ through the records and through the ``now`` arguments.
 
 import heapq
 import json
-import operator
 from collections import deque
 from sys import intern
+
+from reflservd.errors import Conflict, Refused, UnknownJob
 
 PENDING, ACTIVE, COMPLETE, ERROR, CANCEL = "PENDING", "ACTIVE", "COMPLETE", "ERROR", "CANCEL"
 STATUSES = (PENDING, ACTIVE, COMPLETE, ERROR, CANCEL)
@@ -28,60 +29,6 @@ LEGACY_LEASE_TIMEOUT = 24 * 3600.0
 """Seconds a legacy worker's lease lasts without a sign of life from that
 worker (docs/legacy.md): the old worker sends no heartbeat and holds a
 prefetched job, unread, while it runs a long one."""
-
-
-class QueueError(Exception):
-    """A request the queue refuses; ``code`` is the HTTP status that says so."""
-
-    code = 400
-
-    def __init__(self, message, code=None):
-        Exception.__init__(self, message)
-        self.message = message
-        if code is not None:
-            self.code = code
-
-
-class Refused(QueueError):
-    """A request whose input breaks a limit or a rule (``reflservd.limits``)."""
-
-
-class TooLarge(QueueError):
-    """A request past a size or count limit."""
-
-    code = 413
-
-
-class RateLimited(QueueError):
-    """A submitter past its limits; ``retryAfter`` seconds until it may try again."""
-
-    code = 429
-
-    def __init__(self, message, retryAfter):
-        QueueError.__init__(self, message)
-        self.retryAfter = retryAfter
-
-
-class Unavailable(QueueError):
-    """The disk refused a write: nothing was changed."""
-
-    code = 503
-
-
-class Forbidden(QueueError):
-    """A request from someone who may not act on this job or queue."""
-
-    code = 403
-
-
-class UnknownJob(QueueError):
-    code = 404
-
-
-class Conflict(QueueError):
-    """The request does not fit the job's state, or carries a stale lease."""
-
-    code = 409
 
 
 class Job:
@@ -118,78 +65,6 @@ class Job:
             "cancelRequested": self.cancelRequested,
             "result": self.result, "error": self.error,
         }
-
-    def snapshot(self):
-        """The job's fields in ``SNAPSHOT_FIELDS`` order (the one dict in it,
-        progress, is replaced on change, never changed in place, so the
-        journal may encode the row on another thread)."""
-        return list(_snapshotFields(self))
-
-
-SNAPSHOT_FIELDS = tuple(name for name in Job.__slots__
-                        if name not in ("events", "eventSeq", "leaseExpires"))
-_snapshotFields = operator.attrgetter(*SNAPSHOT_FIELDS)
-
-
-SHARED_FIELDS = ("owner", "notify", "origin", "service", "version", "status", "queue",
-                 "worker", "confinement")
-"""Fields whose few values many jobs share: a snapshot writes each value once."""
-_INTERNED = SHARED_FIELDS[:5]
-"""Those that snapshots before version 4 held as strings, interned at a load."""
-
-
-def encodeSnapshot(state):
-    """The JSON bytes of a ``Queue.snapshot()`` state, with each value of the
-    ``SHARED_FIELDS`` written once, in ``strings``, and each row holding its
-    index there: a restart decodes a third as many objects. Runs on the
-    journal's snapshot thread (the rows are the state's own copies)."""
-    fields = state["fields"]
-    columns = [fields.index(name) for name in SHARED_FIELDS]
-    index, strings = {}, []
-    for row in state["jobs"]:
-        for i in columns:
-            value = row[i]
-            k = index.get(value)
-            if k is None:
-                k = index[value] = len(strings)
-                strings.append(value)
-            row[i] = k
-    coded = dict(state, shared=list(SHARED_FIELDS), strings=strings)
-    return _encodeJSON(coded).encode("utf-8")
-
-
-def _rowsLoader(fields, shared=(), strings=()):
-    """``load(rows, jobs)``: make the Job of each snapshot row and put it in
-    ``jobs`` by id, compiled for this snapshot's field order (loading a large
-    queue is on the restart path, and a loop of setattr is several times
-    slower). ``shared`` fields hold indexes into ``strings`` (interned once);
-    in older snapshots the strings many jobs share are interned one by one."""
-    lines = []
-    for i, name in enumerate(fields):
-        if name in shared:
-            lines.append("job.%s = strings[row[%d]]" % (name, i))
-        elif name in _INTERNED:
-            lines.append("job.%s = intern(row[%d])" % (name, i))
-        elif name in SNAPSHOT_FIELDS:
-            lines.append("job.%s = row[%d]" % (name, i))
-        elif name == "result":      # a version 2 snapshot: the result as a dict
-            lines.append("job.resultJSON = encode(row[%d])" % (i,))
-    lines += ["job.%s = None" % (name,) for name in SNAPSHOT_FIELDS
-              if name not in fields and name != "resultJSON"]
-    if "resultJSON" not in fields and "result" not in fields:
-        lines.append("job.resultJSON = None")
-    lines += ["job.leaseExpires = 0.0",
-              "job.eventSeq = 1",
-              "job.events = (1, job.finished or job.started or job.submitted, 'status',"
-              " job.status, None)",
-              "jobs[job.id] = job"]
-    source = ("def load(rows, jobs):\n    for row in rows:\n        job = Job()\n"
-              + "".join("        %s\n" % (line,) for line in lines))
-    namespace = {"Job": Job, "intern": intern, "encode": _encodeResult,
-                 "strings": [intern(v) if isinstance(v, str) else v for v in strings]}
-    exec(source, namespace)
-    return namespace["load"]
-
 
 class Queue:
     """Jobs in memory, the fair-share pending heap and the leases."""
@@ -238,6 +113,10 @@ class Queue:
     def pendingOf(self, owner):
         """How many of ``owner``'s jobs are PENDING."""
         return self._pendingOf.get(owner, 0)
+
+    def submitTimes(self):
+        """Each owner's submit times in the fair-share window (a snapshot keeps them)."""
+        return {owner: list(times) for owner, times in self._owners.items()}
 
     def fairShare(self, owner, now):
         """The owner's number of submissions in the window before ``now``."""
@@ -334,16 +213,16 @@ class Queue:
                      trace=None, confinement=None, posted=None):
         job = self.checkLease(jobId, lease)
         if status not in FINISHED:
-            raise QueueError("status must be one of %s, not %r" % (", ".join(FINISHED), status))
+            raise Refused("status must be one of %s, not %r" % (", ".join(FINISHED), status))
         if job.status == CANCEL:
             status = CANCEL
         record = {"type": "complete", "time": now, "id": jobId, "status": status,
-                  "resultJSON": _encodeResult(result), "error": _clip(error),
+                  "resultJSON": encodeResult(result), "error": _clip(error),
                   "trace": _clip(trace)}
         if confinement:
             record["confinement"] = confinement
         if posted is not None:
-            record["postedJSON"] = _encodeResult(posted)
+            record["postedJSON"] = encodeResult(posted)
         return record
 
     def makeRelease(self, jobId, lease, now):
@@ -437,7 +316,7 @@ class Queue:
 
     def _apply_complete(self, r):
         job = self.jobs[r["id"]]
-        job.resultJSON = r["resultJSON"] if "resultJSON" in r else _encodeResult(r.get("result"))
+        job.resultJSON = r["resultJSON"] if "resultJSON" in r else encodeResult(r.get("result"))
         job.error, job.trace = r.get("error"), r.get("trace")
         job.postedJSON = r.get("postedJSON")
         if r.get("confinement"):
@@ -552,44 +431,27 @@ class Queue:
         return [{"seq": seq, "time": t, "type": kind, "status": status, "progress": progress}
                 for seq, t, kind, status, progress in events if seq > after]
 
-    # ---- snapshots
+    # ---- a queue loaded from a snapshot (``reflservd.queuesnapshot``)
 
-    def snapshot(self):
-        """A JSON-able dict of the whole state (what the journal's snapshot holds)."""
-        return {
-            "version": 4,
-            "nextId": self.nextId,
-            "fields": list(SNAPSHOT_FIELDS),
-            "jobs": [job.snapshot() for job in self.jobs.values()],
-            "deleted": sorted(self.deleted),
-            "owners": {owner: list(times) for owner, times in self._owners.items()},
-        }
-
-    @classmethod
-    def fromSnapshot(cls, state, leaseTimeout=60.0, maxAttempts=3,
-                     legacyLeaseTimeout=LEGACY_LEASE_TIMEOUT):
-        """The queue a snapshot describes. After replaying the records that
-        follow it, a server calls ``restartLeases(now)``."""
-        queue = cls(leaseTimeout=leaseTimeout, maxAttempts=maxAttempts,
-                    legacyLeaseTimeout=legacyLeaseTimeout)
-        if state is None:
-            return queue
-        queue.nextId = state["nextId"]
-        queue.deleted = set(state["deleted"])
-        queue._owners = {owner: deque(times) for owner, times in state["owners"].items()}
-        jobs, counts, pending = queue.jobs, queue._counts, queue._pending
-        _rowsLoader(state["fields"], state.get("shared", ()), state.get("strings", ()))(
-            state["jobs"], jobs)
-        for job in jobs.values():
+    def adopt(self, nextId, deleted, owners):
+        """Take ``self.jobs`` (just loaded) as the state, with the next id,
+        the deleted ids and the owners' submit times, and rebuild what is
+        kept from the jobs: the counts, the pending heap, the held leases
+        (each given a term from its start; after replaying the records that
+        follow the snapshot, a server calls ``restartLeases(now)``)."""
+        self.nextId = nextId
+        self.deleted = set(deleted)
+        self._owners = {owner: deque(times) for owner, times in owners.items()}
+        counts, pending = self._counts, self._pending
+        for job in self.jobs.values():
             counts[job.status] += 1
             if job.status == PENDING:
                 pending.append((job.priority, job.id))
-                queue._countPending(job.owner, 1)
-            elif queue._leaseOpen(job):
-                queue.restartLease(job, job.started)
-        queue._inHeap = {jobId for _, jobId in pending}
+                self._countPending(job.owner, 1)
+            elif self._leaseOpen(job):
+                self.restartLease(job, job.started)
+        self._inHeap = {jobId for _, jobId in pending}
         heapq.heapify(pending)
-        return queue
 
     def restartLease(self, job, now):
         job.leaseExpires = now + self._termOf(job)
@@ -612,7 +474,8 @@ def _forget(times, now):
 _encodeJSON = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def _encodeResult(result):
+def encodeResult(result):
+    """A result as the compact JSON text a job keeps (None for none)."""
     return None if result is None else _encodeJSON(result)
 
 

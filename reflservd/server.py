@@ -6,12 +6,11 @@ decision, the record is applied to the queue and appended to the journal, and
 the caller's Deferred fires once the journal has it on disk. The HTTP layer
 answers only then, so a 2xx always means durable. When the disk refuses a
 write, the state is reloaded from what is on disk and the callers get
-``queue.Unavailable``: nothing is acknowledged that was not persisted.
+``errors.Unavailable``: nothing is acknowledged that was not persisted.
 """
 
 import collections
 import contextlib
-import functools
 import gc
 import math
 import time
@@ -24,15 +23,19 @@ from twisted.python.threadpool import ThreadPool
 from reflservd import limits
 from reflservd import queue as Q
 from reflservd.access import newJobKey
-from reflservd.journal import (
-    Journal, JournalCorrupt, JournalWriteError, RecordTooLarge, salvageJournal)
-from reflservd.store import Store, checkName
+from reflservd.errors import Conflict, DomainError, RateLimited, Refused, TooLarge, Unavailable
+from reflservd.journal import Journal
+from reflservd.journalfiles import JournalWriteError, salvageJournal
+from reflservd.journalframes import RecordTooLarge
+from reflservd.journalrecovery import JournalCorrupt
+from reflservd.queuesnapshot import encodeSnapshot, queueFromSnapshot, snapshotOf
+from reflservd.store import BatchedWrites, Store, checkName
 
 MAX_LONG_POLL = 60.0
 INLINE_WRITE = 256 * 1024
 """A submit whose uploaded files total at most this many bytes (in memory)
-is written to the store by the journal's files thread; a bigger one in the
-store's pool before its record is journaled."""
+is written to the store with others (``store.BatchedWrites``) while its
+record waits in the journal; a bigger one before its record is journaled."""
 
 
 @contextlib.contextmanager
@@ -76,8 +79,8 @@ def loadQueue(recovery, leaseTimeout, maxAttempts, legacyLeaseTimeout=Q.LEGACY_L
     """The queue that a journal's snapshot and records describe (called
     with the collector paused, around the journal's load as well). A record
     that does not apply raises ``ReplayError`` naming where it is."""
-    queue = Q.Queue.fromSnapshot(recovery.snapshot, leaseTimeout=leaseTimeout,
-                                 maxAttempts=maxAttempts, legacyLeaseTimeout=legacyLeaseTimeout)
+    queue = queueFromSnapshot(recovery.snapshot, leaseTimeout=leaseTimeout,
+                              maxAttempts=maxAttempts, legacyLeaseTimeout=legacyLeaseTimeout)
     record = None
     index = -1
     try:
@@ -125,6 +128,7 @@ class QueueServer(service.Service):
         self._generation = 0
         self._runInThread = runInThread
         self._pool = ThreadPool(minthreads=1, maxthreads=4, name="reflservd-store")
+        self._smallWrites = BatchedWrites(self.inThread)
 
     # ---- life
 
@@ -154,8 +158,8 @@ class QueueServer(service.Service):
     def _load(self):
         started = time.monotonic()
         self.journal = Journal(self.stateDir, self.reactor, snapshotEvery=self.snapshotEvery,
-                               snapshotState=lambda: self.queue.snapshot(),
-                               encodeState=Q.encodeSnapshot,
+                               snapshotState=lambda: snapshotOf(self.queue),
+                               encodeState=encodeSnapshot,
                                runInThread=self._runInThread, syncFirst=self.store.sync)
         if self.metrics is not None:
             self.journal.onBatch = self.metrics.journalBatch
@@ -202,19 +206,20 @@ class QueueServer(service.Service):
 
     # ---- the one way state changes
 
-    def commit(self, record, namesFiles=False, before=None):
+    def commit(self, record, namesFiles=False, after=None):
         """Apply ``record`` and return a Deferred that fires once it is on
         disk. It is encoded first: a record the journal cannot hold is
-        refused (``TooLarge``) before it changes anything; ``namesFiles`` when it names files just written to the store
-        (they are made durable before it); ``before`` writes them first
-        (``Journal.append``)."""
+        refused (``TooLarge``) before it changes anything. ``namesFiles``
+        when it names files written to the store (they are made durable
+        before it); ``after``, a Deferred that fires once they are written,
+        when they are still being written (``Journal.append``)."""
         generation = self._generation
         try:
             frame = self.journal.encode(record)
         except RecordTooLarge as e:
-            raise Q.TooLarge(str(e)) from None
+            raise TooLarge(str(e)) from None
         self.queue.apply(record)
-        d = self.journal.append(record, syncFirst=namesFiles, before=before, frame=frame)
+        d = self.journal.append(record, syncFirst=namesFiles, after=after, frame=frame)
         d.addErrback(self._journalFailed, generation)
         return d
 
@@ -228,7 +233,7 @@ class QueueServer(service.Service):
                 recovery = Journal(self.stateDir, self.reactor, lock=False).load()
                 self._setQueue(loadQueue(recovery, self.leaseTimeout, self.maxAttempts,
                                          self.legacyLeaseTimeout))
-        raise Q.Unavailable("the journal cannot be written (%s); nothing was changed"
+        raise Unavailable("the journal cannot be written (%s); nothing was changed"
                             % (failure.getErrorMessage(),))
 
     def readRequest(self, jobId):
@@ -257,7 +262,7 @@ class QueueServer(service.Service):
         name, notify, serviceName, version = checkRequest(request)
         names = [checkName(n) for n, _ in files]
         if len(set(names)) != len(names):
-            raise Q.Refused("two files have the same name")
+            raise Refused("two files have the same name")
         quotas = self.quotas
         limits.checkFiles([(n, _sourceSize(source)) for n, source in files], quotas.maxFiles,
                           quotas.maxFileBytes, quotas.maxJobBytes)
@@ -265,31 +270,32 @@ class QueueServer(service.Service):
         self._checkSubmitter(owner)
         key, keyHash = newJobKey()
         jobId = self.queue.reserveId()
-        before = None
+        written = None
         if sum(_inlineSize(source) for _, source in files) <= INLINE_WRITE:
-            # A small job's files are written by the journal's files thread,
-            # many jobs at a time, while the batch ahead is synced: no disk
-            # work on the reactor and no hand-off per job. Until its record
-            # is on disk, its request is served from memory.
+            # A small job's files are written with others' in one hand-off
+            # (once its record is accepted), while the journal's batch ahead
+            # is synced; its record waits for them. Until the record is on
+            # disk, its request is served from memory.
             uploads = {fileName: len(source) for fileName, source in files}
-            before = functools.partial(self.store.writeJob, jobId, request, files)
+            written = defer.Deferred()
         else:
             try:
                 uploads = yield self.inThread(self.store.writeJob, jobId, request, files)
             except OSError as e:
                 self.inThread(self.store.remove, jobId)
-                raise Q.Unavailable("the job's files could not be stored: %s" % (e.strerror,))
+                raise Unavailable("the job's files could not be stored: %s" % (e.strerror,))
         record = self.queue.makeSubmit(jobId, self._now(), name, notify, origin,
                                        serviceName, version, uploads, owner=owner,
                                        keyHash=keyHash)
         try:
-            d = self.commit(record, namesFiles=True, before=before)
-        except Q.QueueError:
-            if before is None:
+            d = self.commit(record, namesFiles=True, after=written)
+        except DomainError:
+            if written is None:
                 self.inThread(self.store.remove, jobId)
             raise
         self._submitTimes.setdefault(owner, collections.deque()).append(self._now())
-        if before is not None:
+        if written is not None:
+            self._smallWrites.write(self.store.writeJob, jobId, request, files).chainDeferred(written)
             self._unstored[jobId] = request
             d.addBoth(_passThrough, self._unstored.pop, jobId, None)
         self.dispatch()
@@ -303,7 +309,7 @@ class QueueServer(service.Service):
         submitted too many in the last minute."""
         quotas = self.quotas
         if quotas.maxPending and self.queue.pendingOf(owner) >= quotas.maxPending:
-            raise Q.RateLimited("you have %d jobs pending, the most this server takes from one "
+            raise RateLimited("you have %d jobs pending, the most this server takes from one "
                                 "submitter; submit more when some have started"
                                 % (quotas.maxPending,), 60)
         times = self._submitTimes.get(owner)
@@ -315,7 +321,7 @@ class QueueServer(service.Service):
         if not times:
             del self._submitTimes[owner]
         elif quotas.submitsPerMinute and len(times) >= quotas.submitsPerMinute:
-            raise Q.RateLimited("this server takes %d submissions a minute from one submitter"
+            raise RateLimited("this server takes %d submissions a minute from one submitter"
                                 % (quotas.submitsPerMinute,),
                                 max(1, math.ceil(times[0] + 60.0 - now)))
 
@@ -325,7 +331,7 @@ class QueueServer(service.Service):
         may still be on its way there)."""
         try:
             record = self.queue.makeCancel(jobId, self._now())
-        except Q.Conflict:
+        except Conflict:
             d = self.journal.durable()
             d.addErrback(lambda f: f.trap(JournalWriteError) and _unavailable(f))
             return d.addCallback(lambda _: self.queue.get(jobId))
@@ -442,9 +448,9 @@ class QueueServer(service.Service):
         try:
             size = yield self.inThread(self.store.writeResultPart, jobId, name, offset, source, last)
         except OSError as e:
-            raise Q.Unavailable("the file could not be stored: %s" % (e.strerror,))
+            raise Unavailable("the file could not be stored: %s" % (e.strerror,))
         except ValueError as e:
-            raise Q.Refused(str(e))
+            raise Refused(str(e))
         if last:
             yield self.commit(self.queue.makeFile(jobId, lease, self._now(), name, size),
                               namesFiles=True)
@@ -454,10 +460,10 @@ class QueueServer(service.Service):
     def _checkResultQuota(self, sizes, name, size):
         quotas = self.quotas
         if name not in sizes and len(sizes) >= quotas.maxResultFiles:
-            raise Q.TooLarge("a job keeps at most %d result files" % (quotas.maxResultFiles,))
+            raise TooLarge("a job keeps at most %d result files" % (quotas.maxResultFiles,))
         total = sum(sizes.values()) - sizes.get(name, 0) + size
         if total > quotas.maxResultBytes:
-            raise Q.TooLarge("a job keeps at most %d bytes of results; with %r it would be %d"
+            raise TooLarge("a job keeps at most %d bytes of results; with %r it would be %d"
                              % (quotas.maxResultBytes, name, total))
 
     @defer.inlineCallbacks
@@ -499,7 +505,7 @@ class QueueServer(service.Service):
 
 
 def _unavailable(failure):
-    raise Q.Unavailable("the journal cannot be written (%s); nothing was changed"
+    raise Unavailable("the journal cannot be written (%s); nothing was changed"
                         % (failure.getErrorMessage(),))
 
 
@@ -529,17 +535,17 @@ def checkRequest(request):
     """The request's name, notify, service and version, or ``Refused`` saying
     what is wrong. All of the request is held to ``limits.checkJSON``."""
     if not isinstance(request, dict):
-        raise Q.Refused("the request must be a JSON object")
+        raise Refused("the request must be a JSON object")
     limits.checkJSON(request, "the request")
     for field in ("name", "notify"):
         if field not in request:
-            raise Q.Refused("the request needs a %r field" % (field,))
+            raise Refused("the request needs a %r field" % (field,))
     name = limits.checkText(request["name"], "'name'")
     notify = limits.checkText(request["notify"], "'notify'")
     serviceName = limits.checkText(request.get("service", "refl1d"), "'service'")
     version = limits.checkText(request.get("version", ""), "'version'")
     if serviceName == "fitter":
-        raise Q.Refused("the legacy 'fitter' service sends a pickled problem; this server "
+        raise Refused("the legacy 'fitter' service sends a pickled problem; this server "
                         "never unpickles (unpickling runs code on the server). Submit the "
                         "model script or its JSON serialization to the 'refl1d' service")
     return name, notify, serviceName, version

@@ -10,7 +10,9 @@ could have lost, and a batch of 64 submits costs one sync, not three fsyncs
 each. A file over ``SYNC_ITSELF`` bytes is fsynced as it is written, so the
 batch's sync never waits for bulk data.
 
-The methods block; the server runs them in a thread pool.
+The methods block; the server runs them in a thread pool. A small job's
+files are written by ``BatchedWrites``, many jobs in one hand-off to that
+pool, and its submit record waits for them (``Journal.append(after=…)``).
 """
 
 import ctypes
@@ -19,12 +21,12 @@ import json
 import os
 import shutil
 
+from twisted.internet import defer
+
+from reflservd.errors import BadName
+
 MAX_NAME = 255
 SYNC_ITSELF = 1 << 20
-
-
-class BadName(ValueError):
-    """A file name that could escape the job's directory or confuse a shell."""
 
 
 def checkName(name):
@@ -163,6 +165,57 @@ class Store:
                     os.unlink(path)
                 removed.add(int(number))
         return len(removed)
+
+
+class BatchedWrites:
+    """Writes handed to a thread in groups: the calls that arrive while one
+    group is being written go together in the next, so a burst of small
+    submits costs one hand-off, not one each.
+
+    @param runInThread: ``f(*args) -> Deferred`` that runs ``f`` off the reactor.
+    """
+
+    def __init__(self, runInThread):
+        self._runInThread = runInThread
+        self._waiting = []          # [(call, Deferred)]
+        self._busy = False
+
+    def write(self, f, *args):
+        """A Deferred that fires with ``f(*args)``, called in the next group,
+        or fails with what it raised."""
+        d = defer.Deferred()
+        self._waiting.append((lambda: f(*args), d))
+        self._next()
+        return d
+
+    def _next(self):
+        if self._busy or not self._waiting:
+            return
+        group, self._waiting = self._waiting, []
+        self._busy = True
+        self._runInThread(_callEach, [call for call, _ in group]).addBoth(self._done, group)
+
+    def _done(self, outcome, group):
+        self._busy = False
+        if not isinstance(outcome, list):
+            outcome = [(False, outcome.value)] * len(group)
+        for (ok, value), (_, d) in zip(outcome, group):
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(value)
+        self._next()
+
+
+def _callEach(calls):
+    """On the thread: call each; ``[(True, result) or (False, exception)]``."""
+    outcome = []
+    for call in calls:
+        try:
+            outcome.append((True, call()))
+        except Exception as e:
+            outcome.append((False, e))
+    return outcome
 
 
 def _copy(source, f):

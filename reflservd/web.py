@@ -18,20 +18,55 @@ from twisted.web import http, resource, server, static
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
-from reflservd import limits
-from reflservd.queue import QueueError, RateLimited
-from reflservd.store import BadName
+from reflservd import errors, limits
 
 JSON = "application/json"
 
 
 class APIError(Exception):
-    """The one error type of the HTTP API: answered as ``{"error": message}``."""
+    """A refusal of the HTTP layer itself (a content type, a body's size, a
+    query argument), with its status code; the domain's refusals are
+    ``reflservd.errors`` and get theirs from ``STATUS``."""
 
     def __init__(self, code, message):
         Exception.__init__(self, message)
         self.code = code
         self.message = message
+
+
+STATUS = {
+    errors.Refused: 400,
+    errors.BadName: 400,
+    errors.TooLarge: 413,
+    errors.Unauthenticated: 401,
+    errors.WrongHost: 421,
+    errors.Forbidden: 403,
+    errors.UnknownJob: 404,
+    errors.Conflict: 409,
+    errors.RateLimited: 429,
+    errors.Unavailable: 503,
+    errors.DomainError: 400,
+}
+"""The one table from a domain error to the HTTP status that answers it."""
+
+
+def statusOf(error):
+    """The HTTP status of a refusal: an ``APIError``'s own, else the status
+    of the nearest class of the domain error in ``STATUS``."""
+    if isinstance(error, APIError):
+        return error.code
+    for kind in type(error).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]
+    return 500
+
+
+def errorBody(request, error):
+    """The answer to a refusal: ``{"error": message}`` with its status, and
+    ``Retry-After`` when it says when to try again."""
+    if isinstance(error, errors.RateLimited):
+        request.setHeader(b"Retry-After", b"%d" % (error.retryAfter,))
+    return jsonBody(request, {"error": str(error)}, statusOf(error))
 
 
 class Routes:
@@ -44,13 +79,9 @@ class Routes:
 
     app = Klein()
 
-    @app.handle_errors(APIError, QueueError, BadName)
-    def _apiError(self, request, failure):
-        error = failure.value
-        code = getattr(error, "code", 400)
-        if isinstance(error, RateLimited):
-            request.setHeader(b"Retry-After", b"%d" % (error.retryAfter,))
-        return jsonBody(request, {"error": str(error)}, code)
+    @app.handle_errors(APIError, errors.DomainError)
+    def _refused(self, request, failure):
+        return errorBody(request, failure.value)
 
     @app.handle_errors(NotFound)
     def _notFound(self, request, failure):
@@ -245,8 +276,9 @@ class CappedRequest(server.Request):
         if access is not None:
             try:
                 access.checkHost(self)
-            except QueueError as e:
-                self.setResponseCode(e.code, http.RESPONSES.get(e.code, b"Misdirected Request"))
+            except errors.DomainError as e:
+                code = statusOf(e)
+                self.setResponseCode(code, http.RESPONSES.get(code, b"Misdirected Request"))
                 self.setHeader(b"Content-Type", b"application/json")
                 self.write(json.dumps({"error": str(e)}).encode("utf-8"))
                 self.finish()

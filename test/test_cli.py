@@ -12,7 +12,8 @@ import sys
 import urllib.error
 
 from reflservd import cli
-from reflservd.client import Client, KeyStore
+from reflservd.client import Client
+from reflservd.clientfiles import KeyStore
 from test.conftest import freePort
 from test.support import RESULT, resultFiles, runInThread, writeModel
 

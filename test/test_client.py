@@ -13,8 +13,8 @@ from decimal import MAX_EMAX, Context, Decimal, localcontext
 import pytest
 from hypothesis import given, strategies as st
 
-from reflservd.client import (Client, ClientError, Job, ServerUnreachable, UnknownJob, WaitTimeout, displayText,
-                              formatDuration, formatValue)
+from reflservd.client import Client, ClientError, Job, ServerUnreachable, UnknownJob, WaitTimeout
+from reflservd.format import displayText, formatDuration, formatValue
 from test.conftest import freePort
 from test.support import RESULT, resultFiles, runInThread
 

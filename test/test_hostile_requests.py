@@ -400,7 +400,8 @@ def test_a_record_that_does_not_replay_stops_the_start_and_salvage_goes_on(serve
     offset and ``--salvage``; the server refuses to start with the same
     words; ``--salvage`` starts from the records before it, keeping the rest
     aside."""
-    from reflservd.journal import encodeRecord, listJournal, segmentName
+    from reflservd.journalfiles import listJournal, segmentName
+    from reflservd.journalframes import encodeRecord
     server = serverProcess()
     kept = sendJSON(server, "POST", "/jobs.json", job("kept"))[2]["id"]
     server.stop()
@@ -429,7 +430,8 @@ def test_a_corrupt_byte_in_the_middle_of_the_journal_stops_the_start(serverProce
     server = serverProcess()
     ids = [sendJSON(server, "POST", "/jobs.json", job("j%d" % i))[2]["id"] for i in range(3)]
     server.stop()
-    from reflservd.journal import listJournal, segmentName, scanSegment, iterFrames
+    from reflservd.journalfiles import listJournal, segmentName
+    from reflservd.journalframes import iterFrames, scanSegment
     journalDir = os.path.join(server.stateDir, "journal")
     segment = os.path.join(journalDir, segmentName(listJournal(journalDir)[0][-1]))
     with open(segment, "rb") as f:

@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import time
+import zlib
 from collections import deque
 
 import pytest
@@ -15,11 +16,12 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from reflservd import journal as J
-from reflservd.journal import (
-    Journal, JournalCorrupt, JournalLocked, JournalWriteError, encodeRecord,
-    iterFrames, decodePayload, salvageJournal, scanSegment, segmentName, snapshotName,
-)
+from reflservd import journalfiles, journalframes
+from reflservd.journal import Journal
+from reflservd.journalfiles import (
+    JournalLocked, JournalWriteError, salvageJournal, segmentName, snapshotName)
+from reflservd.journalframes import decodePayload, encodeRecord, iterFrames, scanSegment
+from reflservd.journalrecovery import JournalCorrupt
 
 
 # ---- helpers
@@ -144,11 +146,11 @@ def test_decodeRecordsRoundTripsAnyJSON(fields, chunk):
     data = b"".join(encodeRecord(r) for r in records)
     scan = scanSegment(data)
     assert (scan.count, scan.end, scan.error) == (len(records), len(data), None)
-    assert list(J.decodeRecords(data, scan.end, chunk=chunk)) == records
+    assert list(journalframes.decodeRecords(data, scan.end, chunk=chunk)) == records
 
 
 def _frame(payload):
-    return J.HEADER.pack(len(payload), J.zlib.crc32(payload)) + payload
+    return journalframes.HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
 segments = st.builds(
@@ -177,8 +179,8 @@ def test_anyBytesScanAndDecodeWithinTheDocumentedErrors(data):
     assert (scan.error is None) == (scan.end == len(data))
     assert scan.count == len(list(iterFrames(data, scan.end)))
     if scan.error is not None:
-        assert J.checkFrame(data, scan.end) == scan.error
-    for decode in (lambda: list(J.decodeRecords(data, scan.end, chunk=2)),
+        assert journalframes.checkFrame(data, scan.end) == scan.error
+    for decode in (lambda: list(journalframes.decodeRecords(data, scan.end, chunk=2)),
                    lambda: [decodePayload(p) for _, p in iterFrames(data, scan.end)]):
         try:
             records = decode()
@@ -193,9 +195,9 @@ def test_aPayloadNestedTooDeeplyIsAValueError():
     not a RecursionError that would escape the replay's handling."""
     data = _frame(b"[" * 100_000)
     with pytest.raises(ValueError, match="nested too deeply"):
-        J.parseJSON(b"[" * 100_000)
+        journalframes.parseJSON(b"[" * 100_000)
     with pytest.raises(ValueError):
-        list(J.decodeRecords(data, scanSegment(data).end))
+        list(journalframes.decodeRecords(data, scanSegment(data).end))
 
 
 @settings(max_examples=200, deadline=None)
@@ -212,7 +214,7 @@ def test_aCutOrAFlippedByteLosesOnlyWhatFollowsIt(fields, data):
     cut = data.draw(st.integers(min_value=0, max_value=len(whole)), label="cut")
     scan = scanSegment(whole[:cut])
     assert scan.count == sum(1 for end in ends if end <= cut)
-    assert list(J.decodeRecords(whole, scan.end)) == records[:scan.count]
+    assert list(journalframes.decodeRecords(whole, scan.end)) == records[:scan.count]
     at = data.draw(st.integers(min_value=0, max_value=len(whole) - 1), label="at")
     flip = data.draw(st.integers(min_value=1, max_value=255), label="flip")
     damaged = bytearray(whole)
@@ -220,7 +222,7 @@ def test_aCutOrAFlippedByteLosesOnlyWhatFollowsIt(fields, data):
     scan = scanSegment(bytes(damaged))
     before = sum(1 for end in ends if end <= at)
     assert scan.count == before and scan.error is not None
-    assert list(J.decodeRecords(bytes(damaged), scan.end)) == records[:before]
+    assert list(journalframes.decodeRecords(bytes(damaged), scan.end)) == records[:before]
 
 
 def test_frameLayout():
@@ -228,7 +230,7 @@ def test_frameLayout():
     frame = encodeRecord({"type": "submit", "time": 1.0, "id": 7})
     payload = b'{"type":"submit","time":1.0,"id":7}'
     assert frame[:4] == len(payload).to_bytes(4, "big")
-    assert frame[4:8] == J.zlib.crc32(payload).to_bytes(4, "big")
+    assert frame[4:8] == zlib.crc32(payload).to_bytes(4, "big")
     assert frame[8:] == payload
 
 
@@ -284,9 +286,9 @@ def test_anIntegerPast64BitsAloneInARecordComesBackExact():
     records = [{"type": "complete", "id": 1, "result": {"n": 2 ** 64 + 1}},
                {"type": "complete", "id": 2, "result": [10 ** 25, -(2 ** 63) - 1]}]
     for record in records:
-        assert J.parseJSON(encodeRecord(record)[8:]) == record
+        assert journalframes.parseJSON(encodeRecord(record)[8:]) == record
     data = b"".join(encodeRecord(r) for r in records)
-    decoded = list(J.decodeRecords(data, len(data)))
+    decoded = list(journalframes.decodeRecords(data, len(data)))
     assert decoded == records and isinstance(decoded[0]["result"]["n"], int)
 
 
@@ -378,39 +380,33 @@ def test_aFailedSyncOfTheStoreIsAWriteError(tmp_path):
     assert [r["id"] for r in readRecords(stateDir)[1]] == [2]
 
 
-def test_beforeCallsRunTogetherAheadOfTheirBatchesSync(tmp_path):
-    """``before`` calls (a small job's files) that arrive while the files
-    thread is busy run together in its next turn; a batch waits for its
-    records' calls, then syncs, then writes. One that fails refuses its
-    batch (JournalWriteError), and the journal goes on."""
+def test_aRecordWaitsForItsFilesThenItsBatchSyncs(tmp_path):
+    """A record appended ``after`` a Deferred (its job's files, written by
+    the store) is written once that fires, in a batch that syncs first; one
+    whose files fail refuses its batch (JournalWriteError), even for a bug
+    (not an OSError), and the journal goes on."""
     events = []
     runner = ManualRunner()
     journal = inlineJournal(str(tmp_path), runInThread=runner, syncFirst=lambda: events.append("sync"))
     journal.load()
-
-    def before(i, fail=None):
-        def write():
-            events.append("files %d" % (i,))
-            if fail is not None:
-                raise fail
-        return write
-
-    first = journal.append({"type": "submit", "id": 1}, before=before(1))
-    later = [journal.append({"type": "submit", "id": i}, before=before(i)) for i in (2, 3)]
-    runner.runNext()                      # the files thread: job 1 alone
-    assert events == ["files 1"]
-    runner.runNext()                      # the writer, for job 1's batch
-    assert events == ["files 1", "sync"] and results([first]) == [None]
-    runner.runNext()                      # the files thread: jobs 2 and 3 together
-    assert events[2:] == ["files 2", "files 3"]
+    files = {i: defer.Deferred() for i in range(1, 7)}
+    first = journal.append({"type": "submit", "id": 1}, after=files[1])
+    assert not runner.calls                 # the batch waits for job 1's files
+    files[1].callback(None)
+    later = [journal.append({"type": "submit", "id": i}, after=files[i]) for i in (2, 3)]
+    runner.runNext()                        # the writer, for job 1's batch
+    assert events == ["sync"] and results([first]) == [None]
+    assert not runner.calls                 # jobs 2 and 3 wait for their files, together
+    files[2].callback(None)
+    files[3].callback(None)
     runner.runAll()
-    assert results(later) == [None, None] and events[4:] == ["sync"]
-    refused = journal.append({"type": "submit", "id": 4},
-                             before=before(4, OSError(errno.ENOSPC, "No space left on device")))
+    assert results(later) == [None, None] and events == ["sync", "sync"]
+    refused = journal.append({"type": "submit", "id": 4}, after=files[4])
+    files[4].errback(OSError(errno.ENOSPC, "No space left on device"))
     runner.runAll()
     assert results([refused])[0].check(JournalWriteError)
-    # Even a bug (not an OSError) refuses its batch rather than leaving it waiting.
-    broken = journal.append({"type": "submit", "id": 6}, before=before(6, TypeError("a bug")))
+    broken = journal.append({"type": "submit", "id": 6}, after=files[6])
+    files[6].errback(TypeError("a bug"))
     runner.runAll()
     assert "a bug" in str(results([broken])[0].value)
     after = journal.append({"type": "submit", "id": 5})
@@ -734,14 +730,14 @@ def test_noReadableSnapshotAfterTrimRefusesToLoad(tmp_path):
 def test_snapshotFileCarriesAChecksum(tmp_path):
     path = str(tmp_path / snapshotName(4))
     with open(path, "wb") as f:
-        f.write(J.encodeSnapshot(4, b'{"a":1}', 10.0, 9.0))
-    header, state = J.readSnapshotFile(path)
+        f.write(journalframes.encodeSnapshot(4, b'{"a":1}', 10.0, 9.0))
+    header, state = journalfiles.readSnapshotFile(path)
     assert state == {"a": 1} and header["lastTime"] == 9.0
     with open(path, "r+b") as f:
         f.seek(-2, os.SEEK_END)
         f.write(b"2")
-    with pytest.raises(J.SnapshotError, match="checksum"):
-        J.readSnapshotFile(path)
+    with pytest.raises(journalframes.SnapshotError, match="checksum"):
+        journalfiles.readSnapshotFile(path)
 
 
 # ---- disk failures
@@ -858,13 +854,13 @@ def test_secondJournalOnTheSameDirectoryIsLocked(tmp_path):
     stateDir = str(tmp_path)
     journal = inlineJournal(stateDir)
     journal.load()
-    assert J.lockHolder(stateDir) == os.getpid()
+    assert journalfiles.lockHolder(stateDir) == os.getpid()
     with pytest.raises(JournalLocked, match="pid %d" % (os.getpid(),)):
         inlineJournal(stateDir)
     results([journal.append({"type": "t", "i": 0})])
     assert [r["i"] for r in readRecords(stateDir)[1]] == [0]
     results([journal.close()])
-    assert J.lockHolder(stateDir) is None
+    assert journalfiles.lockHolder(stateDir) is None
     again = inlineJournal(stateDir)
     again.load()
     results([again.close()])

@@ -10,8 +10,11 @@ from twisted.internet import defer
 from twisted.internet.task import Clock
 
 from reflservd import journalctl
-from reflservd.journal import Journal, encodeRecord, scanSegment, segmentName, snapshotName
+from reflservd.journal import Journal
+from reflservd.journalfiles import segmentName, snapshotName
+from reflservd.journalframes import encodeRecord, scanSegment
 from reflservd.queue import Queue
+from reflservd.queuesnapshot import queueFromSnapshot, snapshotOf
 
 T0 = 1_700_000_000.0
 
@@ -24,7 +27,7 @@ def run(*argv):
 
 
 def openJournal(stateDir, queue, **kwargs):
-    journal = Journal(stateDir, Clock(), snapshotState=queue.snapshot,
+    journal = Journal(stateDir, Clock(), snapshotState=lambda: snapshotOf(queue),
                       runInThread=defer.maybeDeferred, **kwargs)
     journal.load()
     return journal
@@ -302,7 +305,7 @@ def test_compactSnapshotsAndTrims(tmp_path):
     try:
         recovery = journal.load()
         assert list(recovery.records) == []
-        assert stateOf(Queue.fromSnapshot(recovery.snapshot)) == stateOf(site.queue)
+        assert stateOf(queueFromSnapshot(recovery.snapshot)) == stateOf(site.queue)
     finally:
         journal.close()
     assert run(tmp_path, "verify")[0] == 0

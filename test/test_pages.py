@@ -19,7 +19,8 @@ from twisted.web.error import FlattenerError
 from twisted.web.template import Element, XMLString, renderer
 from twisted.web.test.requesthelper import DummyRequest
 
-from reflservd.client import Client, displayText
+from reflservd.client import Client
+from reflservd.format import displayText
 from reflservd.pages import CSP, ErrorBody, JobPages, Page
 from reflservd.server import QueueServer
 from test.conftest import ServerProcess

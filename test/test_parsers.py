@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 from hypothesis import example, given, settings, strategies as st
 
 from reflservd import legacy
-from reflservd.store import BadName
+from reflservd.errors import BadName
 from reflservd.web import APIError, formParts
 
 LIMIT = 1 << 20

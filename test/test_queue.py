@@ -6,7 +6,9 @@ import json
 import pytest
 from hypothesis import example, given, settings, strategies as st
 
+from reflservd import errors
 from reflservd import queue as Q
+from reflservd.queuesnapshot import SHARED_FIELDS, encodeSnapshot, queueFromSnapshot, snapshotOf
 
 DAY = 24 * 3600.0
 
@@ -84,14 +86,14 @@ def test_stale_lease_is_refused_and_changes_nothing():
     assert queue.get(jobId).status == Q.PENDING
     second = lease(queue, 13)
     assert second["lease"] == first["lease"] + 1
-    before = json.dumps(queue.snapshot(), sort_keys=True)
-    with pytest.raises(Q.Conflict):
+    before = json.dumps(snapshotOf(queue), sort_keys=True)
+    with pytest.raises(errors.Conflict):
         queue.heartbeat(jobId, first["lease"], 14)
-    with pytest.raises(Q.Conflict):
+    with pytest.raises(errors.Conflict):
         queue.makeComplete(jobId, first["lease"], 14, Q.COMPLETE)
-    with pytest.raises(Q.Conflict):
+    with pytest.raises(errors.Conflict):
         queue.makeFile(jobId, first["lease"], 14, "x.par", 3)
-    assert json.dumps(queue.snapshot(), sort_keys=True) == before
+    assert json.dumps(snapshotOf(queue), sort_keys=True) == before
     assert queue.get(jobId).attempts == 2
 
 
@@ -146,7 +148,7 @@ def test_deleted_job_is_never_leased_and_unknown():
     queue.apply(queue.makeDelete(jobId, 1))
     assert lease(queue, 2) is None
     assert queue.status(jobId) == "UNKNOWN"
-    with pytest.raises(Q.UnknownJob):
+    with pytest.raises(errors.UnknownJob):
         queue.get(jobId)
 
 
@@ -155,7 +157,7 @@ def test_complete_for_finished_job_is_refused():
     jobId, _ = submit(queue, 0)
     token = lease(queue, 1)["lease"]
     queue.apply(queue.makeComplete(jobId, token, 2, Q.COMPLETE, result={"chisq": 1.0}))
-    with pytest.raises(Q.Conflict):
+    with pytest.raises(errors.Conflict):
         queue.makeComplete(jobId, token, 3, Q.ERROR, error="again")
     assert queue.get(jobId).result == {"chisq": 1.0}
 
@@ -168,12 +170,12 @@ def test_a_result_survives_a_snapshot_of_either_version():
     token = lease(queue, 1)["lease"]
     result = {"chisq": 1.5, "parameters": {"Ni thickness": {"value": 100.0, "uncertainty": 0.3}}}
     queue.apply(queue.makeComplete(jobId, token, 2, Q.COMPLETE, result=result))
-    state = json.loads(json.dumps(queue.snapshot()))
-    assert Q.Queue.fromSnapshot(state).get(jobId).result == result
+    state = json.loads(json.dumps(snapshotOf(queue)))
+    assert queueFromSnapshot(state).get(jobId).result == result
     old = dict(state, version=2, fields=["result" if f == "resultJSON" else f for f in state["fields"]])
     column = state["fields"].index("resultJSON")
     old["jobs"] = [row[:column] + [json.loads(row[column])] + row[column + 1:] for row in state["jobs"]]
-    assert Q.Queue.fromSnapshot(old).get(jobId).toJSON() == queue.get(jobId).toJSON()
+    assert queueFromSnapshot(old).get(jobId).toJSON() == queue.get(jobId).toJSON()
 
 
 def test_a_snapshot_writes_shared_strings_once_and_loads_as_it_was():
@@ -186,12 +188,12 @@ def test_a_snapshot_writes_shared_strings_once_and_loads_as_it_was():
     token = lease(queue, 10)["lease"]
     queue.apply(queue.makeComplete(1, token, 11, Q.COMPLETE, result={"chisq": 1.0},
                                    confinement="namespaces"))
-    encoded = json.loads(Q.encodeSnapshot(queue.snapshot()))
-    assert encoded["shared"] == list(Q.SHARED_FIELDS)
+    encoded = json.loads(encodeSnapshot(snapshotOf(queue)))
+    assert encoded["shared"] == list(SHARED_FIELDS)
     assert sorted(encoded["strings"], key=str) == sorted(
         {None, "ann@x", "", "10.0.0.1", "refl1d", "1", Q.PENDING, Q.COMPLETE, "q", "namespaces"}, key=str)
-    loaded = Q.Queue.fromSnapshot(encoded)
-    assert loaded.snapshot() == queue.snapshot()
+    loaded = queueFromSnapshot(encoded)
+    assert snapshotOf(loaded) == snapshotOf(queue)
     assert loaded.pendingOrder() == queue.pendingOrder()
     owners = {id(job.owner) for job in loaded.jobs.values() if job.owner == "ann@x"}
     assert len(owners) == 1
@@ -234,7 +236,7 @@ operations = st.lists(st.tuples(
 
 
 def _state(queue):
-    return json.dumps(queue.snapshot(), sort_keys=True)
+    return json.dumps(snapshotOf(queue), sort_keys=True)
 
 
 def _checkInvariants(queue):
@@ -280,8 +282,8 @@ def test_random_operations_keep_invariants_and_replay_gives_live_state(ops):
                 for record in queue.makeExpiries(now):
                     commit(record)
             elif op == "restart":
-                snapshot, journal = queue.snapshot(), []
-                queue = Q.Queue.fromSnapshot(json.loads(json.dumps(snapshot)), leaseTimeout=5, maxAttempts=2)
+                snapshot, journal = snapshotOf(queue), []
+                queue = queueFromSnapshot(json.loads(json.dumps(snapshot)), leaseTimeout=5, maxAttempts=2)
                 queue.restartLeases(now)
             elif jobId is None:
                 continue
@@ -296,11 +298,11 @@ def test_random_operations_keep_invariants_and_replay_gives_live_state(ops):
                 commit(queue.makeDelete(jobId, now))
             elif op == "release":
                 commit(queue.makeRelease(jobId, queue.jobs[jobId].lease, now))
-        except Q.QueueError:
+        except errors.DomainError:
             pass
         _checkInvariants(queue)
 
-    replayed = Q.Queue.fromSnapshot(json.loads(json.dumps(snapshot)) if snapshot else None,
+    replayed = queueFromSnapshot(json.loads(json.dumps(snapshot)) if snapshot else None,
                                     leaseTimeout=5, maxAttempts=2)
     for record in json.loads(json.dumps(journal)):
         replayed.apply(record)

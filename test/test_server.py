@@ -9,8 +9,11 @@ from hypothesis import given, settings, strategies as st
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from reflservd import errors
 from reflservd import queue as Q
+from reflservd.queuesnapshot import snapshotOf
 from reflservd.server import QueueServer
+from reflservd.web import statusOf
 
 
 def inline(f, *args):
@@ -165,9 +168,9 @@ def test_events_long_poll_wakes_on_progress(tmp_path):
 
 def test_fitter_service_refused_and_nothing_stored(tmp_path):
     server = makeServer(tmp_path, Clock())
-    with pytest.raises(Q.Refused) as caught:
+    with pytest.raises(errors.Refused) as caught:
         result(server.submit({"name": "x", "notify": "", "service": "fitter"}, [], "h"))
-    assert caught.value.code == 400
+    assert statusOf(caught.value) == 400
     assert server.queue.jobs == {} and server.store.files(1, "upload") == []
     result(server.stopService())
 
@@ -179,7 +182,7 @@ operations = st.lists(st.tuples(
 
 
 def _comparable(queue):
-    state = queue.snapshot()
+    state = snapshotOf(queue)
     for job in state["jobs"]:
         job[state["fields"].index("progress")] = None  # a view, not journaled
     return json.dumps(state, sort_keys=True)
@@ -219,7 +222,7 @@ def test_random_operations_survive_restarts_through_the_real_journal(tmp_path_fa
                 result(server.complete(jobId, server.queue.jobs[jobId].lease, Q.COMPLETE, {"x": 1}))
             elif op == "delete":
                 result(server.delete(jobId))
-        except Q.QueueError:
+        except errors.DomainError:
             pass
     before = _comparable(server.queue)
     result(server.stopService())
@@ -248,3 +251,41 @@ def test_a_cancel_of_an_ended_job_is_answered_once_the_end_is_on_disk(tmp_path):
     runner.runAll()
     assert result(first).status == result(second).status == Q.CANCEL
     assert result(server.journal.durable()) is None
+
+
+def test_small_writes_that_arrive_while_one_runs_go_together_in_the_next():
+    """``BatchedWrites`` hands the calls that arrive while a group is on the
+    thread to the thread together, in the next group; each caller gets its
+    own call's result or exception."""
+    from twisted.internet import defer
+    from reflservd.store import BatchedWrites
+    turns = []
+
+    def runInThread(f, *args):
+        d = defer.Deferred()
+        turns.append((f, args, d))
+        return d
+
+    def runTurn():
+        f, args, d = turns.pop(0)
+        d.callback(f(*args))
+
+    calls = []
+
+    def write(i):
+        calls.append(i)
+        if i == 3:
+            raise OSError(28, "No space left on device")
+        return i * 10
+
+    writes = BatchedWrites(runInThread)
+    first = writes.write(write, 1)
+    later = [writes.write(write, i) for i in (2, 3, 4)]
+    assert len(turns) == 1
+    runTurn()
+    assert calls == [1] and result(first) == 10 and len(turns) == 1
+    runTurn()
+    assert calls == [1, 2, 3, 4] and not turns
+    assert result(later[0]) == 20 and result(later[2]) == 40
+    with pytest.raises(OSError):
+        result(later[1])
