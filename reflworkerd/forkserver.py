@@ -48,7 +48,7 @@ the first ``confined`` only as the sign that its own confinement
 
 The outcome (status, result summary, error, the model's traceback) does not go
 over the pipe: the child writes it to ``jobDir/.outcome.json`` as it ends
-(``runner.writeOutcome``), and the worker reads it (``runner.readOutcome``,
+(``outcome.write``), and the worker reads it (``outcome.read``,
 through ``jobfiles``, off the reactor thread) once the server reports the
 child exited and its process group gone. Every line either side parses is
 bounded in size and depth and never raises: one fit's output cannot end the
@@ -77,7 +77,8 @@ import time
 from twisted.internet import defer, error, protocol, threads
 from twisted.logger import Logger
 
-from reflworkerd import jobfiles, runner, sandbox
+from reflworkerd import jobfiles, outcome, runner, sandbox
+from reflworkerd.shared import RESULTS_DIR, SESSION_NAME, STDERR_NAME, STDOUT_NAME
 
 COMMANDS_FD = 3
 EVENTS_FD = 4
@@ -88,7 +89,7 @@ RELAY_INTERVAL = 0.1
 """At most one message of each type per child per this many seconds goes to the
 worker (the latest wins): a fit that floods its pipe cannot flood the worker."""
 RELAYED_TYPES = ("confined", "unconfined", "progress", "checkpoint")
-CHECKPOINT_PATH = runner.RESULTS_DIR + "/" + runner.SESSION_NAME
+CHECKPOINT_PATH = RESULTS_DIR + "/" + SESSION_NAME
 
 _PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
@@ -186,7 +187,7 @@ class FitRun:
         self._grace = grace
         if not self.sent:
             self._server._unqueue(self)
-            self._finish({"status": "CANCEL", "result": None, "error": None, "trace": None})
+            self._finish(outcome.cancelled())
         elif self.pid is not None:
             self._terminate(grace)
 
@@ -199,7 +200,7 @@ class FitRun:
         self.aborted = why
         if not self.sent:
             self._server._unqueue(self)
-            self._finish(_errorRecord(why))
+            self._finish(outcome.error(why))
         elif self.pid is not None:
             self._terminate(self._grace)
 
@@ -255,13 +256,13 @@ class FitRun:
         record = self._decided()
         if record is None:
             try:
-                outcome = yield self._server._inThread(runner.readOutcome, self.jobDir, self.owner)
-                record = self._record(outcome, event)
+                left = yield self._server._inThread(outcome.read, self.jobDir, self.owner)
+                record = self._record(left, event)
             except jobfiles.UnsafeFile as e:
-                record = _errorRecord("the fit left an outcome the worker does not read: %s" % (e,))
+                record = outcome.error("the fit left an outcome the worker does not read: %s" % (e,))
             except Exception as e:
                 self._log.failure("fit {jobId}: its outcome could not be read", jobId=self.jobId)
-                record = _errorRecord("the worker could not read the fit's outcome: %s" % (e,))
+                record = outcome.error("the worker could not read the fit's outcome: %s" % (e,))
         self._finish(record)
 
     @property
@@ -273,29 +274,25 @@ class FitRun:
         """The outcome where the worker decided it, without reading the fit's; else None."""
         limits = self._server.limits or {}
         if self.aborted is not None:
-            return _errorRecord(self.aborted)
+            return outcome.error(self.aborted)
         if self.wallExceeded:
-            return _errorRecord("wall-clock limit of %s s exceeded" % (_number(limits.get("wall")),))
+            return outcome.error("wall-clock limit of %s s exceeded" % (_number(limits.get("wall")),))
         if self.cancelRequested:
-            return {"status": "CANCEL", "result": None, "error": None, "trace": None}
+            return outcome.cancelled()
         if self._server._stopping:
-            return _errorRecord("the worker stopped while this fit ran")
+            return outcome.error("the worker stopped while this fit ran")
         if self.unconfined is not None:
-            return _errorRecord("could not confine the fit: %s" % (self.unconfined,))
+            return outcome.error("could not confine the fit: %s" % (self.unconfined,))
         return None
 
-    def _record(self, outcome, event):
+    def _record(self, left, event):
+        """The job's outcome from the record the fit ``left`` (None: it left none)."""
         limits = self._server.limits or {}
-        if outcome is None:
-            return _errorRecord(_deathMessage(event, limits))
-        record = {
-            "status": outcome["status"],
-            "result": outcome.get("result"),
-            "error": outcome.get("error"),
-            "trace": outcome.get("trace"),
-        }
+        if left is None:
+            return outcome.error(_deathMessage(event, limits))
+        record = outcome.make(left["status"], left.get("result"), left.get("error"), left.get("trace"))
         if record["status"] == "ERROR":
-            record["error"] = _limitMessage(record["error"] or "", outcome.get("limit"), limits)
+            record["error"] = _limitMessage(record["error"] or "", left.get("limit"), limits)
         return record
 
     def _lost(self, why):
@@ -303,7 +300,7 @@ class FitRun:
         if self.finished:
             return
         if self.pid is None:
-            self._finish(_errorRecord(why))
+            self._finish(outcome.error(why))
             return
         _killGroup(self.pid, signal.SIGKILL)
         deadline = self._clock.seconds() + LEFTOVER_TIMEOUT
@@ -314,7 +311,7 @@ class FitRun:
                 _killGroup(self.pid, signal.SIGKILL)
                 self._goneCall = self._clock.callLater(0.05, check)
             else:
-                self._finish(_errorRecord(why))
+                self._finish(outcome.error(why))
 
         check()
 
@@ -322,7 +319,7 @@ class FitRun:
         if self.finished:
             return
         if self.aborted is not None and record.get("status") != "ERROR":
-            record = _errorRecord(self.aborted)
+            record = outcome.error(self.aborted)
         self.finished = True
         for name in ("_wallCall", "_killCall", "_goneCall"):
             call = getattr(self, name)
@@ -332,10 +329,6 @@ class FitRun:
         record["confinement"] = self.confinement
         self._server._forget(self)
         self.done.callback(record)
-
-
-def _errorRecord(message):
-    return {"status": "ERROR", "result": None, "error": message, "trace": None}
 
 
 def _number(value):
@@ -520,7 +513,7 @@ class ForkServer:
         """
         self._tokens += 1
         jobDir = os.path.abspath(jobDir)
-        runner.removeOutcome(jobDir)
+        outcome.remove(jobDir)
         fitRun = FitRun(self, self._tokens, jobId, jobDir, request, onProgress)
         fitRun.uid, fitRun.gid = uid, gid
         fitRun.applied = sandbox.describe(self.sandboxMode, self.limits, uid, os.geteuid() == 0)
@@ -539,7 +532,7 @@ class ForkServer:
             self._restartCall.cancel()
         self._restartCall = None
         for fitRun in list(self._queue):
-            fitRun._finish(_errorRecord("the worker stopped before this fit started"))
+            fitRun._finish(outcome.error("the worker stopped before this fit started"))
         self._queue = []
         if self._process is None:
             return defer.succeed(None)
@@ -837,17 +830,17 @@ class _Server:
                 return
             reporter.send({"type": "confined", "confinement": confinement, "pid": os.getpid()})
             jobDir = os.getcwd()
-            os.makedirs(runner.RESULTS_DIR, exist_ok=True)
-            _redirect(1, os.path.join(runner.RESULTS_DIR, runner.STDOUT_NAME))
-            _redirect(2, os.path.join(runner.RESULTS_DIR, runner.STDERR_NAME))
-            outcome = runner.outcomeOf(
+            os.makedirs(RESULTS_DIR, exist_ok=True)
+            _redirect(1, os.path.join(RESULTS_DIR, STDOUT_NAME))
+            _redirect(2, os.path.join(RESULTS_DIR, STDERR_NAME))
+            record = runner.outcomeOf(
                 jobDir,
                 command.get("request"),
                 reporter.progress,
                 checkpointEvery=command.get("checkpointEvery", 300),
                 checkpoint=reporter.checkpoint,
             )
-            runner.writeOutcome(jobDir, outcome)
+            outcome.write(jobDir, record)
             code = 0
         except BaseException:
             import traceback

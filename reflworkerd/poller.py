@@ -53,12 +53,9 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from reflworkerd import jobfiles
+from reflworkerd import jobfiles, outcome
+from reflworkerd.shared import RESULTS_DIR, SESSION_NAME, isResumable
 
-RESULTS_DIR = "results"
-SESSION_NAME = "session.h5"
-RESUMABLE_FITTERS = ("dream", "de")
-"""Fitters whose session file lets a later attempt resume the fit (bumps ``--resume``)."""
 PART_SIZE = 8 * 1024 * 1024
 """Bytes per PUT of a result file: the server buffers each request body whole."""
 UPLOADS_AT_ONCE = 4
@@ -425,9 +422,9 @@ class LeasedJob:
         except ServerError as e:
             self._log.error("job {jobId}: its files could not be downloaded ({why}); "
                             "reporting an error", jobId=self.jobId, why=str(e))
-            self.outcome = _errorOutcome("the worker could not download the job's files: %s" % (e,))
+            self.outcome = outcome.error("the worker could not download the job's files: %s" % (e,))
         except OSError as e:
-            self.outcome = _errorOutcome("the worker could not store the job's files: %s" % (e,))
+            self.outcome = outcome.error("the worker could not store the job's files: %s" % (e,))
         if self.outcome is None and not (self.dropped or self.releasing or self.cancelled):
             self._log.info("job {jobId} (lease {lease}): fit starts", jobId=self.jobId,
                            lease=self.lease)
@@ -437,11 +434,11 @@ class LeasedJob:
             try:
                 self.outcome = yield self.fitRun.done
             except Exception as e:
-                self.outcome = _errorOutcome("the worker lost the fit: %s" % (e,))
+                self.outcome = outcome.error("the worker lost the fit: %s" % (e,))
             self._log.info("job {jobId}: fit ended {status}", jobId=self.jobId,
                            status=self.outcome.get("status"))
         elif self.outcome is None:
-            self.outcome = {"status": "CANCEL", "result": None, "error": None, "trace": None}
+            self.outcome = outcome.cancelled()
         yield self._stopCheckpoints()
         if not (self.dropped or self.releasing):
             yield self._keepResults()
@@ -491,11 +488,7 @@ class LeasedJob:
 
     def resumable(self):
         """Whether this job's fit can go on from a checkpoint (a DREAM or DE fit of refl1d)."""
-        request = self.request if isinstance(self.request, dict) else {}
-        data = request.get("data")
-        options = data.get("options") if isinstance(data, dict) else None
-        return (request.get("service") == "refl1d" and isinstance(options, dict)
-                and options.get("fit") in RESUMABLE_FITTERS)
+        return isResumable(self.request)
 
     @defer.inlineCallbacks
     def _resumeRequest(self):
@@ -546,13 +539,7 @@ class LeasedJob:
 
     def _failWith(self, why):
         """The job ends ERROR for ``why`` (its fit's own error, if any, kept after it)."""
-        outcome = self.outcome or {}
-        if outcome.get("status") == "CANCEL":
-            return
-        if outcome.get("status") == "ERROR" and outcome.get("error") and why not in outcome["error"]:
-            why = "%s; and %s" % (why, outcome["error"])
-        self.outcome = {"status": "ERROR", "result": None, "error": why, "trace": outcome.get("trace"),
-                        "confinement": outcome.get("confinement")}
+        self.outcome = outcome.failedWith(self.outcome, why)
 
     @defer.inlineCallbacks
     def _putFile(self, name, relative, limit=None, maximum=None):
@@ -718,8 +705,8 @@ class LeasedJob:
                     refusedOnce = True
                     self._log.error("job {jobId}: the server refused its outcome ({why}); "
                                     "reporting that instead", jobId=self.jobId, why=str(e))
-                    self.outcome = _errorOutcome("the server refused the worker's outcome: %s" % (e,),
-                                                 self.outcome.get("confinement"))
+                    self.outcome = outcome.error("the server refused the worker's outcome: %s" % (e,),
+                                                 confinement=self.outcome.get("confinement"))
                     continue
             except ServerError as e:
                 self._checkHalted()
@@ -915,11 +902,6 @@ class _Dropped(Exception):
 
 class _Halted(Exception):
     """The worker stops while the job's outcome is still being delivered."""
-
-
-def _errorOutcome(message, confinement=None):
-    return {"status": "ERROR", "result": None, "error": message, "trace": None,
-            "confinement": confinement}
 
 
 class Poller(service.Service):
