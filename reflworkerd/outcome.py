@@ -12,6 +12,7 @@ processes are gone. The file is the fit's: it is read as hostile input.
 
 import json
 import os
+import signal
 
 OUTCOME_NAME = ".outcome.json"
 """The fit's outcome record, in the job directory (not among the results)."""
@@ -46,6 +47,40 @@ def failedWith(outcome, why):
     if outcome.get("status") == "ERROR" and outcome.get("error") and why not in outcome["error"]:
         why = "%s; and %s" % (why, outcome["error"])
     return error(why, outcome.get("trace"), confinement=outcome.get("confinement"))
+
+
+def number(value):
+    return ("%g" % value) if isinstance(value, (int, float)) else str(value)
+
+
+def limitMessage(error, limit, limits):
+    """Say which limit a model's error comes from, when it plainly comes from one."""
+    if limit == "memory" and limits.get("memory"):
+        return "memory limit of %d bytes exceeded (%s)" % (limits["memory"], error)
+    if limit == "fsize" and limits.get("fsize"):
+        return "file size limit of %d bytes exceeded (%s)" % (limits["fsize"], error)
+    return error
+
+
+def deathMessage(event, limits):
+    """What ended a fit that left no outcome, from the fork host's ``exited`` event."""
+    signum = event.get("signal")
+    code = event.get("code")
+    cpu = event.get("cpu") or 0.0
+    if signum in (signal.SIGKILL, signal.SIGXCPU) and limits.get("cpu") and cpu >= limits["cpu"] - 1:
+        return "CPU time limit of %s s exceeded" % (number(limits["cpu"]),)
+    if signum == signal.SIGXFSZ and limits.get("fsize"):
+        return "file size limit of %d bytes exceeded" % (limits["fsize"],)
+    if signum is not None:
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = str(signum)
+        message = "the fit process was killed by %s without a result" % (name,)
+        if limits.get("memory") and signum in (signal.SIGKILL, signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS):
+            message += " (memory limit %d bytes)" % (limits["memory"],)
+        return message
+    return "the fit process exited with code %s without a result" % (code,)
 
 
 def write(jobDir, outcome):

@@ -4,8 +4,8 @@
 one long-poll for a lease on its queue (never more, and never a busy loop:
 a failed or suspiciously quick answer waits out a capped, jittered
 exponential backoff). Each leased job is a ``LeasedJob``: its uploads are
-streamed into ``workDir/jobs/<id>/``, the fit runs through the fit runner
-(``forkserver.ForkServer``), its progress goes to the server in heartbeats at
+streamed into ``workDir/jobs/<id>/``, the fit runs in the backend
+(``backend.IBackend``), its progress goes to the server in heartbeats at
 most once per ``progressInterval`` (the latest progress wins) and at least
 every third of the lease timeout, and a heartbeat that answers ``cancel``
 cancels the fit.
@@ -54,6 +54,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from reflworkerd import jobfiles, outcome
+from reflworkerd.jobfiles import finite
 from reflworkerd.shared import RESULTS_DIR, SESSION_NAME, isResumable
 
 PART_SIZE = 8 * 1024 * 1024
@@ -103,17 +104,6 @@ def checkName(name):
             or "\\" in name or "\0" in name or name.startswith(".")):
         raise ValueError("unsafe file name %r" % (name,))
     return name
-
-
-def finite(value):
-    """JSON has no NaN or infinity: such numbers become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
 
 
 class ServerClient:
@@ -428,7 +418,7 @@ class LeasedJob:
         if self.outcome is None and not (self.dropped or self.releasing or self.cancelled):
             self._log.info("job {jobId} (lease {lease}): fit starts", jobId=self.jobId,
                            lease=self.lease)
-            self.fitRun = self.poller.runner.run(
+            self.fitRun = self.poller.backend.run(
                 self.jobId, self.jobDir, request, self.progress,
                 onCheckpoint=self.checkpointed if self.resumable() else None, uid=self.uid, gid=self.uid)
             try:
@@ -907,15 +897,16 @@ class _Halted(Exception):
 class Poller(service.Service):
     """Keeps up to ``slots`` leased fits running, and delivers what they leave.
 
-    ``runner`` is a `forkserver.ForkServer` (``start``, ``run``, ``stop``);
+    ``backend`` is where fits run (`backend.IBackend`, e.g. `local.ForkServer`);
+    a sibling in the service tree, started before and stopped after this;
     ``client`` a `ServerClient`. ``drain`` says what stopping does with the
     fits in hand: ``finish`` them (and deliver), or ``release`` them to the
-    queue. ``onFatal(why)`` is called when the runner cannot start.
+    queue. ``onFatal(why)`` is called when the backend cannot start.
     """
 
     _log = Logger()
 
-    def __init__(self, reactor, client, runner, queueName, workDir, slots=1,
+    def __init__(self, reactor, client, backend, queueName, workDir, slots=1,
                  pollTimeout=30.0, drain="finish", workerName=None, random=_random.random,
                  backoffInitial=0.5, backoffCap=30.0, progressInterval=1.0,
                  partSize=PART_SIZE, cancelGrace=5.0, deliverGrace=30.0, slotUidBase=None,
@@ -926,7 +917,7 @@ class Poller(service.Service):
             raise ValueError("drain is 'finish' or 'release', not %r" % (drain,))
         self.reactor = reactor
         self.client = client
-        self.runner = runner
+        self.backend = backend
         self.queueName = queueName
         self.workDir = workDir
         self.jobsDir = os.path.join(workDir, "jobs")
@@ -1001,10 +992,10 @@ class Poller(service.Service):
             for path in ([self.workDir] if created else []) + [self.jobsDir]:
                 os.chmod(path, 0o711)
         self._resumeDeliveries()
-        d = defer.maybeDeferred(self.runner.start)
-        d.addCallbacks(self._runnerReady, self._runnerFailed)
+        d = self.backend.whenReady()
+        d.addCallbacks(self._backendReady, self._backendFailed)
 
-    def _runnerReady(self, _):
+    def _backendReady(self, _):
         if not self.running or self._draining:
             return
         self._ready = True
@@ -1015,7 +1006,7 @@ class Poller(service.Service):
                        url=self.client.baseURL, slots=self.slots, uids=uids)
         self.fill()
 
-    def _runnerFailed(self, failure):
+    def _backendFailed(self, failure):
         self._log.failure("the fit runner could not start; this worker takes no work", failure)
         if self.onFatal is not None:
             self.onFatal(failure.getErrorMessage())
@@ -1079,7 +1070,6 @@ class Poller(service.Service):
                 timer.cancel()
         for d in list(self._sleeps):
             d.cancel()
-        yield defer.maybeDeferred(self.runner.stop)
 
     def _haltDeliveries(self):
         for job in list(self.jobs.values()):
