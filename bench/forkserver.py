@@ -78,7 +78,7 @@ def measure(runs, countRuns):
     """In the child process: run the reactor, measure, print one JSON line."""
     from twisted.internet import defer, task
 
-    from reflworkerd.forkserver import ForkServer
+    from reflworkerd.local import ForkServer
 
     refl1d = os.path.join(os.path.dirname(sys.executable), "refl1d")
 

@@ -355,6 +355,17 @@ def loadJSON(raw, maxBytes, maxDepth=MAX_DEPTH):
         raise ValueError("not JSON (%s)" % (str(e)[:200],))
 
 
+def finite(value):
+    """JSON has no NaN or infinity: such numbers become null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
 def _number(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None

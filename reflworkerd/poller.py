@@ -4,8 +4,8 @@
 one long-poll for a lease on its queue (never more, and never a busy loop:
 a failed or suspiciously quick answer waits out a capped, jittered
 exponential backoff). Each leased job is a ``LeasedJob``: its uploads are
-streamed into ``workDir/jobs/<id>/``, the fit runs through the fit runner
-(``forkserver.ForkServer``), its progress goes to the server in heartbeats at
+streamed into ``workDir/jobs/<id>/``, the fit runs in the backend
+(``backend.IBackend``), its progress goes to the server in heartbeats at
 most once per ``progressInterval`` (the latest progress wins) and at least
 every third of the lease timeout, and a heartbeat that answers ``cancel``
 cancels the fit.
@@ -53,12 +53,10 @@ from twisted.internet import defer, task, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from reflworkerd import jobfiles
+from reflworkerd import jobfiles, outcome
+from reflworkerd.jobfiles import finite
+from reflworkerd.shared import RESULTS_DIR, SESSION_NAME, isResumable
 
-RESULTS_DIR = "results"
-SESSION_NAME = "session.h5"
-RESUMABLE_FITTERS = ("dream", "de")
-"""Fitters whose session file lets a later attempt resume the fit (bumps ``--resume``)."""
 PART_SIZE = 8 * 1024 * 1024
 """Bytes per PUT of a result file: the server buffers each request body whole."""
 UPLOADS_AT_ONCE = 4
@@ -106,17 +104,6 @@ def checkName(name):
             or "\\" in name or "\0" in name or name.startswith(".")):
         raise ValueError("unsafe file name %r" % (name,))
     return name
-
-
-def finite(value):
-    """JSON has no NaN or infinity: such numbers become null."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite(v) for v in value]
-    return value
 
 
 class ServerClient:
@@ -425,23 +412,23 @@ class LeasedJob:
         except ServerError as e:
             self._log.error("job {jobId}: its files could not be downloaded ({why}); "
                             "reporting an error", jobId=self.jobId, why=str(e))
-            self.outcome = _errorOutcome("the worker could not download the job's files: %s" % (e,))
+            self.outcome = outcome.error("the worker could not download the job's files: %s" % (e,))
         except OSError as e:
-            self.outcome = _errorOutcome("the worker could not store the job's files: %s" % (e,))
+            self.outcome = outcome.error("the worker could not store the job's files: %s" % (e,))
         if self.outcome is None and not (self.dropped or self.releasing or self.cancelled):
             self._log.info("job {jobId} (lease {lease}): fit starts", jobId=self.jobId,
                            lease=self.lease)
-            self.fitRun = self.poller.runner.run(
+            self.fitRun = self.poller.backend.run(
                 self.jobId, self.jobDir, request, self.progress,
                 onCheckpoint=self.checkpointed if self.resumable() else None, uid=self.uid, gid=self.uid)
             try:
                 self.outcome = yield self.fitRun.done
             except Exception as e:
-                self.outcome = _errorOutcome("the worker lost the fit: %s" % (e,))
+                self.outcome = outcome.error("the worker lost the fit: %s" % (e,))
             self._log.info("job {jobId}: fit ended {status}", jobId=self.jobId,
                            status=self.outcome.get("status"))
         elif self.outcome is None:
-            self.outcome = {"status": "CANCEL", "result": None, "error": None, "trace": None}
+            self.outcome = outcome.cancelled()
         yield self._stopCheckpoints()
         if not (self.dropped or self.releasing):
             yield self._keepResults()
@@ -491,11 +478,7 @@ class LeasedJob:
 
     def resumable(self):
         """Whether this job's fit can go on from a checkpoint (a DREAM or DE fit of refl1d)."""
-        request = self.request if isinstance(self.request, dict) else {}
-        data = request.get("data")
-        options = data.get("options") if isinstance(data, dict) else None
-        return (request.get("service") == "refl1d" and isinstance(options, dict)
-                and options.get("fit") in RESUMABLE_FITTERS)
+        return isResumable(self.request)
 
     @defer.inlineCallbacks
     def _resumeRequest(self):
@@ -546,13 +529,7 @@ class LeasedJob:
 
     def _failWith(self, why):
         """The job ends ERROR for ``why`` (its fit's own error, if any, kept after it)."""
-        outcome = self.outcome or {}
-        if outcome.get("status") == "CANCEL":
-            return
-        if outcome.get("status") == "ERROR" and outcome.get("error") and why not in outcome["error"]:
-            why = "%s; and %s" % (why, outcome["error"])
-        self.outcome = {"status": "ERROR", "result": None, "error": why, "trace": outcome.get("trace"),
-                        "confinement": outcome.get("confinement")}
+        self.outcome = outcome.failedWith(self.outcome, why)
 
     @defer.inlineCallbacks
     def _putFile(self, name, relative, limit=None, maximum=None):
@@ -718,8 +695,8 @@ class LeasedJob:
                     refusedOnce = True
                     self._log.error("job {jobId}: the server refused its outcome ({why}); "
                                     "reporting that instead", jobId=self.jobId, why=str(e))
-                    self.outcome = _errorOutcome("the server refused the worker's outcome: %s" % (e,),
-                                                 self.outcome.get("confinement"))
+                    self.outcome = outcome.error("the server refused the worker's outcome: %s" % (e,),
+                                                 confinement=self.outcome.get("confinement"))
                     continue
             except ServerError as e:
                 self._checkHalted()
@@ -917,23 +894,19 @@ class _Halted(Exception):
     """The worker stops while the job's outcome is still being delivered."""
 
 
-def _errorOutcome(message, confinement=None):
-    return {"status": "ERROR", "result": None, "error": message, "trace": None,
-            "confinement": confinement}
-
-
 class Poller(service.Service):
     """Keeps up to ``slots`` leased fits running, and delivers what they leave.
 
-    ``runner`` is a `forkserver.ForkServer` (``start``, ``run``, ``stop``);
+    ``backend`` is where fits run (`backend.IBackend`, e.g. `local.ForkServer`);
+    a sibling in the service tree, started before and stopped after this;
     ``client`` a `ServerClient`. ``drain`` says what stopping does with the
     fits in hand: ``finish`` them (and deliver), or ``release`` them to the
-    queue. ``onFatal(why)`` is called when the runner cannot start.
+    queue. ``onFatal(why)`` is called when the backend cannot start.
     """
 
     _log = Logger()
 
-    def __init__(self, reactor, client, runner, queueName, workDir, slots=1,
+    def __init__(self, reactor, client, backend, queueName, workDir, slots=1,
                  pollTimeout=30.0, drain="finish", workerName=None, random=_random.random,
                  backoffInitial=0.5, backoffCap=30.0, progressInterval=1.0,
                  partSize=PART_SIZE, cancelGrace=5.0, deliverGrace=30.0, slotUidBase=None,
@@ -944,7 +917,7 @@ class Poller(service.Service):
             raise ValueError("drain is 'finish' or 'release', not %r" % (drain,))
         self.reactor = reactor
         self.client = client
-        self.runner = runner
+        self.backend = backend
         self.queueName = queueName
         self.workDir = workDir
         self.jobsDir = os.path.join(workDir, "jobs")
@@ -1019,10 +992,10 @@ class Poller(service.Service):
             for path in ([self.workDir] if created else []) + [self.jobsDir]:
                 os.chmod(path, 0o711)
         self._resumeDeliveries()
-        d = defer.maybeDeferred(self.runner.start)
-        d.addCallbacks(self._runnerReady, self._runnerFailed)
+        d = self.backend.whenReady()
+        d.addCallbacks(self._backendReady, self._backendFailed)
 
-    def _runnerReady(self, _):
+    def _backendReady(self, _):
         if not self.running or self._draining:
             return
         self._ready = True
@@ -1033,7 +1006,7 @@ class Poller(service.Service):
                        url=self.client.baseURL, slots=self.slots, uids=uids)
         self.fill()
 
-    def _runnerFailed(self, failure):
+    def _backendFailed(self, failure):
         self._log.failure("the fit runner could not start; this worker takes no work", failure)
         if self.onFatal is not None:
             self.onFatal(failure.getErrorMessage())
@@ -1097,7 +1070,6 @@ class Poller(service.Service):
                 timer.cancel()
         for d in list(self._sleeps):
             d.cancel()
-        yield defer.maybeDeferred(self.runner.stop)
 
     def _haltDeliveries(self):
         for job in list(self.jobs.values()):

@@ -4,7 +4,7 @@
 result summary; ``outcomeOf`` wraps it into the outcome record the parent reads
 (``{"status", "result", "error", "trace"}``, and ``"limit": "memory"|"fsize"``
 when the error is a MemoryError or a file too large), turning exceptions into an
-``ERROR`` with the model's own traceback; ``writeOutcome``/``readOutcome`` move
+``ERROR`` with the model's own traceback; ``outcome.write``/``outcome.read`` move
 that record through ``jobDir/.outcome.json`` (written by the child when it ends,
 read by the worker when the child's process group is gone).
 
@@ -21,7 +21,6 @@ bumps and refl1d (``preload``) so that each forked child finds them in memory.
 """
 
 import errno
-import json
 import math
 import os
 import secrets
@@ -29,13 +28,9 @@ import sys
 import time
 import traceback
 
-OUTCOME_NAME = ".outcome.json"
-"""The child's outcome record, in the job directory (not among the results)."""
+from reflworkerd import outcome
+from reflworkerd.shared import RESULTS_DIR, RESUMABLE_FITTERS, SESSION_NAME, STDERR_NAME
 
-RESULTS_DIR = "results"
-SESSION_NAME = "session.h5"
-STDOUT_NAME = "stdout.txt"
-STDERR_NAME = "stderr.txt"
 
 PROGRESS_INTERVAL = 1.0
 """Seconds between progress reports from bumps' fit monitor (the worker rate-limits further)."""
@@ -255,9 +250,6 @@ class _FitEvents:
         )
 
 
-RESUMABLE_FITTERS = ("dream", "de")
-
-
 def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
     """Run ``refl1d --batch`` on the job's model, in this process; return the result summary.
 
@@ -418,12 +410,12 @@ def outcomeOf(jobDir, request, progress, checkpointEvery=300, checkpoint=None):
     try:
         result = runJob(jobDir, request, progress, checkpointEvery=checkpointEvery, checkpoint=checkpoint)
     except JobError as exc:
-        return {"status": "ERROR", "result": None, "error": str(exc), "trace": None}
+        return outcome.error(str(exc))
     except _FitThreadError as exc:
         return _errorOutcome(exc.exc, jobDir)
     except (Exception, SystemExit) as exc:
         return _errorOutcome(exc, jobDir)
-    return {"status": "COMPLETE", "result": result, "error": None, "trace": None}
+    return outcome.completed(result)
 
 
 _PLUMBING = (
@@ -436,12 +428,12 @@ _PLUMBING = (
 
 def _errorOutcome(exc, jobDir):
     message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
-    outcome = {"status": "ERROR", "result": None, "error": message, "trace": modelTraceback(exc, jobDir)}
+    record = outcome.error(message, modelTraceback(exc, jobDir))
     if isinstance(exc, MemoryError):
-        outcome["limit"] = "memory"
+        record["limit"] = "memory"
     elif isinstance(exc, OSError) and exc.errno == errno.EFBIG:
-        outcome["limit"] = "fsize"
-    return outcome
+        record["limit"] = "fsize"
+    return record
 
 
 def modelTraceback(exc, jobDir):
@@ -469,67 +461,6 @@ def modelTraceback(exc, jobDir):
     lines.extend(traceback.StackSummary.from_list(kept).format())
     lines.extend(traceback.format_exception_only(type(exc), exc))
     return "".join(lines)
-
-
-def writeOutcome(jobDir, outcome):
-    """Write the outcome record where the worker looks for it, whole or not at all.
-
-    Not fsynced: the worker reads it from the page cache right after the child
-    exits, and a machine that crashes loses the job's lease anyway (the server
-    hands the job out again).
-    """
-    path = os.path.join(jobDir, OUTCOME_NAME)
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(outcome, f, allow_nan=False, default=_jsonDefault)
-    os.rename(temporary, path)
-
-
-def _jsonDefault(value):
-    try:
-        return float(value)
-    except Exception:
-        return repr(value)
-
-
-MAX_OUTCOME_BYTES = 4 * 1024 * 1024
-
-
-def readOutcome(jobDir, uid=None):
-    """The outcome the child wrote, or None when it wrote none.
-
-    The file was written by a process running a model nobody vetted: it is
-    opened with ``jobfiles.openFile`` (a regular file of the fit's ``uid``,
-    reached through no link) and parsed with bounded size and depth; anything
-    else raises ``jobfiles.UnsafeFile`` saying what was found. Its
-    ``confinement``, if any, is dropped: the worker reports what it applied.
-    """
-    from reflworkerd import jobfiles
-
-    try:
-        raw = jobfiles.readFile(jobDir, OUTCOME_NAME, uid, MAX_OUTCOME_BYTES)
-    except FileNotFoundError:
-        return None
-    try:
-        outcome = jobfiles.loadJSON(raw, MAX_OUTCOME_BYTES)
-    except ValueError as e:
-        raise jobfiles.UnsafeFile("%s is not an outcome record: %s" % (OUTCOME_NAME, e))
-    if not isinstance(outcome, dict) or outcome.get("status") not in ("COMPLETE", "ERROR"):
-        raise jobfiles.UnsafeFile("%s is not an outcome record (no status COMPLETE or ERROR)" % (OUTCOME_NAME,))
-    for key in ("error", "trace", "limit"):
-        if outcome.get(key) is not None and not isinstance(outcome[key], str):
-            raise jobfiles.UnsafeFile("%s is not an outcome record (%s is not text)" % (OUTCOME_NAME, key))
-    outcome.pop("confinement", None)
-    return outcome
-
-
-def removeOutcome(jobDir):
-    """Remove a stale outcome (an earlier attempt's) before a new run."""
-    for name in (OUTCOME_NAME, OUTCOME_NAME + ".tmp"):
-        try:
-            os.unlink(os.path.join(jobDir, name))
-        except FileNotFoundError:
-            pass
 
 
 _preloaded = False

@@ -7,6 +7,7 @@ import sys
 from urllib.parse import urlsplit
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -218,14 +219,31 @@ def _quietFactory():
     return QuietFactory
 
 
+class WorkerService(service.MultiService):
+    """The worker's service tree: its children start in the order they were
+    added and stop one after another, last first, each once the one before has
+    stopped: the poller drains its fits before the backend that runs them goes."""
+
+    _log = Logger()
+
+    @defer.inlineCallbacks
+    def stopService(self):
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                yield defer.maybeDeferred(child.stopService)
+            except Exception:
+                self._log.failure("stopping {child}", child=child.name)
+
+
 def makeService(config, reactor=None):
-    """The worker: a `Poller` that owns its fork server and its HTTP client."""
+    """The worker: the backend that runs fits, then the `Poller` that leases them."""
     if reactor is None:
         from twisted.internet import reactor
     from twisted.web.client import Agent, HTTPConnectionPool
     from treq.client import HTTPClient
 
-    from reflworkerd.forkserver import ForkServer
+    from reflworkerd.local import ForkServer
     from reflworkerd.poller import Poller, ServerClient
 
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -233,14 +251,14 @@ def makeService(config, reactor=None):
     pool.maxPersistentPerHost = config["slots"] + 2
     http = HTTPClient(Agent(reactor, pool=pool))
     client = ServerClient(reactor, http, config["server"], token=config["token"])
-    runner = ForkServer(reactor, sandboxMode=config["sandbox-effective"], limits=config["limits"],
+    backend = ForkServer(reactor, sandboxMode=config["sandbox-effective"], limits=config["limits"],
                         checkpointEvery=config["checkpoint-every"])
 
     def fatal(why):
         if reactor.running:
             reactor.stop()
 
-    poller = Poller(reactor, client, runner, config["queue"], config["work-dir"],
+    poller = Poller(reactor, client, backend, config["queue"], config["work-dir"],
                     slots=config["slots"], pollTimeout=config["poll-timeout"],
                     drain=config["drain"],
                     workerName=config["name"],
@@ -249,7 +267,9 @@ def makeService(config, reactor=None):
                     resultFilesQuota=config["result-files-quota"],
                     resultBytesQuota=config["result-bytes-quota"],
                     onFatal=fatal)
+    top = WorkerService()
+    backend.setName("backend")
+    backend.setServiceParent(top)
     poller.setName("poller")
-    top = service.MultiService()
     poller.setServiceParent(top)
     return top

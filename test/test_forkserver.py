@@ -1,6 +1,6 @@
 """The fork server, for real: a preloaded server process, forked fits, real signals.
 
-Each test starts its own fork server (a real ``python -m reflworkerd.forkserver``
+Each test starts its own fork server (a real ``python -m reflworkerd.forkhost``
 spawned by the reactor) and stops it; the fits are the nickel film of
 refl1d's examples, run like ``refl1d --batch`` would.
 """
@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from reflworkerd import sandbox
-from reflworkerd.forkserver import ForkServer
+from reflworkerd.local import ForkServer
 from test.support import sessionGenerations
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -544,7 +544,7 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
         server = ForkServer(self.reactor, python="/usr/bin/python3", env={"PATH": "/usr/bin"}, **kw)
         started = server.start()
         proto, process, args, env, childFDs = self.reactor.spawned[-1]
-        self.assertEqual(args, ["/usr/bin/python3", "-m", "reflworkerd.forkserver"])
+        self.assertEqual(args, ["/usr/bin/python3", "-m", "reflworkerd.forkhost"])
         self.assertEqual(childFDs, {0: "w", 1: "r", 2: "r", 3: "w", 4: "r"})
         self.assertEqual(env["PATH"], "/usr/bin")
         self.assertEqual(env["OPENBLAS_NUM_THREADS"], "1")

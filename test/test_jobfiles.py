@@ -13,7 +13,7 @@ import socket
 
 import pytest
 
-from reflworkerd import jobfiles, runner
+from reflworkerd import jobfiles, outcome
 
 OTHER_UID = 61999
 needsRoot = pytest.mark.skipif(os.geteuid() != 0, reason="device nodes and other owners need root")
@@ -130,17 +130,17 @@ def test_outcome_of_special_files_and_deep_nesting_is_refused(job):
     """readOutcome refuses a FIFO (without blocking), a directory, and JSON nested
     deeper than the bound (no RecursionError reaches the caller)."""
     mine, _ = job
-    os.mkfifo(str(mine / runner.OUTCOME_NAME))
+    os.mkfifo(str(mine / outcome.OUTCOME_NAME))
     with pytest.raises(jobfiles.UnsafeFile, match="is a FIFO"):
-        runner.readOutcome(str(mine))
-    os.unlink(str(mine / runner.OUTCOME_NAME))
-    (mine / runner.OUTCOME_NAME).mkdir()
+        outcome.read(str(mine))
+    os.unlink(str(mine / outcome.OUTCOME_NAME))
+    (mine / outcome.OUTCOME_NAME).mkdir()
     with pytest.raises(jobfiles.UnsafeFile, match="is a directory"):
-        runner.readOutcome(str(mine))
-    os.rmdir(str(mine / runner.OUTCOME_NAME))
-    (mine / runner.OUTCOME_NAME).write_bytes(b"[" * 200000)
+        outcome.read(str(mine))
+    os.rmdir(str(mine / outcome.OUTCOME_NAME))
+    (mine / outcome.OUTCOME_NAME).write_bytes(b"[" * 200000)
     with pytest.raises(jobfiles.UnsafeFile, match="nested deeper than 32 levels"):
-        runner.readOutcome(str(mine))
+        outcome.read(str(mine))
 
 
 def test_loadJSON_bounds_size_and_depth():

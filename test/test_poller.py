@@ -2,7 +2,7 @@
 
 A small Klein server that records every call stands in for reflservd
 (``FakeServer``), reached through StubTreq; a switch in front of it plays a
-server that is down. The fit runner is a fake with the `ForkServer`
+server that is down. The backend is a fake with the `backend.IBackend`
 interface, and time is a `Clock`: the backoff sequence, the heartbeat rate
 and the lease timeouts are read off the clock, never waited for.
 """
@@ -15,6 +15,7 @@ import tempfile
 import pytest
 from klein import Klein
 from treq.testing import StubTreq
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
@@ -206,30 +207,31 @@ class FakeRun:
                             "confinement": self.confinement})
 
 
-class FakeRunner:
-    """The `ForkServer` interface: start, run, stop."""
+class FakeBackend(service.Service):
+    """The `backend.IBackend` interface (whenReady, run, survivors), as a service."""
 
     def __init__(self):
         self.runs = []
-        self.started = False
         self.stopped = False
 
-    def start(self):
-        self.started = True
+    def stopService(self):
+        service.Service.stopService(self)
+        self.stopped = True
+
+    def whenReady(self):
         return defer.succeed(None)
+
+    def survivors(self):
+        return frozenset()
 
     def run(self, jobId, jobDir, request, onProgress, onCheckpoint=None, uid=None, gid=None):
         fitRun = FakeRun(jobId, jobDir, request, onProgress, onCheckpoint, uid, gid)
         self.runs.append(fitRun)
         return fitRun
 
-    def stop(self):
-        self.stopped = True
-        return defer.succeed(None)
-
 
 class World:
-    """A poller wired to the fake server, the fake runner and a clock."""
+    """A poller wired to the fake server, the fake backend and a clock."""
 
     def __init__(self, workDir, **kwargs):
         self.clock = Clock()
@@ -237,15 +239,18 @@ class World:
         self.stub = StubTreq(self.server.app.resource())
         self.http = Switch(self.stub)
         self.client = ServerClient(self.clock, self.http, URL, token="sekrit")
-        self.runner = FakeRunner()
+        self.backend = FakeBackend()
         self.workDir = str(workDir)
         kwargs.setdefault("random", lambda: 1.0)
         kwargs.setdefault("inThread", lambda f, *args: defer.maybeDeferred(f, *args))
-        self.poller = Poller(self.clock, self.client, self.runner, "q1", self.workDir,
+        self.poller = Poller(self.clock, self.client, self.backend, "q1", self.workDir,
                              workerName="test:1", **kwargs)
+        self.top = tap.WorkerService()
+        self.backend.setServiceParent(self.top)
+        self.poller.setServiceParent(self.top)
 
     def start(self):
-        self.poller.startService()
+        self.top.startService()
         self.pump()
 
     def pump(self):
@@ -296,12 +301,12 @@ def test_one_long_poll_per_free_slot(world):
     w.server.grant(1)
     w.pump()
     assert len(w.server.leaseWaiters) == 1
-    assert len(w.runner.runs) == 1
+    assert len(w.backend.runs) == 1
     w.server.grant(2)
     w.pump()
     assert len(w.server.leaseWaiters) == 0
     assert len(w.server.of("lease")) == 2
-    w.runner.runs[0].finish()
+    w.backend.runs[0].finish()
     w.pump()
     assert len(w.server.leaseWaiters) == 1
     assert len(w.server.of("lease")) == 3
@@ -392,7 +397,7 @@ def test_uploads_are_downloaded_into_the_job_directory(world):
     w = world()
     w.server.grant(7, files={"model.py": b"x = 1\n", "data.dat": b"1 2 3\n" * 1000})
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     assert fitRun.jobDir == w.jobDir(7)
     with open(os.path.join(fitRun.jobDir, "data.dat"), "rb") as f:
         assert f.read() == b"1 2 3\n" * 1000
@@ -405,7 +410,7 @@ def test_progress_heartbeats_at_most_once_a_second_latest_wins(world):
     w = world()
     w.server.grant(1)
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     for step in range(10):
         fitRun.onProgress({"step": step})
         w.advance(0.05)
@@ -441,7 +446,7 @@ def test_confinement_goes_with_a_heartbeat_once(world):
     w = world()
     w.server.grant(1)
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     fitRun.confinement = "namespaces+rlimits"
     fitRun.onProgress({"step": 1})
     w.advance(1.5)
@@ -456,7 +461,7 @@ def test_cancel_in_a_heartbeat_answer_cancels_the_fit_and_reports_cancel(world):
     w = world()
     w.server.grant(1)
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     w.server.cancel.add(1)
     fitRun.onProgress({"step": 3})
     w.pump()
@@ -475,7 +480,7 @@ def test_stale_heartbeat_drops_the_job(world, code):
     w = world()
     w.server.grant(1)
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     w.server.codes[("heartbeat", 1)] = code
     fitRun.onProgress({"step": 1})
     w.pump()
@@ -494,7 +499,7 @@ def test_results_are_uploaded_in_bounded_parts_then_completed(world):
     w = world(partSize=10)
     w.server.grant(3, lease=2)
     w.pump()
-    w.runner.runs[0].finish(files={"fit.par": b"a" * 25, "empty.txt": b"", "x.dat": b"b" * 10},
+    w.backend.runs[0].finish(files={"fit.par": b"a" * 25, "empty.txt": b"", "x.dat": b"b" * 10},
                             result={"chisq": 1.0})
     w.pump()
     parts = [(c["args"]["offset"], c["args"].get("last"), len(c["body"]))
@@ -520,7 +525,7 @@ def test_results_wait_on_disk_until_the_server_acknowledges(world):
     w.server.grant(4)
     w.pump()
     w.http.down = True
-    w.runner.runs[0].finish(files={"fit.par": b"thickness 100\n"}, result={"chisq": 1.0})
+    w.backend.runs[0].finish(files={"fit.par": b"thickness 100\n"}, result={"chisq": 1.0})
     w.advance(120.0, step=0.5)
     assert not w.server.of("complete")
     assert os.path.exists(os.path.join(w.jobDir(4), "results", "fit.par"))
@@ -540,7 +545,7 @@ def test_server_errors_on_complete_are_retried(world):
     w.server.grant(5)
     w.pump()
     w.server.codes[("complete", 5)] = 503
-    w.runner.runs[0].finish()
+    w.backend.runs[0].finish()
     w.advance(5.0)
     tried = len(w.server.of("complete"))
     assert tried >= 2
@@ -556,7 +561,7 @@ def test_stale_complete_drops_quietly(world, logged):
     w.server.grant(6)
     w.pump()
     w.server.codes[("complete", 6)] = 409
-    w.runner.runs[0].finish(files={"a": b"1"})
+    w.backend.runs[0].finish(files={"a": b"1"})
     w.advance(60.0, step=1.0)
     assert len(w.server.of("complete")) == 1
     assert not os.path.exists(w.jobDir(6))
@@ -572,7 +577,7 @@ def test_links_left_by_a_fit_are_not_uploaded(world, tmp_path):
     w = world()
     w.server.grant(8)
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     os.makedirs(os.path.join(fitRun.jobDir, "results"))
     os.symlink(str(secret), os.path.join(fitRun.jobDir, "results", "leak.txt"))
     fitRun.finish(files={"ok.par": b"1"})
@@ -593,7 +598,7 @@ def test_results_past_the_quota_end_the_job_error_keeping_what_fits(world):
     w.pump()
     files = {"f%02d" % n: b"x" for n in range(5)}
     files.update({"stdout.txt": b"out", "stderr.txt": b"err"})
-    w.runner.runs[0].finish(files=files)
+    w.backend.runs[0].finish(files=files)
     w.pump()
     assert sorted(name for job, name in w.server.results) == ["f00", "stderr.txt", "stdout.txt"]
     [complete] = w.server.of("complete")
@@ -607,7 +612,7 @@ def test_results_past_the_byte_quota_count_sparse_files_whole(world):
     w = world(resultBytesQuota=1 << 20)
     w.server.grant(1)
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     folder = os.path.join(fitRun.jobDir, "results")
     os.makedirs(folder)
     with open(os.path.join(folder, "sparse.bin"), "wb") as f:
@@ -627,7 +632,7 @@ def test_a_413_on_upload_ends_the_job_error_with_the_servers_message(world):
     w.server.grant(1)
     w.pump()
     w.server.codes[("put", 1)] = 413
-    w.runner.runs[0].finish(files={"a.par": b"1", "b.par": b"2", "c.par": b"3", "d.par": b"4",
+    w.backend.runs[0].finish(files={"a.par": b"1", "b.par": b"2", "c.par": b"3", "d.par": b"4",
                                    "e.par": b"5", "f.par": b"6"})
     w.pump()
     assert len(w.server.of("put")) <= 4      # the first round only, none after the refusal
@@ -643,7 +648,7 @@ def test_an_unusable_checkpoint_ends_the_fit_error(world):
     w = world()
     w.server.grant(1, request=DREAM)
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     os.makedirs(os.path.join(fitRun.jobDir, "results"))
     os.mkfifo(os.path.join(fitRun.jobDir, "results", "session.h5"))
     fitRun.onCheckpoint("results/session.h5")
@@ -659,7 +664,7 @@ def test_a_fit_keeps_running_while_the_server_is_down(world):
     w = world()
     w.server.grant(9)
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     w.http.down = True
     fitRun.onProgress({"step": 1})
     w.advance(40.0, step=0.5)
@@ -678,9 +683,9 @@ def test_an_undelivered_outcome_is_delivered_by_the_next_start(world, tmp_path):
     w.server.grant(10, lease=3)
     w.pump()
     w.http.down = True
-    w.runner.runs[0].finish(files={"fit.par": b"p"}, result={"chisq": 2.0})
+    w.backend.runs[0].finish(files={"fit.par": b"p"}, result={"chisq": 2.0})
     w.pump()
-    stopped = w.poller.stopService()
+    stopped = w.top.stopService()
     w.advance(6.0)
     assert stopped.called
     assert os.path.exists(w.jobDir(10) + ".json")
@@ -710,12 +715,12 @@ def test_a_fit_lost_with_a_previous_run_is_released(world, tmp_path):
 
 def test_drain_release_cancels_and_releases(world):
     """Stopping with drain=release stops polling, cancels the fit, releases the
-    job, and stops the runner."""
+    job, then the backend stops."""
     w = world(drain="release")
     w.server.grant(1)
     w.pump()
-    fitRun = w.runner.runs[0]
-    stopped = w.poller.stopService()
+    fitRun = w.backend.runs[0]
+    stopped = w.top.stopService()
     w.pump()
     assert not w.server.leaseWaiters
     assert fitRun.cancels == [5.0]
@@ -724,7 +729,7 @@ def test_drain_release_cancels_and_releases(world):
     w.pump()
     assert [c["json"] for c in w.server.of("release")] == [{"lease": 1}]
     assert not w.server.of("complete")
-    assert stopped.called and w.runner.stopped
+    assert stopped.called and w.backend.stopped
 
 
 def test_drain_finish_waits_for_the_fit_and_delivers(world):
@@ -732,22 +737,22 @@ def test_drain_finish_waits_for_the_fit_and_delivers(world):
     w = world(drain="finish")
     w.server.grant(1)
     w.pump()
-    stopped = w.poller.stopService()
+    stopped = w.top.stopService()
     w.pump()
     assert not w.server.leaseWaiters
     assert not stopped.called
-    w.runner.runs[0].finish(files={"r.par": b"1"})
+    w.backend.runs[0].finish(files={"r.par": b"1"})
     w.pump()
     assert [c["json"]["status"] for c in w.server.of("complete")] == ["COMPLETE"]
-    assert stopped.called and w.runner.stopped
+    assert stopped.called and w.backend.stopped
     assert len(w.server.of("lease")) == 1
 
 
-def test_polling_starts_only_once_the_runner_is_ready(tmp_path):
+def test_polling_starts_only_once_the_backend_is_ready(tmp_path):
     """No lease is asked for before the fork server has preloaded."""
     w = World(tmp_path / "work")
     ready = defer.Deferred()
-    w.runner.start = lambda: ready
+    w.backend.whenReady = lambda: ready
     w.start()
     assert not w.server.of("lease")
     ready.callback(None)
@@ -843,11 +848,11 @@ def test_tap_service_tree(tmp_path):
     assert poller.client.baseURL == "http://127.0.0.1:8080"
 
 
-def test_a_runner_that_cannot_start_is_fatal_and_no_work_is_taken(tmp_path):
+def test_a_backend_that_cannot_start_is_fatal_and_no_work_is_taken(tmp_path):
     """When the fork server cannot start, the worker asks for no lease and says so through onFatal."""
     fatal = []
     w = World(tmp_path / "work", onFatal=fatal.append)
-    w.runner.start = lambda: defer.fail(RuntimeError("the fork server failed to start (exit code 1)"))
+    w.backend.whenReady = lambda: defer.fail(RuntimeError("the fork server failed to start (exit code 1)"))
     w.start()
     assert fatal == ["the fork server failed to start (exit code 1)"]
     assert not w.server.of("lease")
@@ -904,7 +909,7 @@ def test_tap_auto_never_ends_at_none_without_allow_unconfined(monkeypatch):
     assert options["sandbox-effective"] == "none"
     chosen.clear()
     poller = tap.makeService(options, reactor=Clock()).getServiceNamed("poller")
-    assert poller.runner.sandboxMode == "none" and chosen == []
+    assert poller.backend.sandboxMode == "none" and chosen == []
 
 
 def test_tap_service_passes_limits_and_quotas(tmp_path):
@@ -913,7 +918,7 @@ def test_tap_service_passes_limits_and_quotas(tmp_path):
                     "--result-bytes-quota", "16M", "--cpu-limit", "5")
     poller = tap.makeService(options, reactor=Clock()).getServiceNamed("poller")
     assert (poller.resultFilesQuota, poller.resultBytesQuota) == (20, 16 << 20)
-    assert poller.runner.limits["cpu"] == 5 and poller.runner.sandboxMode == "none"
+    assert poller.backend.limits["cpu"] == 5 and poller.backend.sandboxMode == "none"
 
 
 def test_unreachable_names_the_first_closed_directory(tmp_path):
@@ -961,20 +966,20 @@ def test_each_slot_runs_its_fits_as_its_own_uid(world, logged):
     w.server.grant(1)
     w.server.grant(2)
     w.pump()
-    assert sorted((r.uid, r.gid) for r in w.runner.runs) == [(60001, 60001), (60002, 60002)]
-    first = next(r for r in w.runner.runs if r.uid == 60001)
-    second = next(r for r in w.runner.runs if r.uid == 60002)
+    assert sorted((r.uid, r.gid) for r in w.backend.runs) == [(60001, 60001), (60002, 60002)]
+    first = next(r for r in w.backend.runs if r.uid == 60001)
+    second = next(r for r in w.backend.runs if r.uid == 60002)
     first.finish()
     w.pump()
     w.server.grant(3)
     w.pump()
-    assert (w.runner.runs[2].jobId, w.runner.runs[2].uid) == (3, 60001)
-    w.runner.runs[2].finish()
+    assert (w.backend.runs[2].jobId, w.backend.runs[2].uid) == (3, 60001)
+    w.backend.runs[2].finish()
     second.finish()
     w.pump()
     w.server.grant(4)
     w.pump()
-    assert w.runner.runs[3].uid == 60001
+    assert w.backend.runs[3].uid == 60001
 
 
 def test_slot_uids_can_reach_their_job_directories_under_any_umask(tmp_path):
@@ -992,11 +997,11 @@ def test_slot_uids_can_reach_their_job_directories_under_any_umask(tmp_path):
 
 
 def test_without_slot_uids_fits_run_as_the_worker(world):
-    """No slot uid base (not root, or turned off): the runner is given no uid."""
+    """No slot uid base (not root, or turned off): the backend is given no uid."""
     w = world(slots=2)
     w.server.grant(1)
     w.pump()
-    assert (w.runner.runs[0].uid, w.runner.runs[0].gid) == (None, None)
+    assert (w.backend.runs[0].uid, w.backend.runs[0].gid) == (None, None)
 
 
 # ---- checkpoints and resume
@@ -1021,7 +1026,7 @@ def test_checkpoints_go_up_as_session_h5_at_most_every_checkpoint_interval(world
     w = world(checkpointEvery=10.0, partSize=4)
     w.server.grant(1, lease=2, request=DREAM)
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     fitRun.onCheckpoint(writeSession(fitRun, b"first"))
     w.pump()
     assert w.server.results[(1, "session.h5")] == b"first"
@@ -1041,7 +1046,7 @@ def test_fits_that_cannot_resume_send_no_checkpoints(world):
     w = world()
     w.server.grant(1, request={"service": "refl1d", "data": {"model": "model.py", "options": {"fit": "lm"}}})
     w.pump()
-    assert w.runner.runs[0].onCheckpoint is None
+    assert w.backend.runs[0].onCheckpoint is None
 
 
 def test_the_final_session_file_waits_for_a_checkpoint_on_its_way(world):
@@ -1050,7 +1055,7 @@ def test_the_final_session_file_waits_for_a_checkpoint_on_its_way(world):
     w = world(checkpointEvery=1.0)
     w.server.grant(1, request=DREAM)
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     w.http.hold = "PUT"
     fitRun.onCheckpoint(writeSession(fitRun, b"checkpoint"))
     w.pump()
@@ -1071,7 +1076,7 @@ def test_a_checkpoint_refused_as_stale_drops_the_job(world):
     w = world()
     w.server.grant(1, request=DREAM)
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     w.server.codes[("put", 1)] = 409
     fitRun.onCheckpoint(writeSession(fitRun, b"checkpoint"))
     w.pump()
@@ -1089,7 +1094,7 @@ def test_a_lease_with_a_checkpoint_resumes_the_fit_from_it(world):
     w = world()
     w.server.grant(5, lease=2, request=DREAM, checkpoint=b"HDF5 checkpoint")
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     with open(os.path.join(fitRun.jobDir, "results", "session.h5"), "rb") as f:
         assert f.read() == b"HDF5 checkpoint"
     assert fitRun.request["data"]["options"] == dict(DREAM["data"]["options"], resume=True)
@@ -1103,7 +1108,7 @@ def test_a_checkpoint_is_ignored_by_a_fit_that_cannot_resume(world):
     lm = {"service": "refl1d", "data": {"model": "model.py", "options": {"fit": "lm"}}}
     w.server.grant(5, lease=2, request=lm, checkpoint=b"HDF5")
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     assert fitRun.request == lm
     assert not os.path.exists(os.path.join(fitRun.jobDir, "results"))
     assert [c["args"]["kind"] for c in w.server.of("download")] == ["upload"]
@@ -1116,7 +1121,7 @@ def test_a_checkpoint_that_cannot_be_had_means_starting_over(world, logged):
     w.server.grant(5, lease=2, request=DREAM, checkpoint=b"HDF5")
     del w.server.results[(5, "session.h5")]
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     assert fitRun.request == DREAM
     assert not os.path.exists(os.path.join(fitRun.jobDir, "results", "session.h5"))
     assert messages(logged, "starts over")
@@ -1128,7 +1133,7 @@ def test_last_progress_reaches_the_server_before_the_job_completes(world):
     w = world()
     w.server.grant(1)
     w.pump()
-    fitRun = w.runner.runs[0]
+    fitRun = w.backend.runs[0]
     fitRun.onProgress({"step": 1, "chisq": 783.4})
     w.advance(0.1)
     fitRun.onProgress({"step": 10, "chisq": 1.01})
@@ -1147,7 +1152,7 @@ def test_result_files_upload_a_few_at_a_time_then_complete(world):
     w.pump()
     w.server.heldPuts = []
     files = {"r%d.dat" % i: b"%d" % i for i in range(9)}
-    w.runner.runs[0].finish(files=files)
+    w.backend.runs[0].finish(files=files)
     w.pump()
     inFlight = []
     while w.server.heldPuts:

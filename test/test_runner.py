@@ -12,7 +12,7 @@ import tempfile
 
 import pytest
 
-from reflworkerd import runner
+from reflworkerd import outcome as outcomes, runner
 
 
 @pytest.fixture
@@ -151,10 +151,10 @@ def test_outcomeRoundTripsThroughTheJobDirectory(jobDir):
     but for a confinement, which the worker never takes from the fit; removeOutcome
     clears it."""
     record = {"status": "COMPLETE", "result": {"chisq": 1.0}, "error": None, "trace": None}
-    runner.writeOutcome(jobDir, dict(record, confinement="apparmor(reflworkerd-fit)+uid 60001"))
-    assert runner.readOutcome(jobDir) == record
-    runner.removeOutcome(jobDir)
-    assert runner.readOutcome(jobDir) is None
+    outcomes.write(jobDir, dict(record, confinement="apparmor(reflworkerd-fit)+uid 60001"))
+    assert outcomes.read(jobDir) == record
+    outcomes.remove(jobDir)
+    assert outcomes.read(jobDir) is None
 
 
 @pytest.mark.parametrize(
@@ -168,10 +168,10 @@ def test_readOutcomeRefusesWhatIsNotAnOutcome(jobDir, content, says):
     shaped like an outcome is refused, saying why (never an exception of the parser)."""
     from reflworkerd import jobfiles
 
-    with open(os.path.join(jobDir, runner.OUTCOME_NAME), "wb") as f:
+    with open(os.path.join(jobDir, outcomes.OUTCOME_NAME), "wb") as f:
         f.write(content)
     with pytest.raises(jobfiles.UnsafeFile, match=r"^\.outcome\.json is not an outcome record.*" + says):
-        runner.readOutcome(jobDir)
+        outcomes.read(jobDir)
 
 
 def test_memoryErrorIsMarkedForTheWorker(jobDir):

@@ -1,0 +1,50 @@
+"""The backend seam: where a leased job's fit runs.
+
+The poller holds the leases; a backend runs the fits. It is given a job's
+directory (its uploads already in it), its request and the slot's uid, and
+gives back progress events and one outcome (``outcome``). It is a
+`service.IService` child of the worker, so the service tree starts it before
+the poller asks for work and stops it after the poller has drained.
+
+``local`` (`local.ForkServer`) forks each fit from a preloaded fork host on
+this machine. A Slurm backend (``slurm``) would submit the same confined
+runner to the cluster and plug in beside it, implementing these two
+interfaces.
+"""
+
+from zope.interface import Attribute, Interface
+
+
+class IBackend(Interface):
+    """Runs fits; limits and the sandbox mode are given when it is made."""
+
+    def whenReady():
+        """A Deferred that fires when fits can start, or fails when they never will."""
+
+    def run(jobId, jobDir, request, onProgress, onCheckpoint=None, uid=None, gid=None):
+        """Start the fit of the job in ``jobDir``; an `IFitRun`.
+
+        ``onProgress(dict)`` gets its progress (typed fields only, see
+        ``jobfiles.cleanProgress``), ``onCheckpoint(path)`` the path of the
+        session file relative to ``jobDir`` each time the fit saved it. Both
+        are called in the reactor thread. ``uid``/``gid``: the slot's user.
+        """
+
+    def survivors():
+        """The job ids whose fits survive a restart of the worker (and would be
+        picked up again, not handed back)."""
+
+
+class IFitRun(Interface):
+    """One fit in a backend."""
+
+    done = Attribute("A Deferred firing once with the fit's outcome record, "
+                     "after everything the fit started is gone.")
+    confinement = Attribute("What confines the fit, as the worker applied it "
+                            "(empty until the fit is confined).")
+
+    def cancel(grace=5.0):
+        """Stop the fit (TERM, KILL after ``grace`` seconds); it ends CANCEL."""
+
+    def abort(why):
+        """Stop the fit; it ends ERROR saying ``why``."""
