@@ -277,7 +277,9 @@ class CancelTests(ForkServerTestCase):
         self.assertTrue(os.path.getsize(session) > 0)
 
         progress = []
-        options = {"fit": "dream", "samples": 3000, "burn": 0, "seed": 1, "resume": True}
+        # More samples than the checkpoint holds, however long the first run took,
+        # so that the resumed fit has generations left to run and report.
+        options = {"fit": "dream", "samples": 20000, "burn": 0, "seed": 1, "resume": True}
         outcome = yield server.run(2, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": options}}, progress.append).done
         self.assertEqual(outcome["status"], "COMPLETE", outcome)
         self.assertGreater(progress[0]["step"], 1)
