@@ -3,26 +3,28 @@
 import math
 import os
 
+from klein import Klein
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from reflservd import limits
 from reflservd.access import Access
+from reflservd.faces import answerRefusals, parseBody, submitter, workerRoute
 from reflservd.names import SESSION_NAME
+from reflservd.queue import selectJobs
 from reflservd.server import MAX_LONG_POLL
 from reflservd.store import checkName
-from reflservd.web import APIError, Routes, checkSize, downloadable, formParts, jsonBody, readJSON
+from reflservd.web import APIError, downloadable, formParts, jsonBody, readJSON
 
-app = Routes.app
 MAX_PAGE = 1000
-PARSE_IN_THREAD = 1 << 20
-"""A body over this many bytes is parsed in the store's thread pool, off the reactor."""
 
 
-class JobAPI(Routes):
+class JobAPI:
     """The JSON API for users and workers."""
 
     _log = Logger()
+    app = Klein()
+    answerRefusals(app)
 
     def __init__(self, server, maxUpload=200 * 1024 * 1024, access=None, metrics=None):
         self.server = server
@@ -45,12 +47,6 @@ class JobAPI(Routes):
             record["request"] = request if notify or not isinstance(request, dict) else dict(
                 request, notify=None)
         return record
-
-    def checkWorker(self, request, jobId):
-        """The job, if the request may act as the worker of its queue."""
-        job = self.server.queue.get(jobId)
-        self.access.checkWorker(request, job.queue)
-        return job
 
     @staticmethod
     def intArg(request, name, default, low=None, high=None):
@@ -81,23 +77,12 @@ class JobAPI(Routes):
 
     # ---- users
 
-    def parseBody(self, request, parse, *args):
-        """``parse(request, *args)``, in the store's thread pool when the body
-        is large (a 200 MB upload must not hold the reactor)."""
-        if checkSize(request, self.maxUpload + (1 << 20)) > PARSE_IN_THREAD:
-            return self.server.inThread(parse, request, *args)
-        return defer.maybeDeferred(parse, request, *args)
-
-    def submitter(self, request):
-        """``(origin, owner)`` of a submit, after the same-origin rule."""
-        self.access.checkSameOrigin(request)
-        return self.access.address(request), self.access.submitter(request)
-
     @app.route("/api/v1/jobs", methods=["POST"])
     @defer.inlineCallbacks
     def submit(self, request):
-        origin, owner = self.submitter(request)
-        jobRequest, files = yield self.parseBody(request, _submitParts, self.maxUpload)
+        origin, owner = submitter(self.access, request)
+        jobRequest, files = yield parseBody(self.server, request, self.maxUpload, _submitParts,
+                                            self.maxUpload)
         job, key = yield self.server.submit(jobRequest, files, origin, owner)
         record = job.toJSON(notify=True)
         record["request"] = jobRequest
@@ -208,17 +193,17 @@ class JobAPI(Routes):
         return files
 
     @app.route("/api/v1/jobs/<int:jobId>/heartbeat", methods=["POST"])
+    @workerRoute()
     def heartbeat(self, request, jobId):
-        self.checkWorker(request, jobId)
         body = readJSON(request)
         cancel = self.server.heartbeat(jobId, self.lease(body), body.get("progress"),
                                        body.get("confinement"))
         return jsonBody(request, {"cancel": cancel, "leaseTimeout": self.server.leaseTimeout})
 
     @app.route("/api/v1/jobs/<int:jobId>/files/<string:name>", methods=["PUT"])
+    @workerRoute()
     @defer.inlineCallbacks
     def putFile(self, request, jobId, name):
-        self.checkWorker(request, jobId)
         lease = self.intArg(request, "lease", None)
         if lease is None:
             raise APIError(400, "send the lease token as ?lease=T")
@@ -231,9 +216,9 @@ class JobAPI(Routes):
         return jsonBody(request, {"name": name, "received": size}, 202)
 
     @app.route("/api/v1/jobs/<int:jobId>/complete", methods=["POST"])
+    @workerRoute()
     @defer.inlineCallbacks
     def completeJob(self, request, jobId):
-        self.checkWorker(request, jobId)
         body = readJSON(request, limit=4 << 20)
         result = body.get("result")
         if result is not None and not isinstance(result, (dict, list, str, int, float)):
@@ -247,9 +232,9 @@ class JobAPI(Routes):
         return jsonBody(request, self.jobRecord(job))
 
     @app.route("/api/v1/jobs/<int:jobId>/release", methods=["POST"])
+    @workerRoute()
     @defer.inlineCallbacks
     def releaseJob(self, request, jobId):
-        self.checkWorker(request, jobId)
         job = yield self.server.release(jobId, self.lease(readJSON(request)))
         return jsonBody(request, self.jobRecord(job))
 
@@ -272,18 +257,6 @@ class JobAPI(Routes):
         body, contentType = self.metrics.render()
         request.setHeader(b"Content-Type", contentType.encode())
         return body
-
-
-def selectJobs(queue, status=None, owner=None, queueName=None):
-    """The jobs matching the filters, newest first."""
-    if status is not None:
-        status = status.upper()
-    jobs = [job for job in queue.jobs.values()
-            if (status is None or job.status == status)
-            and (owner is None or job.owner == owner)
-            and (queueName is None or job.queue == queueName)]
-    jobs.sort(key=lambda job: job.id, reverse=True)
-    return jobs
 
 
 def _submitParts(request, maxUpload):

@@ -12,18 +12,20 @@ worker does (its ``nextjob`` and ``postjob``), never by anyone's reads.
 
 import base64
 import binascii
+import os
 
+from klein import Klein
 from twisted.internet import defer
 
 from reflservd import limits
 from reflservd import queue as Q
-from reflservd.api import selectJobs
+from reflservd.queue import selectJobs
+from reflservd.access import Access
 from reflservd.errors import Forbidden, Refused, TooLarge
+from reflservd.faces import answerRefusals, parseBody, submitter, workerRoute
 from reflservd.store import baseName, checkName
-from reflservd.web import (
-    JSON, APIError, Routes, contentType, downloadable, formParts, jsonBody, readJSON)
+from reflservd.web import JSON, APIError, contentType, downloadable, formParts, jsonBody, readJSON
 
-app = Routes.app
 STATUS_NAMES = "any(pending,active,error,complete,cancel)"
 
 
@@ -32,8 +34,16 @@ def checkFormat(fmt):
         raise APIError(404, "only .json is offered here (never pickle, which would run code)")
 
 
-class LegacyAPI(Routes):
+class LegacyAPI:
     """``/jobs.json`` and the rest, answering 200 wherever the old server did."""
+
+    app = Klein()
+    answerRefusals(app)
+
+    def __init__(self, server, maxUpload=200 * 1024 * 1024, access=None):
+        self.server = server
+        self.maxUpload = maxUpload
+        self.access = access or Access()
 
     @app.route("/jobs.<string:fmt>", methods=["GET"])
     def allJobs(self, request, fmt):
@@ -53,9 +63,9 @@ class LegacyAPI(Routes):
         checkFormat(fmt)
         if contentType(request) != JSON:
             raise APIError(415, "send the job as JSON (Content-Type: application/json)")
-        origin, owner = self.submitter(request)
-        jobRequest, files = yield self.parseBody(request, _legacySubmitBody, self.maxUpload,
-                                                 self.server.quotas.maxFiles)
+        origin, owner = submitter(self.access, request)
+        jobRequest, files = yield parseBody(self.server, request, self.maxUpload, _legacySubmitBody,
+                                            self.maxUpload, self.server.quotas.maxFiles)
         job, key = yield self.server.submit(jobRequest, files, origin, owner)
         return jsonBody(request, {"id": job.id, "job": jobRequest, "key": key})
 
@@ -115,16 +125,16 @@ class LegacyAPI(Routes):
         return jsonBody(request, {"id": job.id, "request": jobRequest})
 
     @app.route("/jobs/<int:jobId>/postjob", methods=["POST"])
+    @workerRoute(sameOrigin={"simpleAllowed": True})
     @defer.inlineCallbacks
     def postJob(self, request, jobId):
-        self.access.checkSameOrigin(request, simpleAllowed=True)
-        job = self.checkWorker(request, jobId)
+        job = self.server.queue.get(jobId)
         if not job.legacy or job.worker != self.access.address(request):
             raise APIError(409, "job %d is not held by a legacy worker at this address" % (jobId,))
         lease = job.lease
         self.server.queue.checkLease(jobId, lease)
         fields, files = {}, []
-        parts = yield self.parseBody(request, formParts, self.maxUpload)
+        parts = yield parseBody(self.server, request, self.maxUpload, formParts, self.maxUpload)
         for name, fileName, f in parts:
             if name == "file":
                 files.append((checkName(baseName(fileName)), f))
@@ -154,7 +164,6 @@ class LegacyAPI(Routes):
     def dataFile(self, request, jobId, name):
         self.server.queue.get(jobId)
         path = self.server.store.path(jobId, "result", name)
-        import os
         if not os.path.isfile(path):
             raise APIError(404, "job %d has no file %r" % (jobId, name))
         return downloadable(path, {".json": "application/json"}, attachment=False)

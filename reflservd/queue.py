@@ -464,6 +464,18 @@ class Queue:
                 self.restartLease(job, now)
 
 
+def selectJobs(queue, status=None, owner=None, queueName=None):
+    """The jobs matching the filters, newest first."""
+    if status is not None:
+        status = status.upper()
+    jobs = [job for job in queue.jobs.values()
+            if (status is None or job.status == status)
+            and (owner is None or job.owner == owner)
+            and (queueName is None or job.queue == queueName)]
+    jobs.sort(key=lambda job: job.id, reverse=True)
+    return jobs
+
+
 def _forget(times, now):
     """Drop the submit times that have left the fair-share window."""
     horizon = now - FAIR_SHARE_WINDOW

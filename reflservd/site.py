@@ -1,13 +1,63 @@
-"""The whole HTTP site of a server: the API, the legacy routes, the pages."""
+"""The whole HTTP site of a server: its three faces, each with its own Klein
+app, composed under one root.
 
+``api.JobAPI`` serves ``/api/v1/…``, ``/healthz`` and ``/metrics``;
+``legacy.LegacyAPI`` the old jobqueue's ``/jobs.json``, ``/jobs/<id>.json``
+and the rest; ``pages.JobPages`` the pages (``/``, ``/jobs/<id>``,
+``/submit``) and ``/static/…``. The legacy routes and the pages share the
+``/jobs`` prefix, so the root does not branch by prefix: it hands a request
+to the first face whose routes match its path and method. A path no face
+has is answered 404, and a method no face takes on that path 405 with the
+methods that all of them take there, each as ``{"error": …}``.
+"""
+
+from twisted.web import resource
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+from werkzeug.routing import RequestRedirect
+
+from reflservd.access import Access
 from reflservd.api import JobAPI
 from reflservd.legacy import LegacyAPI
 from reflservd.pages import JobPages
-from reflservd.web import Site, UTF8Paths
+from reflservd.web import Site, UTF8Paths, jsonBody
 
 
-class SiteRoutes(JobAPI, LegacyAPI, JobPages):
-    """Every route of the site, on the one Klein app (see ``web.Routes``)."""
+class Faces(resource.Resource):
+    """The root of the site: each request goes to the face whose Klein app
+    has a route for it (``faces``, in order)."""
+
+    isLeaf = True
+
+    def __init__(self, faces):
+        resource.Resource.__init__(self)
+        self.faces = faces
+        self._resources = [(face.app.url_map, face.app.resource()) for face in faces]
+
+    def render(self, request):
+        path = b"/".join(request.postpath).decode("utf-8")
+        if not path.startswith("/"):
+            path = "/" + path           # as Klein reads it
+        method = request.method.decode("latin-1")
+        allowed = set()
+        for urlMap, face in self._resources:
+            try:
+                urlMap.bind("", path_info=path).match(method=method)
+            except NotFound:
+                continue
+            except MethodNotAllowed as e:
+                allowed.update(e.valid_methods or ())
+                continue
+            except RequestRedirect:
+                pass
+            return face.render(request)
+        if allowed:
+            allowed = sorted(allowed)
+            request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
+            return jsonBody(request, {"error": "%s is not allowed on %s (allowed: %s)" % (
+                request.method.decode("latin-1"), request.path.decode("latin-1"),
+                ", ".join(allowed))}, 405)
+        return jsonBody(request, {"error": "no such route: %s" % (request.path.decode("latin-1"),)},
+                        404)
 
 
 def makeSite(server, maxUpload, access=None, metrics=None, **limits):
@@ -15,9 +65,12 @@ def makeSite(server, maxUpload, access=None, metrics=None, **limits):
     (``reflservd.access.Access``); bodies past ``maxUpload`` plus a little
     room for the multipart framing are refused before reading; ``limits``
     are `web.Site`'s bounds on connections (and its ``reactor``)."""
-    routes = SiteRoutes(server, maxUpload=maxUpload, access=access, metrics=metrics)
-    site = Site(UTF8Paths(routes.app.resource()), maxBody=maxUpload + (1 << 20), **limits)
+    access = access or Access()
+    faces = [JobAPI(server, maxUpload=maxUpload, access=access, metrics=metrics),
+             LegacyAPI(server, maxUpload=maxUpload, access=access),
+             JobPages(server, maxUpload=maxUpload, access=access)]
+    site = Site(UTF8Paths(Faces(faces)), maxBody=maxUpload + (1 << 20), **limits)
     site.metrics = metrics
-    site.access = routes.access
-    site.routes = routes
+    site.access = access
+    site.faces = faces
     return site

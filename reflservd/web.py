@@ -1,4 +1,4 @@
-"""What every HTTP route shares: the Klein app, the error type, JSON bodies,
+"""What every HTTP route shares: the error type and its status table, JSON bodies,
 multipart parsing, a request class that refuses an oversized body before
 reading it, and a site that bounds what one connection may hold: connections
 per address, and the time a request may take to arrive."""
@@ -10,12 +10,10 @@ from io import BytesIO
 from urllib.parse import parse_qsl, unquote_to_bytes
 
 import multipart
-from klein import Klein
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.web import http, resource, server, static
-from werkzeug.exceptions import MethodNotAllowed, NotFound
 from zope.interface import implementer
 
 from reflservd import errors, limits
@@ -67,33 +65,6 @@ def errorBody(request, error):
     if isinstance(error, errors.RateLimited):
         request.setHeader(b"Retry-After", b"%d" % (error.retryAfter,))
     return jsonBody(request, {"error": str(error)}, statusOf(error))
-
-
-class Routes:
-    """The base of the route classes (``JobAPI``, ``LegacyAPI``, ``JobPages``).
-
-    They register on this one Klein app, so that a single site holds the
-    legacy routes and the new ones side by side (``/jobs/7.json`` beside
-    ``/jobs/7``); each instance of the combined class gets its own bound app.
-    """
-
-    app = Klein()
-
-    @app.handle_errors(APIError, errors.DomainError)
-    def _refused(self, request, failure):
-        return errorBody(request, failure.value)
-
-    @app.handle_errors(NotFound)
-    def _notFound(self, request, failure):
-        return jsonBody(request, {"error": "no such route: %s" % (request.path.decode("latin-1"),)}, 404)
-
-    @app.handle_errors(MethodNotAllowed)
-    def _notAllowed(self, request, failure):
-        allowed = sorted(failure.value.valid_methods or ())
-        request.setHeader(b"Allow", ", ".join(allowed).encode("ascii"))
-        return jsonBody(request, {"error": "%s is not allowed on %s (allowed: %s)" % (
-            request.method.decode("latin-1"), request.path.decode("latin-1"),
-            ", ".join(allowed))}, 405)
 
 
 class UTF8Paths(resource.Resource):

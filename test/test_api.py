@@ -339,8 +339,8 @@ class StubTreqTests(unittest.TestCase):
         documented = {(path, method.upper()) for path, ops in document["paths"].items()
                       for method in ops}
         routes = set()
-        from reflservd.web import Routes
-        for rule in Routes.app.url_map.iter_rules():
+        from reflservd.api import JobAPI
+        for rule in JobAPI.app.url_map.iter_rules():
             if not rule.rule.startswith("/api/v1"):
                 continue
             path = rule.rule

@@ -21,7 +21,8 @@ from twisted.web.test.requesthelper import DummyRequest
 
 from reflservd.client import Client
 from reflservd.format import displayText
-from reflservd.pages import CSP, ErrorBody, JobPages, Page
+from reflservd.elements import ErrorBody, Page
+from reflservd.pages import CSP, JobPages
 from reflservd.server import QueueServer
 from test.conftest import ServerProcess
 from test.support import RESULT, progressAt, resultFiles, writeModel
