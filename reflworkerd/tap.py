@@ -173,7 +173,7 @@ class Options(usage.Options):
         if not isRoot:
             return None
         if self["sandbox-effective"] == "none":
-            needed = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sandbox.__file__)),
+            needed = [sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                       os.path.join(self["work-dir"], "jobs")]
             blocked = [b for b in (unreachable(path) for path in needed) if b is not None]
             if blocked:

@@ -30,6 +30,7 @@ import pytest
 from twisted.logger import Logger
 
 from reflworkerd import sandbox
+from reflworkerd.sandbox import limits, namespaces, probe, seccomp
 
 HOSTILE = Path(__file__).parent / "hostile"
 PROFILES = Path(__file__).parent.parent / "apparmor.d"
@@ -209,7 +210,7 @@ def test_chooseRejectsUnknownMode():
 def test_chooseNoneIsAlwaysAvailableAndLogged(monkeypatch):
     """'none' is always possible, and the worker says it runs unconfined."""
     events = []
-    monkeypatch.setattr(sandbox, "_log", Logger(observer=events.append))
+    monkeypatch.setattr(probe, "_log", Logger(observer=events.append))
     assert sandbox.choose("none") == "none"
     assert any("sandbox: none" in e["log_format"] for e in events)
 
@@ -226,8 +227,8 @@ def test_chooseAutoPicksStrongestAndLogsWhy(monkeypatch):
     """auto gives namespaces on a host with namespaces but no AppArmor, and
     logs the reason AppArmor was passed over."""
     events = []
-    monkeypatch.setattr(sandbox, "_log", Logger(observer=events.append))
-    expected = "namespaces" if sandbox._appArmorMissing() else "apparmor"
+    monkeypatch.setattr(probe, "_log", Logger(observer=events.append))
+    expected = "namespaces" if probe._appArmorMissing() else "apparmor"
     assert sandbox.choose("auto") == expected
     assert sandbox.choose("namespaces") == "namespaces"
     messages = [e["log_format"].format(**e) for e in events]
@@ -242,9 +243,9 @@ def test_chooseNamespacesRefusedWhereTheyCannotBeMade(monkeypatch):
     def refuse(flags):
         raise OSError(errno.EPERM, "unshare: Operation not permitted")
 
-    monkeypatch.setattr(sandbox, "_unshare", refuse)
+    monkeypatch.setattr(namespaces, "_unshare", refuse)
     events = []
-    monkeypatch.setattr(sandbox, "_log", Logger(observer=events.append))
+    monkeypatch.setattr(probe, "_log", Logger(observer=events.append))
     with pytest.raises(sandbox.SandboxUnavailable, match="Operation not permitted"):
         sandbox.choose("namespaces")
     assert sandbox.choose("auto") == "none"
@@ -268,15 +269,15 @@ def test_rootPlanBindsTheVenvButNotWhatHoldsIt(tmp_path):
     directories, and not the directory that holds the job directories."""
     jobDir = tmp_path / "jobs" / "mine"
     jobDir.mkdir(parents=True)
-    plan = sandbox.RootPlan(str(jobDir))
+    plan = namespaces.RootPlan(str(jobDir))
     venv = os.path.realpath(sys.prefix)
-    assert any(sandbox._under(venv, p) for p in plan.readOnly)
-    assert any(sandbox._under(os.path.realpath(sys.base_prefix), p) for p in plan.readOnly)
+    assert any(namespaces._under(venv, p) for p in plan.readOnly)
+    assert any(namespaces._under(os.path.realpath(sys.base_prefix), p) for p in plan.readOnly)
     for hidden in (os.path.dirname(venv), "/root", "/home", "/work", str(tmp_path),
                    str(tmp_path / "jobs"), "/var", "/tmp"):
         assert hidden not in plan.readOnly
-    package = os.path.dirname(os.path.realpath(sandbox.__file__))
-    assert any(sandbox._under(package, p) for p in plan.readOnly)
+    package = os.path.dirname(os.path.dirname(os.path.realpath(sandbox.__file__)))
+    assert any(namespaces._under(package, p) for p in plan.readOnly)
     assert "shadow" not in plan.etc and "passwd" not in plan.etc
     assert plan.jobDir == os.path.realpath(jobDir)
 
@@ -285,12 +286,12 @@ def test_rootPlanRefusesJobDirectoryInsideLibraries(tmp_path):
     """A job directory inside a read-only library path would be seen with
     all its siblings: refused."""
     with pytest.raises(sandbox.SandboxUnavailable, match="read-only"):
-        sandbox.RootPlan(os.path.join(os.path.realpath(sys.prefix), "lib"))
+        namespaces.RootPlan(os.path.join(os.path.realpath(sys.prefix), "lib"))
 
 
 def test_syntheticPasswdNamesOnlyTheFit():
     """The fit's /etc/passwd lists root, nobody and the fit's own uid."""
-    passwd, group = sandbox.RootPlan.passwd(61000, 61000)
+    passwd, group = namespaces.RootPlan.passwd(61000, 61000)
     assert [line.split(":")[2] for line in passwd.splitlines()] == ["0", "61000", "65534"]
     assert "fit:x:61000:" in group
 
@@ -312,26 +313,26 @@ def runSeccomp(program, nr, arch, arg0=0):
             return k
 
 
-@pytest.mark.parametrize("machine", sorted(sandbox.SECCOMP_ARCH))
+@pytest.mark.parametrize("machine", sorted(seccomp.SECCOMP_ARCH))
 def test_seccompFilterDeniesNamespacesAndKernelSurfaceOnly(machine):
     """The filter lets ordinary calls and a plain fork through; refuses
     clone with a CLONE_NEW* flag, unshare, keyctl, bpf, ptrace, mount and
     other calls of another architecture; and answers clone3 with ENOSYS so
     that the C library falls back to clone."""
     column = 0 if machine == "x86_64" else 1
-    arch = sandbox.SECCOMP_ARCH[machine]
-    program = sandbox.seccompProgram(machine)
+    arch = seccomp.SECCOMP_ARCH[machine]
+    program = seccomp.seccompProgram(machine)
     allow, eperm = 0x7FFF0000, 0x50000 | errno.EPERM
     assert runSeccomp(program, 0, arch) == allow
-    assert runSeccomp(program, sandbox.SECCOMP_CLONE[column], arch, 0x01200011) == allow
-    assert runSeccomp(program, sandbox.SECCOMP_CLONE[column], arch, sandbox.CLONE_NEWUSER) == eperm
-    assert runSeccomp(program, sandbox.SECCOMP_CLONE3[column], arch) == 0x50000 | errno.ENOSYS
+    assert runSeccomp(program, seccomp.SECCOMP_CLONE[column], arch, 0x01200011) == allow
+    assert runSeccomp(program, seccomp.SECCOMP_CLONE[column], arch, namespaces.CLONE_NEWUSER) == eperm
+    assert runSeccomp(program, seccomp.SECCOMP_CLONE3[column], arch) == 0x50000 | errno.ENOSYS
     for name in ("unshare", "setns", "keyctl", "bpf", "ptrace", "mount", "userfaultfd"):
-        assert runSeccomp(program, sandbox.SECCOMP_DENIED[name][column], arch) == eperm, name
+        assert runSeccomp(program, seccomp.SECCOMP_DENIED[name][column], arch) == eperm, name
     assert runSeccomp(program, 0, 0x40000003) == eperm
     if machine == "x86_64":
         assert runSeccomp(program, 0x40000000 | 1, arch) == eperm
-    assert sandbox.seccompProgram("mips") is None
+    assert seccomp.seccompProgram("mips") is None
 
 
 @needsRoot
@@ -399,7 +400,7 @@ def test_chownOfTheJobLeavesHardLinksAlone(site):
     os.symlink(site / "worker" / "token", mine / "pointer")
     (mine / "data.dat").write_text("1 2 3\n")
     uid = slotUid()
-    sandbox._chownTree(str(mine), uid, uid)
+    limits.chownTree(str(mine), uid, uid)
     assert os.stat(outside).st_uid == 0
     assert os.stat(site / "worker" / "token").st_uid == 0
     assert os.stat(mine / "data.dat").st_uid == uid
@@ -436,7 +437,7 @@ def test_fitCannotReachOtherFiles(site):
     assert report["ownJobWritable"]
     assert (site / "jobs" / "mine" / ("hostile-" + nonce)).exists()
     for path in report["written"]:
-        if not sandbox._under(path, os.path.realpath(site / "jobs" / "mine")):
+        if not namespaces._under(path, os.path.realpath(site / "jobs" / "mine")):
             assert not os.path.exists(path), "%s was written on the host" % path
     for host in ("/tmp", "/dev/shm", "/root", "/home", str(site / "jobs"), str(site / "worker")):
         assert not os.path.exists(os.path.join(host, "hostile-" + nonce))
@@ -644,7 +645,7 @@ def test_unprivilegedWorkerConfinesWithAUserNamespace(tmp_path):
     python = "/usr/bin/python3"
     venv = os.path.realpath(sys.prefix)
     sitePackages = os.path.join(venv, "lib", "python%d.%d" % sys.version_info[:2], "site-packages")
-    checkout = str(Path(sandbox.__file__).resolve().parent.parent)
+    checkout = str(Path(sandbox.__file__).resolve().parent.parent.parent)
     env = {"PYTHONPATH": os.pathsep.join([checkout, sitePackages]), "PATH": "/usr/bin:/bin",
            "PYTHONDONTWRITEBYTECODE": "1"}
     probe = subprocess.run([python, "-c", "import reflworkerd.sandbox"], env=env, user=65534,
@@ -715,7 +716,7 @@ def test_thereAreProfilesForTheWorkerAndTheFit():
 @needsAppArmorKernel
 def test_fitRunsUnderItsAppArmorProfile(site, tmp_path):
     """In apparmor mode the fit runs confined by reflworkerd-fit."""
-    missing = sandbox._appArmorMissing()
+    missing = probe._appArmorMissing()
     if missing:
         pytest.skip(missing)
     script = tmp_path / "label.py"
