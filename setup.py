@@ -24,7 +24,7 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     python_requires=">=3.11,<3.12",
-    packages=["reflservd", "reflworkerd", "twisted.plugins"],
+    packages=["reflservd", "reflworkerd", "reflworkerd.sandbox", "twisted.plugins"],
     package_data={
         "reflservd": ["static/*", "templates/*", "demodata/*"],
         "reflworkerd": [],

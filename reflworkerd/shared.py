@@ -1,21 +1,12 @@
-"""Names the worker shares with reflservd: the worker's copies, gathered here.
-
-The server keeps its own copies; once the shared module of both exists these
-become one import from it. Nothing else in ``reflworkerd`` spells them out.
+"""Names the worker shares with reflservd: the files of a job's results and
+the resumable fitters come from ``reflservd.names`` (one definition for the
+server, the worker and ``reflq``); the queue-name test, the resumable-request
+test and the secret reading are the worker's. Nothing else in
+``reflworkerd`` spells these out.
 """
 
-RESULTS_DIR = "results"
-"""The folder of a job directory whose regular files are the job's results."""
-
-SESSION_NAME = "session.h5"
-"""The fit's session file in ``results/``, and the result name of its checkpoint."""
-
-STDOUT_NAME = "stdout.txt"
-STDERR_NAME = "stderr.txt"
-"""The fit's standard output and error, in ``results/``."""
-
-RESUMABLE_FITTERS = ("dream", "de")
-"""Fitters whose session file lets a later attempt resume the fit (bumps ``--resume``)."""
+from reflservd.names import (  # noqa: F401 (the names the worker takes from here)
+    RESUMABLE_FITTERS, RESULTS_DIR, SESSION_NAME, STDERR_NAME, STDOUT_NAME)
 
 QUEUE_NAME_MAX = 100
 
