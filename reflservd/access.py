@@ -187,13 +187,13 @@ class Access:
         return key is not None and job.keyHash is not None and hmac.compare_digest(
             digest(key), job.keyHash)
 
-    def mayControl(self, request, job):
+    def mayControl(self, request, job, byAddress=False):
         """Whether the request may cancel or delete ``job``: its key, an admin
-        token, or for a job submitted without a key (the legacy route, or
-        before keys) its submitting address."""
+        token, or its submitting address where the job has no key (submitted
+        before keys) or ``byAddress`` (the old client, which keeps no key)."""
         if self.holdsKey(request, job) or self.isAdmin(request):
             return True
-        return job.keyHash is None and job.origin == self.address(request)
+        return (byAddress or job.keyHash is None) and job.origin == self.address(request)
 
     def checkControl(self, request, job, what):
         if not self.mayControl(request, job):

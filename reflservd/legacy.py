@@ -74,13 +74,9 @@ class LegacyAPI:
         checkFormat(fmt)
         job = self.server.queue.get(jobId)
         jobRequest = self.server.readRequest(jobId)
-        if isinstance(jobRequest, dict) and not self.mayControlLegacy(request, job):
+        if isinstance(jobRequest, dict) and not self.access.mayControl(request, job, byAddress=True):
             jobRequest = dict(jobRequest, notify=None)
         return jsonBody(request, {"id": jobId, "job": jobRequest})
-
-    def mayControlLegacy(self, request, job):
-        """The old client has no key: its own address (or the key, or an admin) may act."""
-        return self.access.mayControl(request, job) or job.origin == self.access.address(request)
 
     @app.route("/jobs/<int:jobId>/status.<string:fmt>", methods=["GET"])
     def legacyStatus(self, request, jobId, fmt):
@@ -102,7 +98,7 @@ class LegacyAPI:
     def legacyDelete(self, request, jobId, fmt):
         checkFormat(fmt)
         job = self.server.queue.get(jobId)
-        if not self.mayControlLegacy(request, job):
+        if not self.access.mayControl(request, job, byAddress=True):
             raise Forbidden("job %d may be deleted from the address that submitted it, with "
                               "its key, or with an admin token" % (jobId,))
         yield self.server.delete(jobId)
