@@ -34,7 +34,7 @@ from twisted.python.threadpool import ThreadPool
 
 from reflservd.journalfiles import (
     JournalWriteError, SegmentWriter, encodeAndWriteSnapshot, fsyncDirectory, journalDirectory,
-    lockDirectory, segmentName, snapshotName, unlockDirectory)
+    lockDirectory, markStateFormat, segmentName, snapshotName, unlockDirectory)
 from reflservd.journalframes import MAX_BATCH_BYTES, encodeJSON, encodeRecord
 from reflservd.journalrecovery import readJournal
 
@@ -171,6 +171,7 @@ class Journal:
                 raise
         if self.writable:
             try:
+                markStateFormat(self.stateDir)
                 self._openWriter(*recovery.tail)
             except BaseException:
                 recovery.close()

@@ -26,8 +26,8 @@ from collections import Counter
 
 from reflservd.journal import Journal
 from reflservd.journalfiles import (
-    JournalLocked, JournalWriteError, journalDirectory, listJournal, lockHolder, readSnapshotFile,
-    segmentName, snapshotName)
+    JournalLocked, JournalWriteError, StateTooNew, journalDirectory, listJournal, lockHolder,
+    readSnapshotFile, segmentName, snapshotName, stateFormat)
 from reflservd.journalframes import (
     HEADER, SnapshotError, decodePayload, decodeRecords, iterFrames, parseJSON, scanSegment)
 from reflservd.journalrecovery import JournalCorrupt
@@ -56,6 +56,10 @@ class JournalFiles:
         self.journalDir = journalDirectory(stateDir)
         if not os.path.isdir(self.journalDir):
             raise CommandError("%s has no journal (no %s)" % (stateDir, self.journalDir))
+        try:
+            stateFormat(stateDir)
+        except StateTooNew as e:
+            raise CommandError(str(e)) from None
         self.segments, self.snapshots = listJournal(self.journalDir)
         self.serverPid = lockHolder(stateDir)
 

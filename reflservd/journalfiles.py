@@ -4,6 +4,7 @@ being written, snapshots, trimming and salvage, and every fsync.
 Layout, in ``STATE_DIR/journal/``::
 
     lock                    flock'ed by the one server that owns the directory
+    format                  the state format: {"format": "reflservd-state", "version": N, ...}
     segment-000042.log      records (``journalframes``)
     snapshot-000042.json    the state after every record in segments < 42
 
@@ -17,7 +18,16 @@ import os
 import re
 import time
 
-from reflservd.journalframes import decodeSnapshot, encodeJSON, encodeSnapshot
+from reflservd.journalframes import decodeSnapshot, encodeJSON, encodeSnapshot, parseJSON
+from reflservd.names import VERSION
+
+STATE_FORMAT = 1
+"""The format of a state directory (its records, snapshots and job files) this
+server writes, and the newest it reads; it reads every older one. A directory
+without a ``format`` file is format 1, written before the file existed.
+Raise it when a change would mislead an older server, and keep a state
+directory of the old format in test/states/ to show the new one reads it."""
+_FORMAT_NAME = "format"
 
 _SEGMENT = re.compile(r"^segment-(\d+)\.log$")
 _SNAPSHOT = re.compile(r"^snapshot-(\d+)\.json$")
@@ -26,6 +36,10 @@ _SNAPSHOT = re.compile(r"^snapshot-(\d+)\.json$")
 class JournalWriteError(Exception):
     """The disk refused a write; nothing in the batch is durable."""
 
+
+
+class StateTooNew(Exception):
+    """The state directory was written in a format newer than this server reads."""
 
 
 class JournalLocked(Exception):
@@ -95,6 +109,44 @@ def readAll(fd, size=None):
         chunks.append(chunk)
         offset += len(chunk)
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def stateFormat(stateDir):
+    """The format of a state directory (1 where it has no ``format`` file).
+
+    @raise StateTooNew: a newer server wrote it; naming both versions.
+    """
+    path = os.path.join(journalDirectory(stateDir), _FORMAT_NAME)
+    try:
+        with open(path, "rb") as f:
+            written = parseJSON(f.read())
+    except FileNotFoundError:
+        return 1
+    except ValueError:
+        written = None
+    version = written.get("version") if isinstance(written, dict) else None
+    if not isinstance(version, int) or written.get("format") != "reflservd-state":
+        raise StateTooNew("%s is not a reflservd state format file" % (path,))
+    if version > STATE_FORMAT:
+        raise StateTooNew(
+            "%s was written by reflservd %s in state format %d; this reflservd %s reads state "
+            "formats up to %d: run that version or a newer one" % (
+                stateDir, written.get("writer", "(unknown)"), version, VERSION, STATE_FORMAT))
+    return version
+
+
+def markStateFormat(stateDir):
+    """Record this server's format in the state directory (once it has read
+    it): from then on an older server refuses the directory, not misreads it."""
+    journalDir = journalDirectory(stateDir)
+    if stateFormat(stateDir) == STATE_FORMAT and os.path.exists(os.path.join(journalDir, _FORMAT_NAME)):
+        return
+    temporary = os.path.join(journalDir, _FORMAT_NAME + ".tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    writeAllAndClose(fd, encodeJSON({"format": "reflservd-state", "version": STATE_FORMAT,
+                                     "writer": VERSION}))
+    os.rename(temporary, os.path.join(journalDir, _FORMAT_NAME))
+    fsyncDirectory(journalDir)
 
 
 def lockHolder(stateDir):

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from reflservd.journalfiles import (
     fsyncDirectory, journalDirectory, listJournal, readAll, readSnapshotFile, segmentName,
-    snapshotName, writeAllAndClose)
+    snapshotName, stateFormat, writeAllAndClose)
 from reflservd.journalframes import (
     MAX_BATCH_BYTES, SnapshotError, decodeRecords, findWholeFrames, iterFrames, scanSegment)
 
@@ -247,5 +247,7 @@ def readJournal(stateDir, writable=True, onSegmentRead=lambda lastRecord: None):
     called with the last record of each segment as ``records`` reads it.
 
     @raise JournalCorrupt: acknowledged records cannot be read back.
+    @raise StateTooNew: a newer server wrote the directory.
     """
+    stateFormat(stateDir)
     return _Reader(stateDir, writable, onSegmentRead).read()

@@ -180,3 +180,64 @@ def test_the_init_scripts_pass_shellcheck():
     done = subprocess.run(["shellcheck", "-x", "etc/init.d/reflservd", "etc/init.d/reflworkerd",
                            "etc/init-functions"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+# ---- upgrades: the state directory's format
+
+STATES = os.path.join(ROOT, "test", "states")
+
+
+def copyState(name, tmp_path):
+    target = str(tmp_path / "server1" / "state")
+    shutil.copytree(os.path.join(STATES, name), target)
+    return target
+
+
+def treeBytes(path):
+    found = {}
+    for folder, _, names in os.walk(path):
+        for name in names:
+            with open(os.path.join(folder, name), "rb") as f:
+                found[os.path.relpath(os.path.join(folder, name), path)] = f.read()
+    return found
+
+
+def test_a_state_directory_of_the_previous_format_is_read_and_marked(tmp_path, serverProcess):
+    """test/states/format-1 was written by the server before the state had a
+    format file (test/states/write.py): this one reads every job of it, the
+    result files too, and marks the directory with its own format."""
+    from reflservd.journalfiles import STATE_FORMAT, stateFormat
+    state = copyState("format-1", tmp_path)
+    assert stateFormat(state) == 1
+    server = serverProcess()
+    assert server.stateDir == state
+    statuses = {job["name"]: job["status"] for job in server.api.ok("GET", "/api/v1/jobs")["jobs"]}
+    assert statuses == {"complete": "COMPLETE", "error": "ERROR", "cancel": "CANCEL",
+                        "running": "ACTIVE", "pending": "PENDING"}
+    assert server.api.download(1, "nifilm.par").startswith(b"Ni thickness")
+    assert stateFormat(state) == STATE_FORMAT
+    with open(os.path.join(state, "journal", "format")) as f:
+        assert '"version":%d' % STATE_FORMAT in f.read()
+    server.restart()
+    assert server.api.job(1)["status"] == "COMPLETE"
+
+
+def test_a_state_directory_of_a_newer_format_is_refused_naming_both_and_left_alone(tmp_path):
+    from reflservd.journalfiles import STATE_FORMAT
+    from reflservd.names import VERSION
+    state = copyState("format-1", tmp_path)
+    with open(os.path.join(state, "journal", "format"), "w") as f:
+        f.write('{"format":"reflservd-state","version":%d,"writer":"9.9"}' % (STATE_FORMAT + 1))
+    before = treeBytes(state)
+    words = ("written by reflservd 9.9 in state format %d; this reflservd %s reads state formats "
+             "up to %d" % (STATE_FORMAT + 1, VERSION, STATE_FORMAT))
+    done = subprocess.run([TWISTD, "-n", "--pidfile=", "--logfile=-", "reflservd", "--state-dir", state,
+                           "--listen", "tcp:%d:interface=127.0.0.1" % freePort()],
+                          capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
+    assert done.returncode != 0 and words in done.stdout + done.stderr
+    done = subprocess.run([sys.executable, "-m", "reflservd.journalctl", state, "verify"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and words in done.stdout + done.stderr
+    after = treeBytes(state)
+    after.pop("journal/lock", None)            # the lock taken to read it; no state
+    assert after == before

@@ -603,7 +603,7 @@ def recover(stateDir, **kwargs):
 
 
 def journalFiles(stateDir):
-    return sorted(n for n in os.listdir(os.path.join(stateDir, "journal")) if n != "lock")
+    return sorted(n for n in os.listdir(os.path.join(stateDir, "journal")) if n not in ("lock", "format"))
 
 
 def test_snapshotTrimAndReplayGiveTheSameState(tmp_path):

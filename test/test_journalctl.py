@@ -285,7 +285,7 @@ def test_compactRefusesWhileAServerHoldsTheDirectory(tmp_path):
         assert "refusing to compact" in err and "pid %d" % (os.getpid(),) in err
     finally:
         site.close()
-    assert sorted(os.listdir(tmp_path / "journal")) == ["lock", segmentName(0)]
+    assert sorted(os.listdir(tmp_path / "journal")) == ["format", "lock", segmentName(0)]
 
 
 def test_compactSnapshotsAndTrims(tmp_path):
