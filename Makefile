@@ -39,7 +39,7 @@ fuzz: venv
 	REFLSERVD_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest -q test/test_fuzz.py
 
 demo: venv
-	$(BIN)/python -m reflservd.demo
+	$(BIN)/python -m reflservd.demo $(ARGS)
 
 bench: venv
 	$(BIN)/python -m bench

@@ -4,9 +4,13 @@ Starts a server and a worker on 127.0.0.1 (state under ``./var/demo``),
 simulates a nickel-film reflectivity curve with refl1d (seeded, so every run
 fits the same data), submits the fit with ``reflq``, shows its progress,
 fetches the results into ``./demo-results/``, prints the best parameters and
-the job page's address, stops both daemons, and exits 0 when the fit is
-COMPLETE. It needs nothing outside the repository.
+the job page's address, and leaves both daemons running until Ctrl-C, so that
+the page can be opened; then it stops them and exits 0 when the fit was
+COMPLETE. ``--once`` (``make demo ARGS=--once``) stops them as soon as the fit
+has ended. It needs nothing outside the repository.
 """
+
+import argparse
 
 import json
 import os
@@ -96,7 +100,24 @@ def reflq(server, *args, capture=False):
     return subprocess.run(command).returncode
 
 
-def main():
+def untilInterrupted(server, jobId):
+    """Keep the daemons up until Ctrl-C (SIGINT) or SIGTERM."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    print("\nThe server and the worker keep running: open %s/jobs/%d, or submit more with\n"
+          "  %s --server %s submit MODEL.py DATA…\nPress Ctrl-C to stop them." % (
+              server, jobId, os.path.join(BIN, "reflq"), server), flush=True)
+    try:
+        while True:
+            signal.pause()
+    except KeyboardInterrupt:
+        print()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="make demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--once", action="store_true",
+                        help="stop the server and the worker as soon as the fit has ended")
+    args = parser.parse_args(argv)
     base = os.path.abspath(os.path.join("var", "demo"))
     results = os.path.abspath("demo-results")
     shutil.rmtree(base, ignore_errors=True)
@@ -135,7 +156,9 @@ def main():
             print("demo: the fit ended %s: %s" % (job["status"], job.get("error")))
             return 1
         print("\nThe job's page: %s/jobs/%d" % (server, jobId))
-        print("Its files:      %s" % (results,))
+        print("Its files:      %s" % (results,), flush=True)
+        if not args.once:
+            untilInterrupted(server, jobId)
         return status
     finally:
         for daemon in reversed(daemons):
