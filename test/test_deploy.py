@@ -241,3 +241,17 @@ def test_a_state_directory_of_a_newer_format_is_refused_naming_both_and_left_alo
     after = treeBytes(state)
     after.pop("journal/lock", None)            # the lock taken to read it; no state
     assert after == before
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed")
+@pytest.mark.parametrize("unit", ["reflservd.service", "reflworkerd.service"])
+def test_the_systemd_units_verify(unit, tmp_path):
+    """``systemd-analyze verify`` on each unit, its twistd put at this
+    checkout's (it checks that the command exists)."""
+    with open(os.path.join(ROOT, "etc", "systemd", unit)) as f:
+        text = f.read()
+    assert "ExecStart=/opt/reflservd/bin/twistd --nodaemon" in text
+    (tmp_path / unit).write_text(text.replace("/opt/reflservd/bin/twistd", TWISTD))
+    done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
