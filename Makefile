@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the tests use: AppArmor's compiler, Chromium for the pages.
-DEBS   := apparmor chromium chromium-driver util-linux iproute2
+DEBS   := apparmor chromium chromium-driver util-linux iproute2 shellcheck logrotate python3-venv adduser openssl curl
 
 .PHONY: venv sysdeps test fuzz demo bench clean
 

@@ -100,6 +100,17 @@ def reflq(server, *args, capture=False):
     return subprocess.run(command).returncode
 
 
+def writeInputs(folder):
+    """Write the demo's model and its simulated data into ``folder``: their paths."""
+    os.makedirs(folder, exist_ok=True)
+    model = os.path.join(folder, "nifilm.py")
+    data = os.path.join(folder, "nifilm-demo.refl")
+    with open(model, "wb") as f:
+        f.write(resources.files("reflservd").joinpath("demodata/nifilm.py").read_bytes())
+    simulate(data)
+    return model, data
+
+
 def untilInterrupted(server, jobId):
     """Keep the daemons up until Ctrl-C (SIGINT) or SIGTERM."""
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -117,18 +128,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="make demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--once", action="store_true",
                         help="stop the server and the worker as soon as the fit has ended")
+    parser.add_argument("--inputs", metavar="DIR",
+                        help="only write the demo's model and data into DIR (a first fit for "
+                             "a new site: reflq submit DIR/nifilm.py DIR/nifilm-demo.refl)")
     args = parser.parse_args(argv)
+    if args.inputs:
+        writeInputs(args.inputs)
+        return 0
     base = os.path.abspath(os.path.join("var", "demo"))
     results = os.path.abspath("demo-results")
     shutil.rmtree(base, ignore_errors=True)
     shutil.rmtree(results, ignore_errors=True)
-    inputs = os.path.join(base, "input")
-    os.makedirs(inputs)
-    model = os.path.join(inputs, "nifilm.py")
-    data = os.path.join(inputs, "nifilm-demo.refl")
-    with open(model, "wb") as f:
-        f.write(resources.files("reflservd").joinpath("demodata/nifilm.py").read_bytes())
-    simulate(data)
+    model, data = writeInputs(os.path.join(base, "input"))
 
     port = freePort()
     server = "http://127.0.0.1:%d" % (port,)
