@@ -36,14 +36,16 @@ def isAddress(text):
 
 def defaultBaseUrl(listen):
     """A URL for links when ``--base-url`` is not given: this host's name and
-    the port of the ``--listen`` endpoint."""
+    the port of the first ``--listen`` endpoint (``ssl:``: https)."""
+    if isinstance(listen, list):
+        listen = listen[0] if listen else ""
     parts = (listen or "").split(":")
     port = next((p for p in parts[1:] if p.isdigit()), "8080")
     interface = next((p.split("=", 1)[1] for p in parts if p.startswith("interface=")), "")
     host = interface if interface in ("127.0.0.1", "::1", "localhost") else socket.getfqdn()
     if ":" in host:
         host = "[%s]" % (host,)
-    return "http://%s:%s" % (host, port)
+    return "%s://%s:%s" % ("https" if parts[0] == "ssl" else "http", host, port)
 
 
 class Notifier:

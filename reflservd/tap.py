@@ -26,7 +26,6 @@ class Options(usage.Options):
         ["salvage", None, "Start from the journal records before damage, setting the rest aside."],
     ]
     optParameters = [
-        ["listen", "l", DEFAULT_LISTEN, "Endpoint to listen on (a Twisted endpoint string)."],
         ["state-dir", "d", "var/reflservd", "Directory of the journal and the job files."],
         ["max-upload", None, 200 * 1024 * 1024, "Largest request body, in bytes.", int],
         ["lease-timeout", None, 60.0, "Seconds a lease lasts without a heartbeat.", float],
@@ -62,7 +61,20 @@ class Options(usage.Options):
          "Bytes per second a body must at least arrive at (see --request-deadline).", int],
     ]
 
+    def __init__(self):
+        usage.Options.__init__(self)
+        self["listen"] = []
+
+    def opt_listen(self, endpoint):
+        """An endpoint to listen on, a Twisted endpoint string (tcp:PORT:interface=ADDRESS, ssl:PORT:privateKey=KEY.pem:certKey=CERT.pem, unix:PATH); give it again for another listener [default: %s]"""  # noqa: E501 (one line: twistd --help wraps it)
+        self["listen"].append(endpoint)
+
+    opt_l = opt_listen
+    opt_listen.__doc__ %= (DEFAULT_LISTEN,)
+
     def postOptions(self):
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
         for name in ("max-upload", "max-attempts", "snapshot-every", "max-files",
                      "max-file-bytes", "max-result-files", "max-result-bytes"):
             if self[name] < 1:
@@ -91,14 +103,14 @@ class Options(usage.Options):
                 tokens[option] = None if path is None else readTokenFile(path, what, named)
             except TokenFileError as e:
                 raise usage.UsageError(str(e))
-        if tokens["worker-token-file"] is None and not self["open-workers"] \
-                and not isLoopbackListen(self["listen"]):
+        beyond = [endpoint for endpoint in self["listen"] if not isLoopbackListen(endpoint)]
+        if tokens["worker-token-file"] is None and not self["open-workers"] and beyond:
             raise usage.UsageError(
                 "--listen %s reaches beyond this machine, and without --worker-token-file "
                 "anyone could lease jobs, read their files and post results: give workers "
-                "tokens, or say --open-workers" % (self["listen"],))
+                "tokens, or say --open-workers" % (beyond[0],))
         publicHosts = _names(self["public-host"]) or None
-        if publicHosts is None and isLoopbackListen(self["listen"]):
+        if publicHosts is None and not beyond:
             publicHosts = ["localhost", "127.0.0.1", "::1"]
         self["access"] = Access(
             workerTokens=tokens["worker-token-file"], adminTokens=tokens["admin-token-file"],
@@ -149,7 +161,8 @@ def makeService(config, reactor=None):
                     maxPerAddress=config["max-connections-per-address"],
                     requestDeadline=config["request-deadline"],
                     minUploadRate=config["min-upload-rate"])
-    web = strports.service(config["listen"], site, reactor=GuardedListeners(reactor))
-    web.setName("web")
-    web.setServiceParent(top)
+    for number, endpoint in enumerate(config["listen"], 1):
+        web = strports.service(endpoint, site, reactor=GuardedListeners(reactor))
+        web.setName("web" if number == 1 else "web-%d" % (number,))
+        web.setServiceParent(top)
     return top
