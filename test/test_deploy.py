@@ -9,6 +9,7 @@ root, said in the test's output); the worker runs as root, as it ships.
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -255,3 +256,75 @@ def test_the_systemd_units_verify(unit, tmp_path):
     done = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and not done.stderr.strip(), done.stderr
+
+
+# ---- the defaults files list every option
+
+DEFAULTS_BEGIN = "# ---- every option, with its default (twistd %s --help)\n"
+DEFAULTS_END = "# ---- end of the options\n"
+
+
+def optionLines(options):
+    """One comment line per option of a plugin: ``# --name=DEFAULT  what it does``."""
+    import textwrap as _textwrap
+    lines = []
+    for spelled in sorted(options.longOpt):
+        name = spelled.rstrip("=")
+        if name in ("help", "version"):
+            continue
+        default = options.opts.get(name)
+        doc = " ".join(options.docs.get(name, "").split())
+        doc = re.sub(r"\s*\[default: [^]]*\]$", "", doc)
+        if not spelled.endswith("="):
+            shown = "--%s (off)" % (name,)
+        elif default is None or default == []:
+            shown = "--%s=" % (name,) + ("tcp:8080:interface=127.0.0.1" if name == "listen" else "(unset)")
+        else:
+            shown = "--%s=%s" % (name, default)
+        lines.append(_textwrap.shorten("# %s  %s" % (shown, doc), 200, placeholder=" …") + "\n")
+    return lines
+
+
+def pluginOptions(plugin):
+    if plugin == "reflservd":
+        from reflservd.tap import Options
+    else:
+        from reflworkerd.tap import Options
+    return Options()
+
+
+def expectedBlock(plugin):
+    return [DEFAULTS_BEGIN % plugin] + optionLines(pluginOptions(plugin)) + [DEFAULTS_END]
+
+
+def writeDefaults(plugin):
+    path = os.path.join(ROOT, "etc", "default", plugin)
+    with open(path) as f:
+        text = f.read()
+    begin, end = DEFAULTS_BEGIN % plugin, DEFAULTS_END
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    with open(path, "w") as f:
+        f.write(head + "".join(expectedBlock(plugin)) + tail)
+
+
+@pytest.mark.parametrize("plugin", ["reflservd", "reflworkerd"])
+def test_the_defaults_file_lists_every_option_with_its_default(plugin):
+    """etc/default/PLUGIN names every option of ``twistd PLUGIN`` with its
+    default and what it does (regenerate with ``python -m test.test_deploy``),
+    and its own OPTS line parses."""
+    path = os.path.join(ROOT, "etc", "default", plugin)
+    with open(path) as f:
+        lines = f.readlines()
+    expected = expectedBlock(plugin)
+    start = lines.index(expected[0]) if expected[0] in lines else -1
+    assert lines[start:start + len(expected)] == expected, \
+        "etc/default/%s is out of date: python -m test.test_deploy" % (plugin,)
+    shell = subprocess.run(["sh", "-c", '. "$0" && printf %%s "$%s_OPTS"' % plugin.upper(), path],
+                           capture_output=True, text=True, check=True).stdout
+    assert shell.startswith("--")
+
+
+if __name__ == "__main__":
+    for name in ("reflservd", "reflworkerd"):
+        writeDefaults(name)
