@@ -1,8 +1,10 @@
 """``reflq``: submit refl1d fits to a reflservd server and follow them.
 
 Built on `reflservd.client`. Every command takes ``--server URL`` (or
-``REFLQ_SERVER``; default http://127.0.0.1:8080) and ``--json`` (print what
-the server answered, as JSON, instead of text).
+``REFLQ_SERVER``; default http://127.0.0.1:8080), ``--json`` (print what
+the server answered, as JSON, instead of text), ``--ca-file PEM``
+(``REFLQ_CA_FILE``: the CA an https:// server's certificate chains to) and
+``--token-file FILE`` (``REFLQ_TOKEN_FILE``: a submit or admin token).
 
 Exit codes, for scripts: 0 done; 1 the job ended ERROR or CANCEL (status,
 wait, submit --wait); 2 usage, or a request the server refused; 3 the server
@@ -24,7 +26,7 @@ from reflservd.client import (
 from reflservd.fitoptions import OPTION_FIELDS, OPTION_NAMES
 from reflservd.format import (
     displayText, field, fitSteps, formatDuration, formatParameter, formatValue, lastLine)
-from reflservd.names import LOG_NAMES
+from reflservd.names import LOG_NAMES, readSecret
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -122,7 +124,7 @@ def cmdSubmit(client, args, out):
                  % (os.path.basename(args.model), os.path.basename(path)))
     options = {name: getattr(args, name) for name in OPTION_NAMES}
     job = client.submit(args.model, data=args.data, fit=args.fit, name=args.name,
-                        notify=args.notify, **options)
+                        notify=args.notify, queue=args.queue, **options)
     if not args.wait:
         out.json(job.record)
         out.text("job %d submitted: %s" % (job.id, job.url))
@@ -393,6 +395,12 @@ def parser():
                         help="print the server's answer as JSON")
     common.add_argument("--legacy", action="store_true", default=argparse.SUPPRESS,
                         help="speak the old jobqueue protocol (/jobs.json)")
+    common.add_argument("--ca-file", default=argparse.SUPPRESS, metavar="PEM",
+                        help="trust this CA (or self-signed certificate) for an https:// server "
+                             "(default: $REFLQ_CA_FILE, else the system's store)")
+    common.add_argument("--token-file", default=argparse.SUPPRESS, metavar="FILE",
+                        help="send the token in FILE (a submit or admin token) with every "
+                             "request (default: $REFLQ_TOKEN_FILE)")
 
     top = argparse.ArgumentParser(
         prog="reflq", parents=[common],
@@ -415,6 +423,9 @@ def parser():
         else:
             submit.add_argument("--" + name, type=kind, metavar="N")
     submit.add_argument("--name", metavar="NAME", help="the job's name (default: the model's)")
+    submit.add_argument("--queue", metavar="NAME", default=os.environ.get("REFLQ_QUEUE"),
+                        help="the queue (cluster) to run it on (default: $REFLQ_QUEUE, else the "
+                             "server's default queue)")
     submit.add_argument("--notify", metavar="ADDRESS", default=os.environ.get("REFLQ_NOTIFY", ""),
                         help="mail this address when the job starts and ends (default: $REFLQ_NOTIFY)")
     submit.add_argument("--wait", action="store_true", help="then watch it until it ends")
@@ -458,7 +469,13 @@ def main(argv=None, stdout=None, stderr=None):
     server = getattr(args, "server", None) or os.environ.get("REFLQ_SERVER") or DEFAULT_SERVER
     out = Output(getattr(args, "json", False), stdout, stderr)
     try:
-        client = Client(server, legacy=getattr(args, "legacy", False))
+        tokenFile = getattr(args, "token_file", None) or os.environ.get("REFLQ_TOKEN_FILE")
+        try:
+            token = readSecret(tokenFile) if tokenFile else None
+        except (OSError, ValueError) as e:
+            raise UsageError("cannot read the token file: %s" % (e,)) from None
+        client = Client(server, legacy=getattr(args, "legacy", False), token=token,
+                        caFile=getattr(args, "ca_file", None) or os.environ.get("REFLQ_CA_FILE"))
         return args.run(client, args, out)
     except UsageError as e:
         out.note("reflq: %s" % (e,))

@@ -27,6 +27,7 @@ import http.client
 import json
 import os
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.parse
@@ -69,16 +70,27 @@ class Client:
     @param legacy: speak the old jobqueue protocol (``/jobs.json`` …).
     @param timeout: seconds to wait for an ordinary answer.
     @param keys: where the keys of submitted jobs are kept (a `KeyStore`).
+    @param caFile: a PEM file of the CA (or the self-signed certificate) an
+        ``https://`` server's certificate must chain to, in place of the
+        system's store.
+    @param token: sent as ``Authorization: Bearer`` with every request (a
+        submit token, where the server asks for one, or an admin token).
     """
 
-    def __init__(self, url=DEFAULT_SERVER, legacy=False, timeout=60.0, keys=None):
+    def __init__(self, url=DEFAULT_SERVER, legacy=False, timeout=60.0, keys=None, caFile=None,
+                 token=None):
         if "://" not in url:
             url = "http://" + url
         self.url = url.rstrip("/")
         self.legacy = legacy
         self.timeout = timeout
         self.keys = keys or KeyStore()
-        self._opener = urllib.request.build_opener()
+        self.token = token
+        try:
+            context = ssl.create_default_context(cafile=caFile)
+        except (OSError, ssl.SSLError) as e:
+            raise ClientError("cannot read the CA file %s: %s" % (caFile, e)) from None
+        self._opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=context))
 
     def __repr__(self):
         return "Client(%r%s)" % (self.url, ", legacy=True" if self.legacy else "")
@@ -90,6 +102,8 @@ class Client:
         ``status`` and ``headers``); errors become `ClientError`s. A
         request about a job carries its key when this user holds it."""
         headers = dict(headers or {}, **{"X-Requested-With": "reflq"})
+        if self.token is not None:
+            headers["Authorization"] = "Bearer " + self.token
         if jobId is not None:
             key = self.keys.get(self.url, jobId)
             if key is not None:
@@ -131,11 +145,13 @@ class Client:
         """The server's ``/healthz`` answer (job counts by status)."""
         return self.call("GET", "/healthz")
 
-    def submit(self, model, data=(), fit=None, name=None, notify="", service="refl1d", **options):
+    def submit(self, model, data=(), fit=None, name=None, notify="", service="refl1d", queue=None,
+               **options):
         """Submit a refl1d fit: the model (a ``.py`` script or ``.json``
         FitProblem) and its data files, with refl1d fit options (``steps``,
         ``samples``, ``burn``, ``pop``, ``init``, ``seed``, ``time``, …;
-        ``None`` values are left out). Returns the `Job`."""
+        ``None`` values are left out), to ``queue`` (the server's default
+        queue when None). Returns the `Job`."""
         paths = [model] + list(data)
         names = [os.path.basename(p) for p in paths]
         for path in paths:
@@ -154,6 +170,8 @@ class Client:
             "version": VERSION,
             "data": {"model": names[0], "options": fitOptions},
         }
+        if queue is not None:
+            request["queue"] = queue
         if self.legacy:
             return self._submitLegacy(request, list(zip(names, paths)))
         body, length, boundary = multipartBody(request, list(zip(names, paths)))

@@ -28,3 +28,14 @@ def _version():
 
 VERSION = _version()
 """This package's version (sent with a job, shown on the pages)."""
+
+
+def readSecret(path):
+    """The secret held in the file at ``path`` (a token), stripped; raises
+    OSError, or ValueError where the file is empty. The worker reads its
+    token with it, ``reflq`` its ``--token-file``."""
+    with open(path) as f:
+        secret = f.read().strip()
+    if not secret:
+        raise ValueError("%s is empty" % (path,))
+    return secret
