@@ -10,6 +10,7 @@ from one another.
 - `runInThread`: run a blocking call beside the test; ``join()`` re-raises its error.
 """
 
+import contextlib
 import json
 import os
 import struct
@@ -165,3 +166,15 @@ def sessionGenerations(path):
             return int(state["total_generations"][()])
     except (OSError, KeyError, ValueError):
         return 0
+
+
+@contextlib.contextmanager
+def reaped(process):
+    """``with reaped(Popen(…)) as process:`` the child, killed and reaped if it
+    still runs when the block ends (a failed assertion leaves no process behind)."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -15,7 +15,7 @@ from reflservd import cli
 from reflservd.client import Client
 from reflservd.clientfiles import KeyStore
 from test.conftest import freePort
-from test.support import RESULT, resultFiles, runInThread, writeModel
+from test.support import RESULT, reaped, resultFiles, runInThread, writeModel
 
 REFLQ = os.path.join(os.path.dirname(sys.executable), "reflq")
 
@@ -227,17 +227,12 @@ def test_ctrlCStopsWatchingAndLeavesTheJobRunning(server, worker, model):
     worker.drain()
     job = Client(server.url).submit(model[0], data=model[1])
     env = dict(os.environ, REFLQ_SERVER=server.url)
-    process = subprocess.Popen([REFLQ, "wait", str(job.id)], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    try:
+    with reaped(subprocess.Popen([REFLQ, "wait", str(job.id)], env=env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)) as process:
         first = process.stderr.readline()
         assert first.startswith("watching job %d" % (job.id,))
         process.send_signal(signal.SIGINT)
         _, err = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert process.returncode == 130
     assert "stopped watching job %d; it goes on" % (job.id,) in err
     assert "Traceback" not in err

@@ -7,11 +7,12 @@ import subprocess
 import sys
 import urllib.request
 
+from test.support import reaped
+
 
 def test_demo_fits_the_nickel_film_serves_its_page_until_ctrl_c_and_stops(tmp_path):
-    demo = subprocess.Popen([sys.executable, "-m", "reflservd.demo"], cwd=str(tmp_path),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
+    with reaped(subprocess.Popen([sys.executable, "-m", "reflservd.demo"], cwd=str(tmp_path),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)) as demo:
         seen = []
         for line in demo.stdout:        # ends when the demo ends or waits for Ctrl-C
             seen.append(line)
@@ -24,10 +25,6 @@ def test_demo_fits_the_nickel_film_serves_its_page_until_ctrl_c_and_stops(tmp_pa
             assert answer.status == 200 and b"demo: nickel film" in answer.read()
         demo.send_signal(signal.SIGINT)
         rest, _ = demo.communicate(timeout=120)
-    finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
     assert demo.returncode == 0, output + rest
     assert "server and worker stopped" in rest
     files = os.listdir(tmp_path / "demo-results")
