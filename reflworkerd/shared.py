@@ -1,7 +1,7 @@
 """Names the worker shares with reflservd: the files of a job's results and
 the resumable fitters come from ``reflservd.names`` (one definition for the
 server, the worker and ``reflq``); the queue-name test, the resumable-request
-test and the secret reading are the worker's. Nothing else in
+test are the worker's. Nothing else in
 ``reflworkerd`` spells these out.
 """
 
@@ -25,12 +25,3 @@ def isResumable(request):
     return (request.get("service") == "refl1d" and isinstance(options, dict)
             and options.get("fit") in RESUMABLE_FITTERS)
 
-
-def readSecret(path):
-    """The secret held in the file at ``path``, stripped; raises OSError, or
-    ValueError where the file is empty."""
-    with open(path) as f:
-        secret = f.read().strip()
-    if not secret:
-        raise ValueError("%s is empty" % (path,))
-    return secret

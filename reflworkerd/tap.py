@@ -11,7 +11,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python import usage
 
+from reflservd.names import readSecret
 from reflworkerd import sandbox
+from reflworkerd.shared import isQueueName
 from reflworkerd.jobfiles import RESULT_BYTES_QUOTA, RESULT_FILES_QUOTA
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
@@ -59,6 +61,8 @@ class Options(usage.Options):
         ["work-dir", "w", "var/reflworkerd", "Directory of the jobs in hand."],
         ["slots", None, 1, "Fits run at the same time.", int],
         ["token-file", None, None, "File holding the server's worker token."],
+        ["ca-file", None, None, "PEM file of the certificate authorities (or the self-signed "
+         "certificate) an https:// --server is checked against (default: the system's)."],
         ["poll-timeout", None, 30.0, "Seconds one lease long-poll waits (at most 60).", float],
         ["sandbox", None, "auto", "Confinement: auto, apparmor, namespaces or none."],
         ["cpu-limit", None, DEFAULT_LIMITS["cpu"], "CPU seconds a fit may use.", _positive],
@@ -94,8 +98,7 @@ class Options(usage.Options):
             raise usage.UsageError("--server takes an http:// or https:// URL, not %r" % (self["server"],))
         if not self["queue"]:
             raise usage.UsageError("--queue NAME is required")
-        if (len(self["queue"]) > 100
-                or not self["queue"].replace("-", "").replace("_", "").replace(".", "").isalnum()):
+        if not isQueueName(self["queue"]):
             raise usage.UsageError("a queue name is 1-100 letters, digits, '-', '_' or '.'")
         if self["slots"] < 1:
             raise usage.UsageError("--slots must be at least 1")
@@ -120,12 +123,16 @@ class Options(usage.Options):
         self["token"] = None
         if self["token-file"] is not None:
             try:
-                with open(self["token-file"]) as f:
-                    self["token"] = f.read().strip()
+                self["token"] = readSecret(self["token-file"])
             except OSError as e:
                 raise usage.UsageError("cannot read --token-file %s: %s" % (self["token-file"], e.strerror))
-            if not self["token"]:
+            except ValueError:
                 raise usage.UsageError("--token-file %s is empty" % (self["token-file"],))
+        self["trust-root"] = None
+        if self["ca-file"] is not None:
+            if url.scheme != "https":
+                raise usage.UsageError("--ca-file is for an https:// --server")
+            self["trust-root"] = loadTrustRoot(self["ca-file"])
         self["work-dir"] = os.path.abspath(self["work-dir"])
         limits = {}
         if self["cpu-limit"] is not None:
@@ -184,6 +191,24 @@ class Options(usage.Options):
         return base
 
 
+def loadTrustRoot(path):
+    """The certificates of the PEM file ``path`` as a trust root, or a usage error."""
+    from twisted.internet import ssl
+    try:
+        with open(path, "rb") as f:
+            pem = f.read()
+    except OSError as e:
+        raise usage.UsageError("cannot read --ca-file %s: %s" % (path, e.strerror))
+    try:
+        certificates = [ssl.Certificate.loadPEM(block + b"-----END CERTIFICATE-----\n")
+                        for block in pem.split(b"-----END CERTIFICATE-----")[:-1]]
+    except Exception as e:
+        raise usage.UsageError("--ca-file %s holds no PEM certificate: %s" % (path, e))
+    if not certificates:
+        raise usage.UsageError("--ca-file %s holds no PEM certificate" % (path,))
+    return ssl.trustRootFromCertificates(certificates)
+
+
 def unreachable(path):
     """The first directory on the way to ``path`` that a uid owning nothing and in
     no group cannot enter (or, for ``path`` itself, list), or None.
@@ -240,7 +265,7 @@ def makeService(config, reactor=None):
     """The worker: the backend that runs fits, then the `Poller` that leases them."""
     if reactor is None:
         from twisted.internet import reactor
-    from twisted.web.client import Agent, HTTPConnectionPool
+    from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
     from treq.client import HTTPClient
 
     from reflworkerd.local import ForkServer
@@ -249,7 +274,8 @@ def makeService(config, reactor=None):
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _quietFactory()
     pool.maxPersistentPerHost = config["slots"] + 2
-    http = HTTPClient(Agent(reactor, pool=pool))
+    policy = BrowserLikePolicyForHTTPS(trustRoot=config["trust-root"])
+    http = HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
     client = ServerClient(reactor, http, config["server"], token=config["token"])
     backend = ForkServer(reactor, sandboxMode=config["sandbox-effective"], limits=config["limits"],
                         checkpointEvery=config["checkpoint-every"])

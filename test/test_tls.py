@@ -58,3 +58,28 @@ def test_a_submit_a_lease_and_a_download_over_tls(tmp_path, serverProcess, worke
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (out / "nifilm.par").read_bytes() == server.api.download(job.id, "nifilm.par")
+
+
+def test_the_worker_refuses_a_ca_file_it_cannot_use(tmp_path):
+    from twisted.python import usage
+    from reflworkerd.tap import Options
+    notPem = tmp_path / "not.pem"
+    notPem.write_text("hello\n")
+    key, cert = selfSigned(tmp_path)
+    cases = [("https://127.0.0.1:1/", str(tmp_path / "missing.pem"), "cannot read --ca-file"),
+             ("https://127.0.0.1:1/", str(notPem), "holds no PEM certificate"),
+             ("http://127.0.0.1:1/", cert, "--ca-file is for an https:// --server")]
+    for server, caFile, message in cases:
+        options = Options()
+        try:
+            options.parseOptions(["--server", server, "--queue", "q", "--ca-file", caFile,
+                                  "--sandbox", "none", "--slot-uid-base", "0",
+                                  "--work-dir", str(tmp_path / "w")])
+        except usage.UsageError as e:
+            assert message in str(e), (caFile, str(e))
+        else:
+            raise AssertionError("--ca-file %s with %s was taken" % (caFile, server))
+    options = Options()
+    options.parseOptions(["--server", "https://127.0.0.1:1/", "--queue", "q", "--ca-file", cert,
+                          "--sandbox", "none", "--slot-uid-base", "0", "--work-dir", str(tmp_path / "w")])
+    assert options["trust-root"] is not None
