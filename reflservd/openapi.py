@@ -7,7 +7,7 @@ document to the routes the Klein app really has; test_fuzz holds the
 answers to the document (schemathesis, every operation).
 """
 
-from reflservd.server import MAX_LONG_POLL
+from reflservd.longpoll import MAX_LONG_POLL
 
 STATUSES = ["PENDING", "ACTIVE", "COMPLETE", "ERROR", "CANCEL"]
 _ERROR_SCHEMA = {"$ref": "#/components/schemas/Error"}

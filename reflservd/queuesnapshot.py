@@ -111,3 +111,32 @@ def queueFromSnapshot(state, leaseTimeout=60.0, maxAttempts=3,
 
 
 _encodeJSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class ReplayError(Exception):
+    """A journal record that cannot be applied to the state before it;
+    ``segment`` and ``offset`` say where it is (``salvageJournal`` cuts there)."""
+
+    def __init__(self, message, segment=None, offset=None):
+        Exception.__init__(self, message)
+        self.segment, self.offset = segment, offset
+
+
+def loadQueue(recovery, leaseTimeout, maxAttempts, legacyLeaseTimeout=LEGACY_LEASE_TIMEOUT):
+    """The queue that a journal's snapshot and records describe (called
+    with the collector paused, around the journal's load as well). A record
+    that does not apply raises ``ReplayError`` naming where it is."""
+    queue = queueFromSnapshot(recovery.snapshot, leaseTimeout=leaseTimeout,
+                              maxAttempts=maxAttempts, legacyLeaseTimeout=legacyLeaseTimeout)
+    record = None
+    index = -1
+    try:
+        for index, record in enumerate(recovery.records):
+            queue.apply(record)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
+        recovery.records.close()
+        segment, offset = recovery.where(index)
+        raise ReplayError("%s: a %r record cannot be applied to the state before it (%s: %s)" % (
+            recovery.locate(index), record.get("type") if isinstance(record, dict) else record,
+            type(e).__name__, e), segment, offset) from None
+    return queue

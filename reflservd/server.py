@@ -28,10 +28,10 @@ from reflservd.journal import Journal
 from reflservd.journalfiles import JournalWriteError, salvageJournal
 from reflservd.journalframes import RecordTooLarge
 from reflservd.journalrecovery import JournalCorrupt
-from reflservd.queuesnapshot import encodeSnapshot, queueFromSnapshot, snapshotOf
+from reflservd.longpoll import WaitList
+from reflservd.queuesnapshot import ReplayError, encodeSnapshot, loadQueue, snapshotOf
 from reflservd.store import BatchedWrites, Store, checkName
 
-MAX_LONG_POLL = 60.0
 INLINE_WRITE = 256 * 1024
 """A submit whose uploaded files total at most this many bytes (in memory)
 is written to the store with others (``store.BatchedWrites``) while its
@@ -66,35 +66,6 @@ class Quotas:
         self.maxPending, self.submitsPerMinute = maxPending, submitsPerMinute
 
 
-class ReplayError(Exception):
-    """A journal record that cannot be applied to the state before it;
-    ``segment`` and ``offset`` say where it is (``salvageJournal`` cuts there)."""
-
-    def __init__(self, message, segment=None, offset=None):
-        Exception.__init__(self, message)
-        self.segment, self.offset = segment, offset
-
-
-def loadQueue(recovery, leaseTimeout, maxAttempts, legacyLeaseTimeout=Q.LEGACY_LEASE_TIMEOUT):
-    """The queue that a journal's snapshot and records describe (called
-    with the collector paused, around the journal's load as well). A record
-    that does not apply raises ``ReplayError`` naming where it is."""
-    queue = queueFromSnapshot(recovery.snapshot, leaseTimeout=leaseTimeout,
-                              maxAttempts=maxAttempts, legacyLeaseTimeout=legacyLeaseTimeout)
-    record = None
-    index = -1
-    try:
-        for index, record in enumerate(recovery.records):
-            queue.apply(record)
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as e:
-        recovery.records.close()
-        segment, offset = recovery.where(index)
-        raise ReplayError("%s: a %r record cannot be applied to the state before it (%s: %s)" % (
-            recovery.locate(index), record.get("type") if isinstance(record, dict) else record,
-            type(e).__name__, e), segment, offset) from None
-    return queue
-
-
 class QueueServer(service.Service):
     """The state of one site's queue, and the only code that changes it."""
 
@@ -119,8 +90,8 @@ class QueueServer(service.Service):
         self.store = Store(stateDir + "/jobs")
         self.queue = None
         self.journal = None
-        self._leaseWaiters = []     # [(Deferred, queueName, worker)], FIFO
-        self._eventWaiters = {}     # jobId -> [(after, Deferred)]
+        self._leaseWaiters = WaitList(reactor)  # keyed by (queueName, worker)
+        self._eventWaiters = {}     # jobId -> WaitList
         self._unstored = {}         # jobId -> request, until its submit is on disk
         self._submitTimes = {}      # owner -> deque of submit times in the last minute
         self._resultSizes = {}      # jobId -> {name: size} of its stored results, while leased
@@ -193,11 +164,9 @@ class QueueServer(service.Service):
         service.Service.stopService(self)
         if self._expiry is not None and self._expiry.running:
             self._expiry.stop()
-        for d, _, _ in list(self._leaseWaiters):
-            d.callback(None)
+        self._leaseWaiters.wakeAll()
         for waiters in list(self._eventWaiters.values()):
-            for _, d in list(waiters):
-                d.callback(None)
+            waiters.wakeAll()
         if self.journal is not None:
             yield self.journal.close()
             self._log.info("journal flushed and closed")
@@ -348,34 +317,19 @@ class QueueServer(service.Service):
         events = self.queue.eventsAfter(jobId, after)
         if events or timeout <= 0:
             return defer.succeed(events)
-        waiters = self._eventWaiters.setdefault(jobId, [])
-
-        def cancel(d):
-            if (after, d) in waiters:
-                waiters.remove((after, d))
-
-        d = defer.Deferred(canceller=cancel)
-        waiters.append((after, d))
-        call = self.reactor.callLater(min(timeout, MAX_LONG_POLL), lambda: d.called or d.callback(None))
-        d.addBoth(self._finishWait, call, waiters, (after, d))
+        waiters = self._eventWaiters.get(jobId)
+        if waiters is None:
+            waiters = self._eventWaiters[jobId] = WaitList(self.reactor)
+        d = waiters.wait(timeout)
         d.addCallback(lambda _: self.queue.eventsAfter(jobId, after) if jobId in self.queue.jobs else [])
         return d
 
     def _jobEvent(self, job, event):
         waiters = self._eventWaiters.pop(job.id, None)
-        if waiters:
-            for _, d in waiters:
-                d.callback(None)
+        if waiters is not None:
+            waiters.wakeAll()
         if self.notifier is not None and event[2] == "status":
             self.notifier.jobChanged(job)
-
-    @staticmethod
-    def _finishWait(result, call, waiters, entry):
-        if call.active():
-            call.cancel()
-        if entry in waiters:
-            waiters.remove(entry)
-        return result
 
     # ---- workers
 
@@ -395,29 +349,20 @@ class QueueServer(service.Service):
                 return self._grant(record)
         if timeout <= 0:
             return defer.succeed(None)
-        entry = []
+        return self._leaseWaiters.wait(timeout, key=(queueName, worker))
 
-        def cancel(d):
-            if entry[0] in self._leaseWaiters:
-                self._leaseWaiters.remove(entry[0])
-
-        d = defer.Deferred(canceller=cancel)
-        entry.append((d, queueName, worker))
-        self._leaseWaiters.append(entry[0])
-        call = self.reactor.callLater(min(timeout, MAX_LONG_POLL),
-                                      lambda: d.called or d.callback(None))
-        d.addBoth(self._finishWait, call, self._leaseWaiters, entry[0])
-        return d
+    def waitingLeases(self):
+        """How many workers wait in a lease long-poll."""
+        return len(self._leaseWaiters)
 
     def dispatch(self):
         """Hand pending jobs to waiting workers, oldest waiter first."""
         while self._leaseWaiters:
-            d, queueName, worker = self._leaseWaiters[0]
+            queueName, worker = self._leaseWaiters.oldestKey()
             record = self.queue.makeLease(self._now(), queueName, worker)
             if record is None:
                 return
-            self._leaseWaiters.pop(0)
-            self._grant(record).chainDeferred(d)
+            self._grant(record).chainDeferred(self._leaseWaiters.pop())
 
     def _grant(self, record):
         if self.metrics is not None:

@@ -13,6 +13,7 @@ import tempfile
 
 import treq
 from treq.testing import StubTreq
+from twisted.internet.task import Clock
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
@@ -152,20 +153,6 @@ class JobLifeTests(ServerCase):
         self.assertEqual((after["status"], after["result"]), ("ACTIVE", None))
         code, files, _ = yield self.call("GET", path + "/files")
         self.assertEqual([f for f in files["files"] if f["kind"] == "result"], [])
-
-    @defer.inlineCallbacks
-    def test_waiting_lease_answers_the_moment_a_job_is_submitted(self):
-        waiting = self.lease(timeout=30)
-        yield self.call("GET", "/healthz")  # the long-poll is in place
-        self.assertFalse(waiting.called)
-        _, job, _ = yield self.submit()
-        code, lease, _ = yield waiting
-        self.assertEqual((code, lease["id"]), (200, job["id"]))
-
-    @defer.inlineCallbacks
-    def test_lease_long_poll_answers_204_when_time_is_up(self):
-        code, body, _ = yield self.lease(timeout=0.2)
-        self.assertEqual((code, body), (204, b""))
 
     @defer.inlineCallbacks
     def test_cancel_pending_and_active(self):
@@ -350,3 +337,54 @@ class StubTreqTests(unittest.TestCase):
             for method in rule.methods - {"HEAD", "OPTIONS"}:
                 routes.add((path, method))
         self.assertEqual(documented, routes)
+
+
+class LongPollTests(unittest.TestCase):
+    """The lease long-poll through the whole HTTP stack in memory (StubTreq),
+    on a Clock: its waiter is counted by the server itself."""
+
+    def setUp(self):
+        from test.test_server import makeServer
+        stateDir = tempfile.mkdtemp(prefix="reflservd-test-")
+        self.addCleanup(shutil.rmtree, stateDir, True)
+        self.clock = Clock()
+        self.server = makeServer(stateDir, self.clock)
+        self.addCleanup(self.server.stopService)
+        self.stub = StubTreq(makeSite(self.server, 10_000).resource)
+
+    def lease(self, timeout):
+        """The long-poll's Deferred, and a list that gets its response."""
+        d = self.stub.post("http://127.0.0.1/api/v1/queues/cluster/lease?timeout=%s" % (timeout,))
+        answered = []
+        d.addCallback(lambda response: answered.append(response) or response)
+        return d, answered
+
+    @defer.inlineCallbacks
+    def test_waiting_lease_answers_the_moment_a_job_is_submitted(self):
+        waiting, answered = self.lease(30)
+        self.assertEqual(self.server.waitingLeases(), 1)
+        self.assertEqual(answered, [])
+        request = {"name": "fit", "notify": "ann@example.org", "service": "count", "data": 1}
+        submitted = yield self.stub.post("http://127.0.0.1/api/v1/jobs", headers=SCRIPT,
+                                         data={"request": json.dumps(request)})
+        job = yield submitted.json()
+        self.assertEqual(submitted.code, 201)
+        self.stub.flush()
+        self.assertEqual(len(answered), 1)
+        response = yield waiting
+        lease = yield response.json()
+        self.assertEqual((response.code, lease["id"]), (200, job["id"]))
+        self.assertEqual(self.server.waitingLeases(), 0)
+
+    @defer.inlineCallbacks
+    def test_lease_long_poll_answers_204_when_time_is_up(self):
+        waiting, answered = self.lease(30)
+        self.clock.advance(29.9)
+        self.stub.flush()
+        self.assertEqual(answered, [])
+        self.assertEqual(self.server.waitingLeases(), 1)
+        self.clock.advance(0.1)
+        self.stub.flush()
+        response = yield waiting
+        self.assertEqual((response.code, (yield response.content())), (204, b""))
+        self.assertEqual(self.server.waitingLeases(), 0)

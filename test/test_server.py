@@ -129,10 +129,12 @@ def test_waiting_lease_times_out_with_none_and_wakes_on_submit(tmp_path):
     clock = Clock()
     server = makeServer(tmp_path, clock)
     waiting = server.lease("q", timeout=30)
+    assert server.waitingLeases() == 1
     clock.advance(29)
     assert not waiting.called
     clock.advance(1)
     assert result(waiting) is None
+    assert server.waitingLeases() == 0
     waiting = server.lease("q", timeout=30)
     job = submit(server)
     assert result(waiting).id == job.id
@@ -144,8 +146,12 @@ def test_cancelled_long_poll_leaves_no_waiter(tmp_path):
     clock = Clock()
     server = makeServer(tmp_path, clock)
     waiting = server.lease("q", timeout=30)
+    assert server.waitingLeases() == 1
     waiting.cancel()
     waiting.addErrback(lambda f: f.trap(defer.CancelledError))
+    assert server.waitingLeases() == 0
+    assert clock.getDelayedCalls() == [call for call in clock.getDelayedCalls()
+                                       if call.getTime() - clock.seconds() != 30]
     job = submit(server)
     assert job.status == Q.PENDING
     assert result(server.lease("q")).id == job.id
