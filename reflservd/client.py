@@ -33,34 +33,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from reflservd.clienterrors import (  # noqa: F401 (the errors a user of Client catches)
+    ClientError, ServerUnreachable, UnknownJob, WaitTimeout, httpError, reasonOf)
 from reflservd.clientfiles import CHUNK, KeyStore, multipartBody, rangeStarts
 from reflservd.names import VERSION
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 FINISHED = ("COMPLETE", "ERROR", "CANCEL")
 LONG_POLL = 25.0
-
-
-class ClientError(Exception):
-    """A request the server refused or could not answer; ``message`` says
-    why in one line, ``code`` is the HTTP status when there was one."""
-
-    def __init__(self, message, code=None):
-        Exception.__init__(self, message)
-        self.message = message
-        self.code = code
-
-
-class ServerUnreachable(ClientError):
-    """No answer from the server: refused, unresolvable, timed out."""
-
-
-class UnknownJob(ClientError):
-    """The server has no such job (never had, or it was deleted)."""
-
-
-class WaitTimeout(ClientError, TimeoutError):
-    """``Job.wait(timeout=…)`` ran out before the job ended."""
 
 
 class Client:
@@ -113,11 +93,11 @@ class Client:
         try:
             return self._opener.open(request, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as e:
-            raise _httpError(e, jobId) from None
+            raise httpError(e, jobId) from None
         except urllib.error.URLError as e:
-            raise ServerUnreachable("cannot reach the server at %s: %s" % (self.url, _reason(e.reason))) from None
+            raise ServerUnreachable("cannot reach the server at %s: %s" % (self.url, reasonOf(e.reason))) from None
         except (OSError, http.client.HTTPException) as e:
-            raise ServerUnreachable("cannot reach the server at %s: %s" % (self.url, _reason(e))) from None
+            raise ServerUnreachable("cannot reach the server at %s: %s" % (self.url, reasonOf(e))) from None
 
     def call(self, method, path, value=None, timeout=None, jobId=None):
         """Send ``value`` as JSON (when given) and return the decoded answer."""
@@ -130,7 +110,7 @@ class Client:
             with response:
                 raw = response.read()
         except (OSError, http.client.HTTPException) as e:
-            raise ServerUnreachable("the server at %s broke off its answer: %s" % (self.url, _reason(e))) from None
+            raise ServerUnreachable("the server at %s broke off its answer: %s" % (self.url, reasonOf(e))) from None
         if not raw:
             return None
         try:
@@ -234,7 +214,7 @@ class Client:
             with socket.create_connection((parts.hostname, port), timeout=self.timeout) as s:
                 return s.getsockname()[0]
         except OSError as e:
-            raise ServerUnreachable("cannot reach the server at %s: %s" % (self.url, _reason(e))) from None
+            raise ServerUnreachable("cannot reach the server at %s: %s" % (self.url, reasonOf(e))) from None
 
 
 class Job:
@@ -474,7 +454,7 @@ class Job:
             except ServerUnreachable as e:
                 error = e.message
             except (OSError, http.client.HTTPException) as e:
-                error = "the download of %s broke off: %s" % (name, _reason(e))
+                error = "the download of %s broke off: %s" % (name, reasonOf(e))
             else:
                 if have >= size:
                     break
@@ -507,34 +487,3 @@ class Job:
 
 def _query(values):
     return urllib.parse.urlencode({k: v for k, v in values.items() if v is not None})
-
-
-def _reason(reason):
-    if isinstance(reason, socket.timeout):
-        return "timed out"
-    if isinstance(reason, OSError) and reason.strerror:
-        return reason.strerror
-    return str(reason) or type(reason).__name__
-
-
-def _httpError(error, jobId):
-    try:
-        raw = error.read()
-    except (OSError, http.client.HTTPException):
-        raw = b""
-    message = None
-    try:
-        value = json.loads(raw)
-        if isinstance(value, dict) and isinstance(value.get("error"), str):
-            message = value["error"]
-    except ValueError:
-        pass
-    if message is None:
-        text = raw.decode("utf-8", "replace").strip().splitlines()
-        message = "%d %s%s" % (error.code, error.reason, (": " + text[0][:200]) if text else "")
-    code = error.code
-    if code == 404 and jobId is not None and not message.startswith("no such route"):
-        return UnknownJob(message, code)
-    if code >= 500:
-        return ServerUnreachable("the server cannot serve this now (%d): %s" % (code, message), code)
-    return ClientError(message, code)

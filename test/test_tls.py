@@ -4,7 +4,6 @@ client, a worker's lease, heartbeats and uploads, and a download; a client
 that does not trust it is refused with a clear message, and changes nothing."""
 
 import json
-import os
 import subprocess
 import sys
 
