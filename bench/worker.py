@@ -344,8 +344,9 @@ def profile(say=print):
         os.environ.setdefault(name, "1")     # as the fork server has them
     os.environ.setdefault("MPLBACKEND", "Agg")
     from reflworkerd import runner
+    from reflworkerd.preload import preload
 
-    runner.preload(warm=True)
+    preload(warm=True)
     base = tempfile.mkdtemp(prefix="bench-worker-profile-")
     try:
         out = os.path.join(base, "phases.json")

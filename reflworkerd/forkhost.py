@@ -29,7 +29,7 @@ import signal
 import sys
 import time
 
-from reflworkerd import outcome, runner, sandbox
+from reflworkerd import outcome, preload, runner, sandbox
 from reflworkerd.jobfiles import finite
 from reflworkerd.shared import RESULTS_DIR, STDERR_NAME, STDOUT_NAME
 from reflworkerd.wire import (COMMANDS_FD, EVENTS_FD, LEFTOVER_TIMEOUT, MAX_CHILD_LINE, RELAY_INTERVAL,
@@ -322,7 +322,7 @@ def serve():
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
     for fd in (COMMANDS_FD, EVENTS_FD):
         os.set_inheritable(fd, False)
-    runner.preload(warm=True)
+    preload.preload(warm=True)
     import threading
 
     host = ForkHost(COMMANDS_FD, EVENTS_FD)

@@ -269,7 +269,8 @@ def makeService(config, reactor=None):
     from treq.client import HTTPClient
 
     from reflworkerd.local import ForkServer
-    from reflworkerd.poller import Poller, ServerClient
+    from reflworkerd.poller import Poller
+    from reflworkerd.serverclient import ServerClient
 
     pool = HTTPConnectionPool(reactor, persistent=True)
     pool._factory = _quietFactory()

@@ -23,7 +23,8 @@ from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
 from reflworkerd import tap
-from reflworkerd.poller import Backoff, Poller, ServerClient
+from reflworkerd.poller import Poller
+from reflworkerd.serverclient import Backoff, ServerClient
 
 URL = "http://reflservd.test"
 

@@ -1,0 +1,525 @@
+"""One leased job on the worker, from its lease to its acknowledged result:
+its downloads, its fit in the backend, heartbeats, checkpoints and results.
+
+A DREAM or DE fit checkpoints its session file (``results/session.h5``): the
+worker uploads it as the job's result file ``session.h5``, at most every
+``checkpointEvery`` seconds. When the server hands out a job with such a
+checkpoint of an earlier attempt (``"checkpoint"`` in the lease answer), the
+worker downloads it into ``results/`` and runs the fit with ``resume``: it goes
+on from where the lost attempt left off instead of starting over.
+
+When the fit ends, the files it left in ``results/`` are looked at
+(``jobfiles.scanResults``, off the reactor thread, as every read of what a
+fit left): anything but a regular file of the slot's uid ends the job
+``ERROR`` saying what was found, and so do results past the per-job quota
+(``resultFilesQuota`` files, ``resultBytesQuota`` bytes by apparent size),
+keeping the files within it and naming those left out. What is kept is
+uploaded in bounded parts (a server that answers 413, over its own quota,
+ends the job ``ERROR`` with its message) and the job is completed with its
+lease token. Until the server has
+acknowledged the completion the outcome stays on disk
+(``workDir/jobs/<id>.json``): a server that is down only delays delivery, and
+a worker that restarts delivers what its previous run could not. A 409 (or
+404) says the lease is no longer ours: the job is dropped quietly.
+"""
+
+import copy
+import json
+import os
+import shutil
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from reflworkerd import jobfiles, outcome
+from reflworkerd.jobfiles import finite
+from reflworkerd.checkpoint import Checkpoints
+from reflworkerd.heartbeat import Heartbeats
+from reflworkerd.serverclient import OverQuota, ServerError, checkName
+from reflworkerd.shared import RESULTS_DIR, SESSION_NAME, isResumable
+
+PART_SIZE = 8 * 1024 * 1024
+"""Bytes per PUT of a result file: the server buffers each request body whole."""
+UPLOADS_AT_ONCE = 4
+"""Result files uploaded at the same time when a fit ends."""
+
+class LeasedJob:
+    """One job this worker holds a lease on, from the lease to the acknowledged result.
+
+    Its state lives in ``workDir/jobs/<id>.json`` (id, lease, and once the fit
+    ended its outcome) beside the job directory ``workDir/jobs/<id>/``, which
+    the fit may write to and so is never trusted for the worker's own state.
+    """
+
+    _log = Logger()
+
+    def __init__(self, poller, jobId, lease, leaseTimeout, request=None, files=(),
+                 outcome=None, uploaded=(), checkpoint=None, slot=None, uid=None, results=None):
+        self.poller = poller
+        self.reactor = poller.reactor
+        self.client = poller.client
+        self.jobId = jobId
+        self.lease = lease
+        self.leaseTimeout = leaseTimeout
+        self.request = request
+        self.files = [tuple(f) for f in files]
+        self.outcome = outcome
+        self.uploaded = set(uploaded)
+        self.jobDir = os.path.join(poller.jobsDir, str(int(jobId)))
+        self.statePath = self.jobDir + ".json"
+        self.checkpoint = checkpoint
+        self.slot = slot
+        self.uid = uid if uid is not None else poller.slotUid(slot)
+        self.results = dict(results) if results is not None else None
+        self.fitRun = None
+        self.dropped = False
+        self.delivered = False
+        self.releasing = False
+        self.finished = defer.Deferred()
+        self.fitEnded = defer.Deferred()
+        self.cancelled = False
+        self.heartbeats = Heartbeats(
+            self.reactor, self.client, jobId, lease, leaseTimeout, poller.reachability,
+            poller.makeBackoff, poller.progressInterval, confinement=self._confinement,
+            onLeaseTimeout=self._leaseTimeoutChanged, onCancel=self._serverCancelled,
+            onStale=self.drop)
+        self._working = None
+        self.halted = False
+        self.checkpoints = Checkpoints(
+            self.reactor, jobId, poller.checkpointEvery, poller.reachability,
+            send=lambda path: self._putFile(SESSION_NAME, path, maximum=poller.resultBytesQuota),
+            wanted=lambda: not self.dropped and not self.fitEnded.called,
+            onUnusable=self._checkpointUnusable, onStale=self.drop)
+        self._serverQuotaReached = False
+
+    # ---- state on disk
+
+    def saveState(self):
+        """Write the worker's state of this job (for a restart); True when it is on disk."""
+        state = {"id": self.jobId, "lease": self.lease, "leaseTimeout": self.leaseTimeout,
+                 "outcome": self.outcome, "uploaded": sorted(self.uploaded), "uid": self.uid,
+                 "results": self.results}
+        temporary = self.statePath + ".tmp"
+        try:
+            with open(temporary, "w") as f:
+                json.dump(finite(state), f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.rename(temporary, self.statePath)
+        except OSError as e:
+            self._log.warn("job {jobId}: its state could not be saved ({why}); a restart "
+                           "of the worker would lose it", jobId=self.jobId, why=e.strerror)
+            return False
+        return True
+
+    def cleanUp(self):
+        shutil.rmtree(self.jobDir, ignore_errors=True)
+        for path in (self.statePath, self.statePath + ".tmp"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    # ---- life
+
+    def start(self):
+        """Download the uploads, run the fit, deliver its outcome."""
+        shutil.rmtree(self.jobDir, ignore_errors=True)
+        try:
+            os.makedirs(self.jobDir)
+        except OSError as e:
+            self._log.error("job {jobId}: cannot make {path} ({why}); handing it back",
+                            jobId=self.jobId, path=self.jobDir, why=e.strerror)
+            return self.handBack()
+        self.saveState()
+        self.heartbeats.schedule()
+        self._working = self._run()
+        self._working.addErrback(self._failed)
+        return self.finished
+
+    def resume(self):
+        """Deliver an outcome that a previous run of the worker left undelivered."""
+        self._endFit(None)
+        self.heartbeats.schedule()
+        self._working = self._deliverThenFinish()
+        self._working.addErrback(self._failed)
+        return self.finished
+
+    def handBack(self):
+        """Give the job back to the queue: its fit was lost with a previous run of the
+        worker, or cannot be set up here."""
+        self._endFit(None)
+        self._working = self._release()
+        self._working.addBoth(lambda _: self._finish())
+        return self.finished
+
+    def _failed(self, failure):
+        if failure.check(_Halted):
+            self._log.warn("job {jobId}: the worker stops before its outcome was delivered; "
+                           "it stays in {path} for the next start", jobId=self.jobId,
+                           path=self.statePath)
+            self._endFit(None)
+            self.heartbeats.stop()
+            if not self.finished.called:
+                self.finished.callback(None)
+            return
+        self._log.failure("job {jobId}: unexpected failure; dropped", failure, jobId=self.jobId)
+        self._endFit(None)
+        self._finish()
+
+    @defer.inlineCallbacks
+    def _run(self):
+        request = self.request
+        try:
+            yield self._download()
+            request = yield self._resumeRequest()
+        except _Dropped:
+            pass
+        except ServerError as e:
+            self._log.error("job {jobId}: its files could not be downloaded ({why}); "
+                            "reporting an error", jobId=self.jobId, why=str(e))
+            self.outcome = outcome.error("the worker could not download the job's files: %s" % (e,))
+        except OSError as e:
+            self.outcome = outcome.error("the worker could not store the job's files: %s" % (e,))
+        if self.outcome is None and not (self.dropped or self.releasing or self.cancelled):
+            self._log.info("job {jobId} (lease {lease}): fit starts", jobId=self.jobId,
+                           lease=self.lease)
+            self.fitRun = self.poller.backend.run(
+                self.jobId, self.jobDir, request, self.progress,
+                onCheckpoint=self.checkpointed if self.resumable() else None, uid=self.uid, gid=self.uid)
+            try:
+                self.outcome = yield self.fitRun.done
+            except Exception as e:
+                self.outcome = outcome.error("the worker lost the fit: %s" % (e,))
+            self._log.info("job {jobId}: fit ended {status}", jobId=self.jobId,
+                           status=self.outcome.get("status"))
+        elif self.outcome is None:
+            self.outcome = outcome.cancelled()
+        yield self.checkpoints.stop()
+        if not (self.dropped or self.releasing):
+            yield self._keepResults()
+        self._endFit(self.outcome)
+        if self.dropped:
+            self._finish()
+            return
+        if self.releasing:
+            yield self._release()
+            self._finish()
+            return
+        self.saveState()
+        yield self._deliverThenFinish()
+
+    def _endFit(self, outcome):
+        if not self.fitEnded.called:
+            self.fitEnded.callback(outcome)
+
+    def _checkHalted(self):
+        if self.halted:
+            raise _Halted()
+
+    @defer.inlineCallbacks
+    def _download(self):
+        backoff = self.poller.makeBackoff()
+        for name, size in self.files:
+            checkName(name)
+            path = os.path.join(self.jobDir, name)
+            while True:
+                if self.dropped or self.cancelled or self.releasing:
+                    raise _Dropped()
+                try:
+                    got = yield self.client.download(self.jobId, name, path)
+                except ServerError as e:
+                    if e.stale:
+                        self.drop(str(e))
+                        raise _Dropped()
+                    if not e.transient:
+                        raise
+                    self.poller.reachability.failed(e)
+                    yield self.poller.sleep(backoff.next())
+                    continue
+                self.poller.reachability.ok()
+                if size is not None and got != size:
+                    raise ServerError(None, "upload %r is %d bytes, the server said %d" % (name, got, size))
+                break
+
+    def resumable(self):
+        """Whether this job's fit can go on from a checkpoint (a DREAM or DE fit of refl1d)."""
+        return isResumable(self.request)
+
+    @defer.inlineCallbacks
+    def _resumeRequest(self):
+        """The request to run: with ``resume`` where the server has a checkpoint of an
+        earlier attempt and it came down into ``results/``; else the request as it is
+        (a fit that cannot resume, or whose checkpoint cannot be had, starts over)."""
+        if not self.checkpoint or not self.resumable():
+            return self.request
+        folder = os.path.join(self.jobDir, RESULTS_DIR)
+        path = os.path.join(folder, SESSION_NAME)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            size = yield self.client.download(self.jobId, checkName(self.checkpoint), path, kind="result")
+        except ServerError as e:
+            self._log.warn("job {jobId}: its checkpoint could not be downloaded ({why}); "
+                           "the fit starts over", jobId=self.jobId, why=str(e))
+            shutil.rmtree(folder, ignore_errors=True)
+            return self.request
+        except (OSError, ValueError) as e:
+            self._log.warn("job {jobId}: its checkpoint could not be stored ({why}); "
+                           "the fit starts over", jobId=self.jobId, why=e)
+            shutil.rmtree(folder, ignore_errors=True)
+            return self.request
+        self._log.info("job {jobId}: resuming the fit from the checkpoint of an earlier attempt "
+                       "({size} bytes)", jobId=self.jobId, size=size)
+        request = copy.deepcopy(self.request)
+        request["data"]["options"]["resume"] = True
+        return request
+
+    @defer.inlineCallbacks
+    def _keepResults(self):
+        """Decide which result files go to the server: the regular files of the
+        fit's uid within the quota. Anything else ends the job ERROR saying so."""
+        try:
+            found = yield self.poller.inThread(
+                jobfiles.scanResults, self.jobDir, self.uid, self.poller.resultFilesQuota,
+                self.poller.resultBytesQuota, RESULTS_DIR, checkName)
+        except OSError as e:
+            found = jobfiles.Results()
+            found.unsafe.append("the job directory cannot be read (%s)" % (e.strerror,))
+        self.results = dict(found.sizes)
+        said = (self.outcome or {}).get("error") or ""
+        found.unsafe = [what for what in found.unsafe if what not in said]     # said already (a checkpoint)
+        problem = found.problem()
+        if problem is not None:
+            self._log.warn("job {jobId}: {problem}", jobId=self.jobId, problem=problem)
+            self._failWith(problem)
+
+    def _failWith(self, why):
+        """The job ends ERROR for ``why`` (its fit's own error, if any, kept after it)."""
+        self.outcome = outcome.failedWith(self.outcome, why)
+
+    @defer.inlineCallbacks
+    def _putFile(self, name, relative, limit=None, maximum=None):
+        """Upload the job's file ``relative`` as its result ``name``, opened and read
+        off the reactor thread (``jobfiles.openFile``), at most ``limit`` bytes of it
+        (its size when it was looked at); the bytes sent. A file larger than
+        ``maximum`` is not sent (`OverQuota`)."""
+        jobFile = yield self.poller.inThread(jobfiles.openFile, self.jobDir, relative, self.uid)
+        try:
+            if maximum is not None and jobFile.size > maximum:
+                raise OverQuota("%s is %d bytes, over the quota of %d bytes per job"
+                                % (relative, jobFile.size, maximum))
+            size = jobFile.size if limit is None else min(jobFile.size, limit)
+            offset = 0
+            while True:
+                part = yield self.poller.inThread(jobFile.read, offset, min(self.poller.partSize, size - offset))
+                last = offset + len(part) >= size or not part
+                yield self.client.putPart(self.jobId, self.lease, name, offset, part, last)
+                offset += len(part)
+                if last:
+                    return offset
+        finally:
+            jobFile.close()
+
+    # ---- checkpoints
+
+    def checkpointed(self, path):
+        """The fit saved its session file at ``path``: `checkpoint.Checkpoints` sends it."""
+        if not self.dropped and not self.fitEnded.called:
+            self.checkpoints.saved(path)
+
+    def _checkpointUnusable(self, why):
+        if self.fitRun is not None:
+            self.fitRun.abort("its checkpoint cannot be used: %s" % (why,))
+
+    # ---- delivery
+
+    @defer.inlineCallbacks
+    def _deliverThenFinish(self):
+        yield self._deliver()
+        self._finish()
+
+    @defer.inlineCallbacks
+    def _uploadResults(self):
+        """Upload the result files not yet acknowledged, a few at a time (each
+        is a round trip and a journal record on the server). Every upload of
+        a round ends before this does, so a retry never races one in flight;
+        then a stale or transient refusal, if any, is raised."""
+        if self.results is None:
+            yield self._keepResults()     # an outcome a worker of an older version left
+        names = [name for name in sorted(self.results) if name not in self.uploaded]
+        limit = defer.DeferredSemaphore(UPLOADS_AT_ONCE)
+        outcomes = yield defer.DeferredList(
+            [limit.run(self._uploadOne, name) for name in names], consumeErrors=True)
+        errors = [result for ok, result in outcomes if not ok]
+        stale = [f for f in errors if f.check(ServerError) and f.value.stale]
+        for failure in stale or errors:
+            failure.raiseException()
+
+    @defer.inlineCallbacks
+    def _uploadOne(self, name):
+        if self._serverQuotaReached:
+            return
+        try:
+            yield self._putFile(name, RESULTS_DIR + "/" + name, self.results.get(name))
+        except ServerError as e:
+            if e.stale or e.transient:
+                raise
+            if e.code == 413:
+                self._log.error("job {jobId}: result file {name} refused, over the server's quota "
+                                "({why}); no more are sent", jobId=self.jobId, name=name, why=str(e))
+                self._serverQuotaReached = True
+                self._failWith("the server refused result file %s: %s" % (name, e.detail))
+            else:
+                self._log.error("job {jobId}: result file {name} refused ({why}); "
+                                "skipped", jobId=self.jobId, name=name, why=str(e))
+        except jobfiles.UnsafeFile as e:
+            self._log.warn("job {jobId}: result file {name} not sent ({why})",
+                           jobId=self.jobId, name=name, why=str(e))
+            self._failWith("the fit left what the worker does not read: %s" % (e,))
+        except OSError as e:
+            self._log.warn("job {jobId}: result file {name} not sent ({why})",
+                           jobId=self.jobId, name=name, why=str(e))
+        self.uploaded.add(name)
+        self.saveState()
+
+    @defer.inlineCallbacks
+    def _deliver(self):
+        """Upload the result files, then complete; until acknowledged or refused as stale."""
+        backoff = self.poller.makeBackoff()
+        refusedOnce = False
+        while not self.dropped:
+            self._checkHalted()
+            try:
+                yield self._uploadResults()
+                progress = self.heartbeats.takeProgress()
+                if progress is not None:
+                    # The fit's last progress (its final step and chi^2) must not
+                    # wait for the heartbeat's rate limit: the job ends now.
+                    yield self.client.heartbeat(self.jobId, self.lease, progress, None)
+                try:
+                    yield self.client.complete(self.jobId, self.lease, self.outcome)
+                except ServerError as e:
+                    if e.stale or e.transient or refusedOnce:
+                        raise
+                    refusedOnce = True
+                    self._log.error("job {jobId}: the server refused its outcome ({why}); "
+                                    "reporting that instead", jobId=self.jobId, why=str(e))
+                    self.outcome = outcome.error("the server refused the worker's outcome: %s" % (e,),
+                                                 confinement=self.outcome.get("confinement"))
+                    continue
+            except ServerError as e:
+                self._checkHalted()
+                if e.stale:
+                    self.drop(str(e))
+                    return
+                if not e.transient:
+                    self._log.error("job {jobId}: delivery refused ({why}); dropped",
+                                    jobId=self.jobId, why=str(e))
+                    self.dropped = True
+                    return
+                self.poller.reachability.failed(e)
+                try:
+                    yield self.poller.sleep(backoff.next())
+                except defer.CancelledError:
+                    raise _Halted()
+                continue
+            self.poller.reachability.ok()
+            self.delivered = True
+            return
+
+    @defer.inlineCallbacks
+    def _release(self):
+        """Hand the job back (the worker stops); a few tries, then the lease runs out."""
+        backoff = self.poller.makeBackoff()
+        for attempt in range(3):
+            try:
+                yield self.client.release(self.jobId, self.lease)
+            except ServerError as e:
+                if e.transient and attempt < 2 and not self.halted:
+                    try:
+                        yield self.poller.sleep(backoff.next())
+                    except defer.CancelledError:
+                        return
+                    continue
+                self._log.info("job {jobId}: not released ({why}); its lease will run out",
+                               jobId=self.jobId, why=str(e))
+                return
+            self._log.info("job {jobId}: released back to the queue", jobId=self.jobId)
+            return
+
+    def _finish(self):
+        """Remove the job's files (off the reactor thread: a fit may have left
+        a great many), then say the job is no longer held here."""
+        self.heartbeats.stop()
+        d = self.poller.inThread(self.cleanUp)
+        d.addErrback(lambda f: self._log.failure("job {jobId}: its files could not be removed", f,
+                                                 jobId=self.jobId))
+        d.addCallback(lambda _: self._removed())
+
+    def _removed(self):
+        if self.delivered:
+            self._log.info("job {jobId}: {status} delivered; its files are removed",
+                           jobId=self.jobId, status=self.outcome.get("status"))
+        else:
+            self._log.info("job {jobId}: no longer held here; its files are removed",
+                           jobId=self.jobId)
+        if not self.finished.called:
+            self.finished.callback(None)
+
+    # ---- control
+
+    def cancelFit(self, why):
+        """Stop the fit at the server's request; its CANCEL outcome is delivered."""
+        self._log.info("job {jobId}: cancelling the fit ({why})", jobId=self.jobId, why=why)
+        self.cancelled = True
+        if self.fitRun is not None:
+            self.fitRun.cancel(self.poller.cancelGrace)
+
+    def drop(self, why):
+        """The lease is not ours any more: stop the fit, deliver nothing."""
+        if self.dropped:
+            return
+        self._log.info("job {jobId}: lease {lease} is not current ({why}); dropped",
+                       jobId=self.jobId, lease=self.lease, why=why)
+        self.dropped = True
+        self.heartbeats.stop()
+        if self.fitRun is not None and not self.fitEnded.called:
+            self.fitRun.cancel(self.poller.cancelGrace)
+
+    def releaseOnStop(self):
+        """The worker stops with ``--drain=release``: end the fit and give the job back."""
+        if self.fitEnded.called:
+            return
+        self.releasing = True
+        if self.fitRun is not None:
+            self.fitRun.cancel(self.poller.cancelGrace)
+
+    def halt(self):
+        """The worker stops: leave an undelivered outcome on disk for the next start."""
+        self.halted = True
+        if self._working is not None and not self.finished.called:
+            self._working.cancel()
+
+    # ---- heartbeats (heartbeat.Heartbeats sends them)
+
+    def progress(self, progress):
+        """Progress from the fit (in the reactor thread): sent with the next heartbeat."""
+        self.heartbeats.progress(progress)
+
+    def _confinement(self):
+        return getattr(self.fitRun, "confinement", None) or None
+
+    def _leaseTimeoutChanged(self, timeout):
+        self.leaseTimeout = timeout
+
+    def _serverCancelled(self):
+        if not self.cancelled and not self.fitEnded.called:
+            self.cancelFit("the server asked to cancel it")
+
+
+class _Dropped(Exception):
+    """The job was dropped, cancelled or released before its fit started."""
+
+
+class _Halted(Exception):
+    """The worker stops while the job's outcome is still being delivered."""
