@@ -78,20 +78,23 @@ def readTokenFile(path, what, named=True):
 
 def isLoopbackListen(description):
     """Whether a Twisted endpoint string listens on loopback (or a UNIX socket) only."""
-    kind, _, rest = description.partition(":")
-    if kind.lower() == "unix":
+    from twisted.internet.endpoints import _parse
+
+    # Read as Twisted reads it: escapes undone, and of a repeated keyword the
+    # last, which is the one it binds.
+    args, kwargs = _parse(description)
+    kind = str(args[0]).lower() if args else ""
+    if kind == "unix":
         return True
-    for field in rest.split(":"):
-        key, _, value = field.partition("=")
-        if key == "interface":
-            value = value.strip("[]").replace("\\", "")
-            if value == "localhost":
-                return True
-            try:
-                return ipaddress.ip_address(value).is_loopback
-            except ValueError:
-                return False
-    return False
+    if kind not in ("tcp", "tcp6", "ssl"):
+        return False
+    value = str(kwargs.get("interface", "")).strip("[]")
+    if value == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(value).is_loopback
+    except ValueError:
+        return False
 
 
 def _bearer(request):

@@ -5,16 +5,19 @@ test are the worker's. Nothing else in
 ``reflworkerd`` spells these out.
 """
 
+from reflservd.errors import Refused
+from reflservd.limits import checkQueueName
 from reflservd.names import (  # noqa: F401 (the names the worker takes from here)
     RESUMABLE_FITTERS, RESULTS_DIR, SESSION_NAME, STDERR_NAME, STDOUT_NAME)
 
-QUEUE_NAME_MAX = 100
-
-
 def isQueueName(name):
-    """A queue name is 1-100 letters, digits, '-', '_' or '.'."""
-    return (bool(name) and len(name) <= QUEUE_NAME_MAX
-            and name.replace("-", "").replace("_", "").replace(".", "").isalnum())
+    """Whether the server takes ``name`` as a queue name (``limits.checkQueueName``,
+    the one rule: 1-100 ASCII letters, digits, '-', '_' or '.')."""
+    try:
+        checkQueueName(name)
+    except Refused:
+        return False
+    return True
 
 
 def isResumable(request):

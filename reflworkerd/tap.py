@@ -42,8 +42,8 @@ def parseBytes(text):
 
 def _positive(value):
     value = float(value)
-    if not value > 0:
-        raise ValueError("must be positive")
+    if not 0 < value < float("inf"):
+        raise ValueError("must be a positive number")
     return value
 
 

@@ -219,14 +219,10 @@ def test_values_of_the_wrong_type_and_unknown_options_are_usage_errors(args):
     refused(*args)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: isLoopbackListen reads the first interface=, "
-                   "Twisted binds the last one, so the worker-token check is bypassed")
 def test_a_repeated_interface_is_judged_by_the_one_twisted_binds():
     refused("--listen", "tcp:8080:interface=127.0.0.1:interface=0.0.0.0")
 
 
-@pytest.mark.xfail(strict=True, reason="bug: isLoopbackListen splits on ':' before unescaping, "
-                   "so the IPv6 loopback listener tcp6:...:interface=\\:\\:1 counts as public")
 def test_an_ipv6_loopback_listener_needs_no_tokens():
     assert parse("--listen", r"tcp6:8080:interface=\:\:1")["access"].publicHosts == LOCAL_HOSTS
 

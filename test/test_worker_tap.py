@@ -274,7 +274,7 @@ def test_the_server_is_an_http_or_https_url(work, url):
         "--server takes an http:// or https:// URL, not %r" % (url,)
 
 
-@pytest.mark.parametrize("name", ["a b", "../q", "q/r", "x" * 101, "q:1", " "])
+@pytest.mark.parametrize("name", ["a b", "../q", "q/r", "x" * 101, "q:1", " ", "é", "q²"])
 def test_a_bad_queue_name_is_refused(work, name):
     assert refused(plain(work, "--queue", name)) == "a queue name is 1-100 letters, digits, '-', '_' or '.'"
 
@@ -318,10 +318,9 @@ def test_values_of_the_wrong_kind_are_usage_errors(work, args):
     assert refused(plain(work, *args))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: --cpu-limit inf passes _positive and then "
-                   "int(-(-inf // 1)) raises ValueError out of postOptions, not a UsageError")
-def test_an_infinite_cpu_limit_is_a_usage_error(work):
-    refused(plain(work, "--cpu-limit", "inf"))
+@pytest.mark.parametrize("option", ["--cpu-limit", "--wall-limit", "--checkpoint-every"])
+def test_an_infinite_limit_is_a_usage_error(work, option):
+    assert "must be a positive number" in refused(plain(work, option, "inf"))
 
 
 # ---- the service tree
