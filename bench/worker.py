@@ -173,9 +173,9 @@ def _plainReads(jobDir):
 
 def _safeReads(jobDir):
     """The same reads through jobfiles; the number of thread hand-offs the worker makes for them."""
-    from reflworkerd import jobfiles, runner
+    from reflworkerd import jobfiles, outcome
 
-    runner.readOutcome(jobDir)
+    outcome.read(jobDir)
     found = jobfiles.scanResults(jobDir, None, jobfiles.RESULT_FILES_QUOTA, jobfiles.RESULT_BYTES_QUOTA)
     handOffs = 2
     for name in found.names:

@@ -1,6 +1,10 @@
 """One leased job on the worker, from its lease to its acknowledged result:
 its downloads, its fit in the backend, heartbeats, checkpoints and results.
 
+Its life is one `State`, moved only by ``LeasedJob._moveTo`` along `MOVES`;
+why it is asked to end early is one `Ending` (cancel, release, drop: a
+stronger one replaces a weaker one).
+
 A DREAM or DE fit checkpoints its session file (``results/session.h5``): the
 worker uploads it as the job's result file ``session.h5``, at most every
 ``checkpointEvery`` seconds. When the server hands out a job with such a
@@ -24,6 +28,7 @@ a worker that restarts delivers what its previous run could not. A 409 (or
 """
 
 import copy
+import enum
 import json
 import os
 import shutil
@@ -42,6 +47,37 @@ PART_SIZE = 8 * 1024 * 1024
 """Bytes per PUT of a result file: the server buffers each request body whole."""
 UPLOADS_AT_ONCE = 4
 """Result files uploaded at the same time when a fit ends."""
+
+class State(enum.Enum):
+    """Where a leased job is in its life on this worker."""
+    LEASED = "leased"           # made, nothing started
+    RUNNING = "running"         # its files coming down, then its fit
+    DELIVERING = "delivering"   # its outcome and result files going up
+    DELIVERED = "delivered"     # the server acknowledged the outcome
+    RELEASING = "releasing"     # being handed back to the queue
+    HALTED = "halted"           # the worker stops: the outcome stays on disk for the next start
+    DONE = "done"               # its files removed; no longer held here
+
+
+MOVES = {
+    State.LEASED: {State.RUNNING, State.DELIVERING, State.RELEASING, State.HALTED, State.DONE},
+    State.RUNNING: {State.DELIVERING, State.RELEASING, State.HALTED, State.DONE},
+    State.DELIVERING: {State.DELIVERED, State.HALTED, State.DONE},
+    State.RELEASING: {State.HALTED, State.DONE},
+    State.HALTED: {State.DELIVERED, State.DONE},
+    State.DELIVERED: {State.DONE},
+    State.DONE: set(),
+}
+"""The moves a job's state may make; `LeasedJob._moveTo` refuses any other."""
+
+
+class Ending(enum.IntEnum):
+    """Why a job is asked to end other than by its fit's outcome, weakest first:
+    a stronger reason replaces a weaker one, never the other way."""
+    CANCEL = 1      # the server asked: the fit ends CANCEL, which is delivered
+    RELEASE = 2     # the worker stops with --drain=release: the job goes back to the queue
+    DROP = 3        # the lease is not ours: nothing more is delivered
+
 
 class LeasedJob:
     """One job this worker holds a lease on, from the lease to the acknowledged result.
@@ -72,25 +108,46 @@ class LeasedJob:
         self.uid = uid if uid is not None else poller.slotUid(slot)
         self.results = dict(results) if results is not None else None
         self.fitRun = None
-        self.dropped = False
-        self.delivered = False
-        self.releasing = False
+        self.state = State.LEASED
+        self.ending = None
         self.finished = defer.Deferred()
         self.fitEnded = defer.Deferred()
-        self.cancelled = False
         self.heartbeats = Heartbeats(
             self.reactor, self.client, jobId, lease, leaseTimeout, poller.reachability,
             poller.makeBackoff, poller.progressInterval, confinement=self._confinement,
             onLeaseTimeout=self._leaseTimeoutChanged, onCancel=self._serverCancelled,
             onStale=self.drop)
         self._working = None
-        self.halted = False
         self.checkpoints = Checkpoints(
             self.reactor, jobId, poller.checkpointEvery, poller.reachability,
             send=lambda path: self._putFile(SESSION_NAME, path, maximum=poller.resultBytesQuota),
             wanted=lambda: not self.dropped and not self.fitEnded.called,
             onUnusable=self._checkpointUnusable, onStale=self.drop)
         self._serverQuotaReached = False
+
+    # ---- its state
+
+    def _moveTo(self, state):
+        if state not in MOVES[self.state]:
+            raise RuntimeError("job %s cannot go from %s to %s" % (self.jobId, self.state.value, state.value))
+        self.state = state
+
+    def _endAs(self, ending):
+        """Ask the job to end for ``ending``, unless a stronger reason already stands."""
+        if self.ending is None or ending > self.ending:
+            self.ending = ending
+
+    @property
+    def dropped(self):
+        return self.ending is Ending.DROP
+
+    @property
+    def releasing(self):
+        return self.ending is Ending.RELEASE
+
+    @property
+    def cancelled(self):
+        return self.ending is Ending.CANCEL
 
     # ---- state on disk
 
@@ -131,6 +188,7 @@ class LeasedJob:
             self._log.error("job {jobId}: cannot make {path} ({why}); handing it back",
                             jobId=self.jobId, path=self.jobDir, why=e.strerror)
             return self.handBack()
+        self._moveTo(State.RUNNING)
         self.saveState()
         self.heartbeats.schedule()
         self._working = self._run()
@@ -139,6 +197,7 @@ class LeasedJob:
 
     def resume(self):
         """Deliver an outcome that a previous run of the worker left undelivered."""
+        self._moveTo(State.DELIVERING)
         self._endFit(None)
         self.heartbeats.schedule()
         self._working = self._deliverThenFinish()
@@ -148,6 +207,7 @@ class LeasedJob:
     def handBack(self):
         """Give the job back to the queue: its fit was lost with a previous run of the
         worker, or cannot be set up here."""
+        self._moveTo(State.RELEASING)
         self._endFit(None)
         self._working = self._release()
         self._working.addBoth(lambda _: self._finish())
@@ -181,7 +241,7 @@ class LeasedJob:
             self.outcome = outcome.error("the worker could not download the job's files: %s" % (e,))
         except OSError as e:
             self.outcome = outcome.error("the worker could not store the job's files: %s" % (e,))
-        if self.outcome is None and not (self.dropped or self.releasing or self.cancelled):
+        if self.outcome is None and self.ending is None:
             self._log.info("job {jobId} (lease {lease}): fit starts", jobId=self.jobId,
                            lease=self.lease)
             self.fitRun = self.poller.backend.run(
@@ -203,10 +263,14 @@ class LeasedJob:
             self._finish()
             return
         if self.releasing:
+            if self.state is not State.HALTED:
+                self._moveTo(State.RELEASING)
             yield self._release()
             self._finish()
             return
         self.saveState()
+        self._checkHalted()
+        self._moveTo(State.DELIVERING)
         yield self._deliverThenFinish()
 
     def _endFit(self, outcome):
@@ -214,7 +278,7 @@ class LeasedJob:
             self.fitEnded.callback(outcome)
 
     def _checkHalted(self):
-        if self.halted:
+        if self.state is State.HALTED:
             raise _Halted()
 
     @defer.inlineCallbacks
@@ -224,7 +288,7 @@ class LeasedJob:
             checkName(name)
             path = os.path.join(self.jobDir, name)
             while True:
-                if self.dropped or self.cancelled or self.releasing:
+                if self.ending is not None:
                     raise _Dropped()
                 try:
                     got = yield self.client.download(self.jobId, name, path)
@@ -415,7 +479,7 @@ class LeasedJob:
                 if not e.transient:
                     self._log.error("job {jobId}: delivery refused ({why}); dropped",
                                     jobId=self.jobId, why=str(e))
-                    self.dropped = True
+                    self._endAs(Ending.DROP)
                     return
                 self.poller.reachability.failed(e)
                 try:
@@ -424,7 +488,7 @@ class LeasedJob:
                     raise _Halted()
                 continue
             self.poller.reachability.ok()
-            self.delivered = True
+            self._moveTo(State.DELIVERED)
             return
 
     @defer.inlineCallbacks
@@ -435,7 +499,7 @@ class LeasedJob:
             try:
                 yield self.client.release(self.jobId, self.lease)
             except ServerError as e:
-                if e.transient and attempt < 2 and not self.halted:
+                if e.transient and attempt < 2 and self.state is not State.HALTED:
                     try:
                         yield self.poller.sleep(backoff.next())
                     except defer.CancelledError:
@@ -457,12 +521,13 @@ class LeasedJob:
         d.addCallback(lambda _: self._removed())
 
     def _removed(self):
-        if self.delivered:
+        if self.state is State.DELIVERED:
             self._log.info("job {jobId}: {status} delivered; its files are removed",
                            jobId=self.jobId, status=self.outcome.get("status"))
         else:
             self._log.info("job {jobId}: no longer held here; its files are removed",
                            jobId=self.jobId)
+        self._moveTo(State.DONE)
         if not self.finished.called:
             self.finished.callback(None)
 
@@ -471,7 +536,7 @@ class LeasedJob:
     def cancelFit(self, why):
         """Stop the fit at the server's request; its CANCEL outcome is delivered."""
         self._log.info("job {jobId}: cancelling the fit ({why})", jobId=self.jobId, why=why)
-        self.cancelled = True
+        self._endAs(Ending.CANCEL)
         if self.fitRun is not None:
             self.fitRun.cancel(self.poller.cancelGrace)
 
@@ -481,7 +546,7 @@ class LeasedJob:
             return
         self._log.info("job {jobId}: lease {lease} is not current ({why}); dropped",
                        jobId=self.jobId, lease=self.lease, why=why)
-        self.dropped = True
+        self._endAs(Ending.DROP)
         self.heartbeats.stop()
         if self.fitRun is not None and not self.fitEnded.called:
             self.fitRun.cancel(self.poller.cancelGrace)
@@ -490,13 +555,15 @@ class LeasedJob:
         """The worker stops with ``--drain=release``: end the fit and give the job back."""
         if self.fitEnded.called:
             return
-        self.releasing = True
+        self._endAs(Ending.RELEASE)
         if self.fitRun is not None:
             self.fitRun.cancel(self.poller.cancelGrace)
 
     def halt(self):
         """The worker stops: leave an undelivered outcome on disk for the next start."""
-        self.halted = True
+        if State.HALTED not in MOVES[self.state]:
+            return
+        self._moveTo(State.HALTED)
         if self._working is not None and not self.finished.called:
             self._working.cancel()
 

@@ -298,7 +298,7 @@ class Poller(service.Service):
                         slot=slot)
         self.jobs[jobId] = job
         if self._draining:
-            job.releasing = True
+            job.releaseOnStop()
         self._log.info("job {jobId} leased (lease {lease}, attempt {attempts})", jobId=jobId,
                        lease=lease, attempts=record.get("attempts"))
         job.fitEnded.addCallback(lambda _: self.fill())
