@@ -235,7 +235,11 @@ class JobAPI:
     @workerRoute()
     @defer.inlineCallbacks
     def releaseJob(self, request, jobId):
-        job = yield self.server.release(jobId, self.lease(readJSON(request)))
+        body = readJSON(request)
+        lost = body.get("lost")
+        if lost is not None and not isinstance(lost, str):
+            raise APIError(400, "'lost' must be a string saying how the fit was lost")
+        job = yield self.server.release(jobId, self.lease(body), lost)
         return jsonBody(request, self.jobRecord(job))
 
     # ---- operations

@@ -177,8 +177,9 @@ OPERATIONS = {
                           result={}, error=_STR, trace=_STR, confinement=_STR)),
         errors=("400", "404", "409", "413", "415", "503"), worker=True),
     ("/api/v1/jobs/{jobId}/release", "post"): _op(
-        "Hand a job back unfinished (worker)", {"200": _json("the job", _JOB)}, [_ID],
-        _jsonBody(_object(["lease"], lease=_LEASE)),
+        "Hand a job back unfinished (worker); with 'lost' (why its fit was lost to the "
+        "cluster) the attempt counts", {"200": _json("the job", _JOB)}, [_ID],
+        _jsonBody(_object(["lease"], lease=_LEASE, lost=_STR)),
         errors=("400", "404", "409", "413", "415", "503"), worker=True),
     ("/api/v1/openapi.json", "get"): {
         "summary": "This document", "tags": ["ops"],

@@ -225,11 +225,16 @@ class Queue:
             record["postedJSON"] = encodeResult(posted)
         return record
 
-    def makeRelease(self, jobId, lease, now):
+    def makeRelease(self, jobId, lease, now, lost=None):
+        """The job goes back to the queue uncounted; or, where its fit was ``lost``
+        (a node failed: the reason), counted as an attempt, ERROR past the last."""
         job = self.checkLease(jobId, lease)
         if job.status != ACTIVE:
             raise Conflict("job %d is %s, not ACTIVE" % (jobId, job.status))
-        return {"type": "release", "time": now, "id": jobId}
+        if lost is None:
+            return {"type": "release", "time": now, "id": jobId}
+        status = PENDING if job.attempts < self.maxAttempts else ERROR
+        return {"type": "release", "time": now, "id": jobId, "lost": str(lost)[:MAX_TEXT], "status": status}
 
     def makeCancel(self, jobId, now):
         job = self.get(jobId)
@@ -330,8 +335,16 @@ class Queue:
 
     def _apply_release(self, r):
         job = self.jobs[r["id"]]
-        job.attempts -= 1
-        self._requeue(job, r["time"])
+        if "lost" not in r:
+            job.attempts -= 1
+        if r.get("status") == ERROR:
+            job.error = "its fit was lost %d times; the last: %s" % (job.attempts, r["lost"])
+            job.finished = r["time"]
+            self._setStatus(job, ERROR)
+            self._event(job, r["time"], "status")
+            self._forgetEvents(job)
+        else:
+            self._requeue(job, r["time"])
 
     def _apply_expire(self, r):
         job = self.jobs[r["id"]]

@@ -432,8 +432,9 @@ class QueueServer(service.Service):
         return self.queue.get(jobId)
 
     @defer.inlineCallbacks
-    def release(self, jobId, lease):
-        yield self.commit(self.queue.makeRelease(jobId, lease, self._now()))
+    def release(self, jobId, lease, lost=None):
+        """Hand the job back (see `queue.Queue.makeRelease`)."""
+        yield self.commit(self.queue.makeRelease(jobId, lease, self._now(), lost))
         self.dispatch()
         return self.queue.get(jobId)
 

@@ -7,9 +7,10 @@ gives back progress events and one outcome (``outcome``). It is a
 the poller asks for work and stops it after the poller has drained.
 
 ``local`` (`local.ForkServer`) forks each fit from a preloaded fork host on
-this machine. A Slurm backend (``slurm``) would submit the same confined
-runner to the cluster and plug in beside it, implementing these two
-interfaces.
+this machine; its fits end with the worker. ``slurm`` (`slurm.SlurmBackend`)
+submits each fit as a Slurm batch job that runs the same fork host on a
+compute node; its fits outlive the worker, which adopts them again when it
+restarts.
 """
 
 from zope.interface import Attribute, Interface
@@ -31,8 +32,14 @@ class IBackend(Interface):
         """
 
     def survivors():
-        """The job ids whose fits survive a restart of the worker (and would be
-        picked up again, not handed back)."""
+        """The job ids whose fits survived the last stop of the worker (read when
+        the backend starts): the poller adopts those it still holds."""
+
+    def adopt(jobId, jobDir, request, onProgress, onCheckpoint=None, uid=None, gid=None):
+        """The `IFitRun` of a survivor's fit, watched again as ``run`` would."""
+
+    def forgetSurvivors():
+        """Cancel and remove the survivors no held job adopted (once, after adopting)."""
 
 
 class IFitRun(Interface):
@@ -42,6 +49,7 @@ class IFitRun(Interface):
                      "after everything the fit started is gone.")
     confinement = Attribute("What confines the fit, as the worker applied it "
                             "(empty until the fit is confined).")
+    survives = Attribute("Whether the fit goes on when the worker stops (the next start adopts it).")
 
     def cancel(grace=5.0):
         """Stop the fit (TERM, KILL after ``grace`` seconds); it ends CANCEL."""

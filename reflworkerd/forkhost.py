@@ -64,10 +64,14 @@ class _Child:
 
 
 class ForkHost:
-    """The fork host's loop: commands in, forks, relayed child messages, exits out."""
+    """The fork host's loop: commands in, forks, relayed child messages, exits out.
 
-    def __init__(self, commandsFd, eventsFd):
+    ``once``: the loop ends after its first fit has exited (a Slurm job's
+    node program, ``slurmjob``, runs one fit this way)."""
+
+    def __init__(self, commandsFd, eventsFd, once=False):
         self.commandsFd = commandsFd
+        self.once = once
         self.eventsFd = eventsFd
         self.commands = LineBuffer()
         self.children = {}
@@ -280,6 +284,8 @@ class ForkHost:
             del self.children[child.token]
             leftover = groupExists(child.pid)
             self.send(dict(child.exit, event="exited", run=child.token, leftover=leftover))
+            if self.once:
+                self.closing = True
 
 
 class _Reporter:
@@ -315,17 +321,18 @@ def _redirect(fd, path):
     os.close(target)
 
 
-def serve():
-    """The fork host process: preload, say ready, fork fits until the worker closes fd 3."""
+def serve(commandsFd=COMMANDS_FD, eventsFd=EVENTS_FD, once=False):
+    """The fork host process: preload, say ready, fork fits until the worker closes
+    ``commandsFd`` (or, ``once``, until the first fit has exited)."""
     started = time.monotonic()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)
-    for fd in (COMMANDS_FD, EVENTS_FD):
+    for fd in (commandsFd, eventsFd):
         os.set_inheritable(fd, False)
     preload.preload(warm=True)
     import threading
 
-    host = ForkHost(COMMANDS_FD, EVENTS_FD)
+    host = ForkHost(commandsFd, eventsFd, once=once)
     host.send(
         {"event": "ready", "pid": os.getpid(), "preload": time.monotonic() - started, "threads": threading.active_count()}
     )

@@ -154,8 +154,8 @@ class LeasedJob:
     def saveState(self):
         """Write the worker's state of this job (for a restart); True when it is on disk."""
         state = {"id": self.jobId, "lease": self.lease, "leaseTimeout": self.leaseTimeout,
-                 "outcome": self.outcome, "uploaded": sorted(self.uploaded), "uid": self.uid,
-                 "results": self.results}
+                 "request": self.request, "outcome": self.outcome,
+                 "uploaded": sorted(self.uploaded), "uid": self.uid, "results": self.results}
         temporary = self.statePath + ".tmp"
         try:
             with open(temporary, "w") as f:
@@ -195,6 +195,15 @@ class LeasedJob:
         self._working.addErrback(self._failed)
         return self.finished
 
+    def adopt(self):
+        """Watch again the fit a previous run of the worker left running in the
+        backend (a Slurm job), then deliver its outcome."""
+        self._moveTo(State.RUNNING)
+        self.heartbeats.schedule()
+        self._working = self._run(adopted=True)
+        self._working.addErrback(self._failed)
+        return self.finished
+
     def resume(self):
         """Deliver an outcome that a previous run of the worker left undelivered."""
         self._moveTo(State.DELIVERING)
@@ -228,11 +237,12 @@ class LeasedJob:
         self._finish()
 
     @defer.inlineCallbacks
-    def _run(self):
+    def _run(self, adopted=False):
         request = self.request
         try:
-            yield self._download()
-            request = yield self._resumeRequest()
+            if not adopted:
+                yield self._download()
+                request = yield self._resumeRequest()
         except _Dropped:
             pass
         except ServerError as e:
@@ -244,11 +254,14 @@ class LeasedJob:
         if self.outcome is None and self.ending is None:
             self._log.info("job {jobId} (lease {lease}): fit starts", jobId=self.jobId,
                            lease=self.lease)
-            self.fitRun = self.poller.backend.run(
+            start = self.poller.backend.adopt if adopted else self.poller.backend.run
+            self.fitRun = start(
                 self.jobId, self.jobDir, request, self.progress,
                 onCheckpoint=self.checkpointed if self.resumable() else None, uid=self.uid, gid=self.uid)
             try:
                 self.outcome = yield self.fitRun.done
+            except defer.CancelledError:
+                raise _Halted()         # a fit that survives the worker: adopted at the next start
             except Exception as e:
                 self.outcome = outcome.error("the worker lost the fit: %s" % (e,))
             self._log.info("job {jobId}: fit ended {status}", jobId=self.jobId,
@@ -256,6 +269,10 @@ class LeasedJob:
         elif self.outcome is None:
             self.outcome = outcome.cancelled()
         yield self.checkpoints.stop()
+        lost = self.outcome.get("error") if self.outcome.get("status") == "LOST" else None
+        if lost is not None and not (self.dropped or self.releasing):
+            self._log.warn("job {jobId}: {why}", jobId=self.jobId, why=lost)
+            self._endAs(Ending.RELEASE)
         if not (self.dropped or self.releasing):
             yield self._keepResults()
         self._endFit(self.outcome)
@@ -265,7 +282,7 @@ class LeasedJob:
         if self.releasing:
             if self.state is not State.HALTED:
                 self._moveTo(State.RELEASING)
-            yield self._release()
+            yield self._release(lost)
             self._finish()
             return
         self.saveState()
@@ -492,12 +509,13 @@ class LeasedJob:
             return
 
     @defer.inlineCallbacks
-    def _release(self):
-        """Hand the job back (the worker stops); a few tries, then the lease runs out."""
+    def _release(self, lost=None):
+        """Hand the job back (the worker stops, or its fit was ``lost``: why); a few
+        tries, then the lease runs out."""
         backoff = self.poller.makeBackoff()
         for attempt in range(3):
             try:
-                yield self.client.release(self.jobId, self.lease)
+                yield self.client.release(self.jobId, self.lease, lost)
             except ServerError as e:
                 if e.transient and attempt < 2 and self.state is not State.HALTED:
                     try:
@@ -560,7 +578,8 @@ class LeasedJob:
             self.fitRun.cancel(self.poller.cancelGrace)
 
     def halt(self):
-        """The worker stops: leave an undelivered outcome on disk for the next start."""
+        """The worker stops: leave an undelivered outcome on disk for the next start,
+        and a fit that survives the worker (``fitRun.survives``) running for it."""
         if State.HALTED not in MOVES[self.state]:
             return
         self._moveTo(State.HALTED)

@@ -22,6 +22,20 @@ from reflworkerd.localrun import FitRun
 from reflworkerd.wire import COMMANDS_FD, EVENTS_FD, LineBuffer, encode, parseLine
 
 
+def fitEnvironment(env=None):
+    """The environment of a fork host, here or on a Slurm node: ``env`` (default
+    the worker's) with one thread per numeric library (a fit is one CPU unless
+    it asks for ``parallel``), a plotting backend without a screen, and this
+    package importable."""
+    env = dict(os.environ if env is None else env)
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        env.setdefault(name, "1")
+    env.setdefault("MPLBACKEND", "Agg")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
 class ForkHostProtocol(protocol.ProcessProtocol):
     """Translate the fork host's pipes into calls on its `ForkServer`; nothing more."""
 
@@ -132,6 +146,12 @@ class ForkServer(service.Service):
         fits die with it."""
         return frozenset()
 
+    def adopt(self, jobId, *args, **kw):
+        raise KeyError("the local backend has no survivors to adopt (job %s)" % (jobId,))
+
+    def forgetSurvivors(self):
+        """There are none."""
+
     def start(self):
         """Start the fork host; the Deferred fires when it has preloaded and is ready."""
         if self._starting is not None:
@@ -141,15 +161,6 @@ class ForkServer(service.Service):
         self._spawn()
         return self._starting
 
-    def _environment(self):
-        env = dict(os.environ if self.env is None else self.env)
-        for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-            env.setdefault(name, "1")
-        env.setdefault("MPLBACKEND", "Agg")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
-        return env
-
     def _spawn(self):
         self._restartCall = None
         self._protocol = ForkHostProtocol(self)
@@ -158,7 +169,7 @@ class ForkServer(service.Service):
             self._protocol,
             self.python,
             args,
-            env=self._environment(),
+            env=fitEnvironment(self.env),
             childFDs={0: "w", 1: "r", 2: "r", COMMANDS_FD: "w", EVENTS_FD: "r"},
         )
         self._process.closeStdin()

@@ -36,6 +36,7 @@ class FitRun:
     """
 
     _log = Logger()
+    survives = False
 
     def __init__(self, host, clock, inThread, limits, token, jobId, jobDir, request, onProgress,
                  onCheckpoint=None, uid=None, gid=None, applied=""):
@@ -74,8 +75,8 @@ class FitRun:
         if not self.sent:
             self._host.withdraw(self)
             self.finish(outcome.cancelled())
-        elif self.pid is not None:
-            self._terminate(grace)
+        else:
+            self._terminate(grace)      # a fit not yet started is signalled again when it starts
 
     def abort(self, why):
         """End the fit ``ERROR`` with ``why`` (what it left cannot be used): TERM
@@ -87,7 +88,7 @@ class FitRun:
         if not self.sent:
             self._host.withdraw(self)
             self.finish(outcome.error(why))
-        elif self.pid is not None:
+        else:
             self._terminate(self._grace)
 
     def _terminate(self, grace):
@@ -108,7 +109,7 @@ class FitRun:
     def started(self, pid):
         self.pid = pid
         wall = self._limits.get("wall")
-        if wall:
+        if wall and self._wallCall is None:
             self._wallCall = self._clock.callLater(wall, self._wallLimit, wall)
         if self.cancelRequested or self.aborted is not None:
             self._terminate(self._grace)
@@ -155,6 +156,12 @@ class FitRun:
     def owner(self):
         """The uid the fit's files must belong to."""
         return jobfiles.expectedOwner(self.uid)
+
+    def ended(self, why):
+        """The fit's host ended without saying how the fit did (a Slurm job that
+        ended before its program could report): the outcome the worker decided,
+        else ``ERROR`` saying ``why``."""
+        self.finish(self._decided() or outcome.error(why))
 
     def _decided(self):
         """The outcome where the worker decided it, without reading the fit's; else None."""

@@ -1,6 +1,7 @@
 """A fit's outcome: the one record a backend gives back for each job.
 
-``{"status": "COMPLETE"|"ERROR"|"CANCEL", "result", "error", "trace"}`` and,
+``{"status": "COMPLETE"|"ERROR"|"CANCEL"|"LOST", "result", "error", "trace"}`` (``LOST``:
+never delivered, the job is handed back, see ``lost``) and,
 once the worker has added it, ``"confinement"`` (what the worker applied; a
 fit's own word for it is never taken). The constructors below are the only
 place the record is spelled out.
@@ -37,6 +38,12 @@ def error(message, trace=None, **more):
 
 def cancelled(**more):
     return make("CANCEL", **more)
+
+
+def lost(why):
+    """The fit was lost to its cluster (a node failed, Slurm preempted it), not to
+    its own doing: the worker hands the job back, the attempt counted."""
+    return make("LOST", error=why)
 
 
 def failedWith(outcome, why):

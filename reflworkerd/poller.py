@@ -154,7 +154,9 @@ class Poller(service.Service):
             self.onFatal(failure.getErrorMessage())
 
     def _resumeDeliveries(self):
-        """Outcomes a previous run left undelivered go out; fits it lost go back."""
+        """Outcomes a previous run left undelivered go out; fits still running in the
+        backend are adopted; fits it lost go back."""
+        survivors = self.backend.survivors()
         for entry in sorted(os.listdir(self.jobsDir)):
             path = os.path.join(self.jobsDir, entry)
             if entry.endswith(".json.tmp"):
@@ -168,7 +170,8 @@ class Poller(service.Service):
                 with open(path) as f:
                     state = json.load(f)
                 job = LeasedJob(self, int(state["id"]), int(state["lease"]),
-                                float(state["leaseTimeout"]), outcome=state.get("outcome"),
+                                float(state["leaseTimeout"]), request=state.get("request"),
+                                outcome=state.get("outcome"),
                                 uploaded=state.get("uploaded") or (), uid=state.get("uid"),
                                 results=state.get("results"))
             except (OSError, ValueError, KeyError, TypeError) as e:
@@ -181,10 +184,15 @@ class Poller(service.Service):
                 self._log.info("job {jobId}: delivering the outcome a previous run left",
                                jobId=job.jobId)
                 job.resume()
+            elif job.jobId in survivors:
+                self._log.info("job {jobId}: its fit is still in the backend; watching it again",
+                               jobId=job.jobId)
+                job.adopt()
             else:
                 self._log.info("job {jobId}: its fit was lost with a previous run; releasing it",
                                jobId=job.jobId)
                 job.handBack()
+        self.backend.forgetSurvivors()
 
     @defer.inlineCallbacks
     def stopService(self):
@@ -200,9 +208,11 @@ class Poller(service.Service):
         if fits:
             self._log.info("stopping with {n} fit(s) in hand: drain={drain}", n=len(fits),
                            drain=self.drain)
-        if self.drain == "release":
-            for job in fits:
+        for job in fits:
+            if self.drain == "release":
                 job.releaseOnStop()
+            elif getattr(job.fitRun, "survives", False):
+                job.halt()      # it goes on in the backend; the next start adopts it
         yield defer.DeferredList([job.fitEnded for job in fits])
         pending = [job for job in self.jobs.values() if not job.finished.called]
         if pending:

@@ -129,8 +129,10 @@ class ServerClient:
             body["confinement"] = outcome["confinement"]
         return self._call("POST", "/api/v1/jobs/%d/complete" % (jobId,), body=body)
 
-    def release(self, jobId, lease):
-        return self._call("POST", "/api/v1/jobs/%d/release" % (jobId,), body={"lease": lease})
+    def release(self, jobId, lease, lost=None):
+        """Hand the job back; ``lost`` (why its fit was lost) counts the attempt."""
+        body = {"lease": lease} if lost is None else {"lease": lease, "lost": lost}
+        return self._call("POST", "/api/v1/jobs/%d/release" % (jobId,), body=body)
 
     @defer.inlineCallbacks
     def download(self, jobId, name, path, kind="upload"):

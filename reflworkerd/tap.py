@@ -2,6 +2,7 @@
 
 import os
 import re
+import shlex
 import stat
 import sys
 from urllib.parse import urlsplit
@@ -79,7 +80,19 @@ class Options(usage.Options):
         ["result-bytes-quota", None, RESULT_BYTES_QUOTA, "Bytes of results a job may leave (apparent "
          "sizes; K/M/G suffixes).", parseBytes],
         ["checkpoint-every", None, 60.0, "Seconds between session checkpoints of long fits.", _positive],
-        ["backend", None, "local", "Where fits run: local (slurm comes later)."],
+        ["backend", None, "local", "Where fits run: local (forked here) or slurm (one sbatch job each)."],
+        ["shared-dir", None, None, "With --backend slurm: a directory the compute nodes share "
+         "(the jobs in hand and the Slurm jobs' control files go there; it replaces --work-dir)."],
+        ["slurm-partition", None, None, "With --backend slurm: the partition fits go to."],
+        ["slurm-account", None, None, "With --backend slurm: the account charged."],
+        ["slurm-cpus-per-job", None, 1, "With --backend slurm: CPUs each Slurm job asks for "
+         "(at least a job's parallel option).", int],
+        ["slurm-time", None, None, "With --backend slurm: each Slurm job's time limit (Slurm's format, "
+         "e.g. 2:00:00)."],
+        ["slurm-extra", None, "", "With --backend slurm: more sbatch arguments, as one string "
+         "(split as a shell would, never run by one)."],
+        ["slurm-poll", None, 2.0, "With --backend slurm: seconds between the squeue calls that "
+         "watch all of this worker's Slurm jobs at once.", _positive],
         ["drain", None, "finish", "On stop: finish the fits in hand, or release them to the queue."],
         ["name", None, None, "This worker's name in the server's records (default host:pid)."],
         ["slot-uid-base", None, None,
@@ -104,10 +117,9 @@ class Options(usage.Options):
             raise usage.UsageError("--slots must be at least 1")
         if not 0 < self["poll-timeout"] <= 60:
             raise usage.UsageError("--poll-timeout must be in (0, 60] seconds")
-        if self["backend"] == "slurm":
-            raise usage.UsageError("--backend=slurm is not available yet; use --backend=local")
-        if self["backend"] != "local":
-            raise usage.UsageError("--backend is local (or, later, slurm), not %r" % (self["backend"],))
+        if self["backend"] not in ("local", "slurm"):
+            raise usage.UsageError("--backend is local or slurm, not %r" % (self["backend"],))
+        self._slurmOptions()
         if self["drain"] not in ("finish", "release"):
             raise usage.UsageError("--drain is finish or release, not %r" % (self["drain"],))
         try:
@@ -156,6 +168,27 @@ class Options(usage.Options):
             limits["nproc"] = DEFAULT_LIMITS["nproc"]
         self["limits"] = limits
         self["limits-described"] = "+".join(sandbox.describeLimits(limits))
+
+    def _slurmOptions(self):
+        slurmOnly = [name for name in ("shared-dir", "slurm-partition", "slurm-account", "slurm-time")
+                     if self[name] is not None] + (["slurm-extra"] if self["slurm-extra"] else [])
+        if self["backend"] != "slurm":
+            if slurmOnly:
+                raise usage.UsageError("--%s is for --backend slurm" % (slurmOnly[0],))
+            return
+        if not self["shared-dir"]:
+            raise usage.UsageError("--backend slurm needs --shared-dir DIR, a directory the compute "
+                                   "nodes share")
+        if not self["slurm-partition"]:
+            raise usage.UsageError("--backend slurm needs --slurm-partition NAME")
+        if self["slurm-cpus-per-job"] < 1:
+            raise usage.UsageError("--slurm-cpus-per-job must be at least 1")
+        try:
+            self["slurm-extra-args"] = shlex.split(self["slurm-extra"])
+        except ValueError as e:
+            raise usage.UsageError("--slurm-extra: %s" % (e,))
+        self["shared-dir"] = os.path.abspath(self["shared-dir"])
+        self["work-dir"] = self["shared-dir"]
 
     def _slotUids(self, isRoot):
         """The uid of slot 0 (slot i has this + i), or None: fits run as the worker's uid.
@@ -278,8 +311,17 @@ def makeService(config, reactor=None):
     policy = BrowserLikePolicyForHTTPS(trustRoot=config["trust-root"])
     http = HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
     client = ServerClient(reactor, http, config["server"], token=config["token"])
-    backend = ForkServer(reactor, sandboxMode=config["sandbox-effective"], limits=config["limits"],
-                        checkpointEvery=config["checkpoint-every"])
+    if config["backend"] == "slurm":
+        from reflworkerd.slurm import SlurmBackend
+
+        backend = SlurmBackend(reactor, config["shared-dir"], config["slurm-partition"],
+                               account=config["slurm-account"], cpusPerJob=config["slurm-cpus-per-job"],
+                               timeLimit=config["slurm-time"], extra=config["slurm-extra-args"],
+                               sandboxMode=config["sandbox-effective"], limits=config["limits"],
+                               checkpointEvery=config["checkpoint-every"], pollInterval=config["slurm-poll"])
+    else:
+        backend = ForkServer(reactor, sandboxMode=config["sandbox-effective"], limits=config["limits"],
+                             checkpointEvery=config["checkpoint-every"])
 
     def fatal(why):
         if reactor.running:

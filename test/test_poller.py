@@ -22,7 +22,7 @@ from twisted.internet.task import Clock
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
 
-from reflworkerd import tap
+from reflworkerd import outcome, tap
 from reflworkerd.poller import Poller
 from reflworkerd.serverclient import Backoff, ServerClient
 
@@ -181,6 +181,8 @@ class Switch:
 
 
 class FakeRun:
+    survives = False
+
     def __init__(self, jobId, jobDir, request, onProgress, onCheckpoint=None, uid=None, gid=None):
         self.jobId, self.jobDir, self.request, self.onProgress = jobId, jobDir, request, onProgress
         self.onCheckpoint, self.uid, self.gid = onCheckpoint, uid, gid
@@ -209,11 +211,16 @@ class FakeRun:
 
 
 class FakeBackend(service.Service):
-    """The `backend.IBackend` interface (whenReady, run, survivors), as a service."""
+    """The `backend.IBackend` interface, as a service; ``survive``: its fits outlive
+    the worker (as Slurm's do), ``surviving`` the job ids a previous run left."""
 
     def __init__(self):
         self.runs = []
         self.stopped = False
+        self.survive = False
+        self.surviving = set()
+        self.adopted = []
+        self.forgotten = []
 
     def stopService(self):
         service.Service.stopService(self)
@@ -223,12 +230,23 @@ class FakeBackend(service.Service):
         return defer.succeed(None)
 
     def survivors(self):
-        return frozenset()
+        return frozenset(self.surviving)
 
     def run(self, jobId, jobDir, request, onProgress, onCheckpoint=None, uid=None, gid=None):
         fitRun = FakeRun(jobId, jobDir, request, onProgress, onCheckpoint, uid, gid)
+        fitRun.survives = self.survive
         self.runs.append(fitRun)
         return fitRun
+
+    def adopt(self, jobId, jobDir, request, onProgress, onCheckpoint=None, uid=None, gid=None):
+        self.surviving.remove(jobId)
+        fitRun = self.run(jobId, jobDir, request, onProgress, onCheckpoint, uid, gid)
+        self.adopted.append(fitRun)
+        return fitRun
+
+    def forgetSurvivors(self):
+        self.forgotten.extend(sorted(self.surviving))
+        self.surviving = set()
 
 
 class World:
@@ -711,6 +729,50 @@ def test_a_fit_lost_with_a_previous_run_is_released(world, tmp_path):
     assert os.listdir(str(jobs)) == []
 
 
+def test_a_fit_that_survives_the_worker_is_adopted_by_the_next_start(world, tmp_path):
+    """A backend whose fits outlive the worker (Slurm): stopping leaves the fit
+    running and its state on disk; the next start adopts it (no second fit, no
+    hand-back), and delivers its outcome; a survivor no job holds is forgotten."""
+    w = world()
+    w.backend.survive = True
+    w.server.grant(21, lease=4, request={"service": "refl1d",
+                                         "data": {"model": "model.py", "options": {"fit": "dream"}}})
+    w.pump()
+    stopped = w.top.stopService()
+    w.pump()
+    assert stopped.called and w.backend.runs[0].cancels == []
+    assert not w.server.of("release") and not w.server.of("complete")
+    assert os.path.exists(w.jobDir(21)) and os.path.exists(w.jobDir(21) + ".json")
+
+    again = World(tmp_path / "work")
+    again.backend.surviving = {21, 99}
+    again.start()
+    assert [r.jobId for r in again.backend.adopted] == [21]
+    assert again.backend.adopted[0].onCheckpoint is not None     # a DREAM fit: its request was kept
+    assert again.backend.forgotten == [99]
+    assert not again.server.of("release") and not again.server.of("download")
+    again.backend.adopted[0].finish(result={"chisq": 1.5})
+    again.pump()
+    assert [c["json"] for c in again.server.of("complete")] == [
+        {"lease": 4, "status": "COMPLETE", "result": {"chisq": 1.5}}]
+
+
+def test_a_fit_lost_to_its_cluster_is_handed_back_with_the_attempt_counted(world):
+    """A LOST outcome (a Slurm node failed) is never delivered: the job is released
+    with why, which the server counts as an attempt."""
+    w = world()
+    w.server.grant(22, lease=2)
+    w.pump()
+    fitRun = w.backend.runs[0]
+    fitRun.done.callback(outcome.lost("Slurm job 7 NODE_FAIL on n1"))
+    w.pump()
+    assert [c["json"] for c in w.server.of("release")] == [
+        {"lease": 2, "lost": "Slurm job 7 NODE_FAIL on n1"}]
+    assert not w.server.of("complete")
+    assert not os.path.exists(w.jobDir(22))
+    assert len(w.server.leaseWaiters) == 1
+
+
 # ---- stopping
 
 
@@ -811,7 +873,7 @@ def test_tap_limits():
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--backend", "slurm"], "not available yet"),
+    (["--backend", "slurm"], "--shared-dir"),
     (["--sandbox", "chroot"], "--sandbox"),
     (["--slots", "0"], "--slots"),
     (["--drain", "abandon"], "--drain"),

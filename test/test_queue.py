@@ -226,6 +226,24 @@ def test_release_hands_back_without_counting_the_attempt():
     assert lease(queue, 3)["lease"] == token + 1
 
 
+def test_a_lost_fit_counts_its_attempt_and_ends_error_past_the_last():
+    """A release saying the fit was ``lost`` (a Slurm node failed) requeues the job
+    with the attempt counted; past maxAttempts the job ends ERROR saying why."""
+    queue = Q.Queue(maxAttempts=2)
+    jobId, _ = submit(queue, 0)
+    token = lease(queue, 1)["lease"]
+    queue.apply(queue.makeRelease(jobId, token, 2, lost="NODE_FAIL on n1"))
+    job = queue.get(jobId)
+    assert (job.status, job.attempts) == (Q.PENDING, 1)
+    token = lease(queue, 3)["lease"]
+    record = queue.makeRelease(jobId, token, 4, lost="NODE_FAIL on n2")
+    assert record["status"] == Q.ERROR
+    queue.apply(record)
+    job = queue.get(jobId)
+    assert (job.status, job.attempts, job.finished) == (Q.ERROR, 2, 4)
+    assert job.error == "its fit was lost 2 times; the last: NODE_FAIL on n2"
+
+
 # ---- property: random operations keep the invariants, and replay == live
 
 operations = st.lists(st.tuples(
@@ -297,7 +315,8 @@ def test_random_operations_keep_invariants_and_replay_gives_live_state(ops):
             elif op == "delete":
                 commit(queue.makeDelete(jobId, now))
             elif op == "release":
-                commit(queue.makeRelease(jobId, queue.jobs[jobId].lease, now))
+                commit(queue.makeRelease(jobId, queue.jobs[jobId].lease, now,
+                                         lost="node failed" if owner == "b@x" else None))
         except errors.DomainError:
             pass
         _checkInvariants(queue)

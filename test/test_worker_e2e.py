@@ -294,7 +294,7 @@ def test_daemon_mode_runs_in_the_background_and_stops_on_sigterm(serverProcess, 
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--backend", "slurm"], "not available yet"),
+    (["--backend", "slurm"], "--shared-dir"),
     (["--sandbox", "bogus"], "--sandbox"),
 ])
 def test_usage_errors_exit_before_starting(tmp_path, args, says):

@@ -284,12 +284,39 @@ def test_a_hundred_character_queue_name_is_taken(work):
 
 
 @pytest.mark.parametrize("backend, message", [
-    ("slurm", "--backend=slurm is not available yet; use --backend=local"),
-    ("docker", "--backend is local (or, later, slurm), not 'docker'"),
-    ("", "--backend is local (or, later, slurm), not ''"),
+    ("docker", "--backend is local or slurm, not 'docker'"),
+    ("", "--backend is local or slurm, not ''"),
 ])
-def test_only_the_local_backend(work, backend, message):
+def test_only_the_local_and_slurm_backends(work, backend, message):
     assert refused(plain(work, "--backend", backend)) == message
+
+
+def test_the_slurm_options(work, tmp_path):
+    """--backend slurm: its options as data; the shared directory holds the jobs."""
+    shared = tmp_path / "shared"
+    options = parse(plain(work, "--backend", "slurm", "--shared-dir", str(shared),
+                          "--slurm-partition", "batch", "--slurm-account", "refl",
+                          "--slurm-cpus-per-job", "4", "--slurm-time", "2:00:00",
+                          "--slurm-extra", "--qos=low --constraint='a b'", "--slurm-poll", "5"))
+    assert (options["backend"], options["slurm-partition"], options["slurm-account"]) == ("slurm", "batch", "refl")
+    assert (options["slurm-cpus-per-job"], options["slurm-time"], options["slurm-poll"]) == (4, "2:00:00", 5.0)
+    assert options["slurm-extra-args"] == ["--qos=low", "--constraint=a b"]
+    assert options["shared-dir"] == options["work-dir"] == str(shared)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "slurm", "--slurm-partition", "p"],
+     "--backend slurm needs --shared-dir DIR, a directory the compute nodes share"),
+    (["--backend", "slurm", "--shared-dir", "/srv/shared"], "--backend slurm needs --slurm-partition NAME"),
+    (["--backend", "slurm", "--shared-dir", "/srv/shared", "--slurm-partition", "p",
+      "--slurm-cpus-per-job", "0"], "--slurm-cpus-per-job must be at least 1"),
+    (["--backend", "slurm", "--shared-dir", "/srv/shared", "--slurm-partition", "p",
+      "--slurm-extra", "--comment='open"], "--slurm-extra: No closing quotation"),
+    (["--slurm-partition", "p"], "--slurm-partition is for --backend slurm"),
+    (["--shared-dir", "/srv/shared"], "--shared-dir is for --backend slurm"),
+])
+def test_slurm_usage_errors(work, args, message):
+    assert refused(plain(work, *args)) == message
 
 
 @pytest.mark.parametrize("args, message", [
