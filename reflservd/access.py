@@ -164,6 +164,10 @@ class Access:
     def isAdmin(self, request):
         return _lookup(self.adminTokens, _bearer(request)) is not None
 
+    def addWorkerToken(self, token, queueName):
+        """A worker token for ``queueName`` only, made by this process (batch mode's worker)."""
+        self.workerTokens[digest(token)] = queueName
+
     def checkWorker(self, request, queueName):
         """``Forbidden`` unless the request may act as a worker of ``queueName``."""
         if self.workerTokens is None:

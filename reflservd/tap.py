@@ -57,6 +57,11 @@ class Options(usage.Options):
         ["request-deadline", None, 60.0,
          "Seconds a request's headers and body may take to arrive, plus one for each "
          "--min-upload-rate bytes of its body; bytes trickling in do not extend it.", float],
+        ["batch-queue", None, None, "Batch mode: put every job on the local batch system "
+         "(slurm) from this server, with no worker daemon."],
+        ["batch-options", None, "", "With --batch-queue: the options of the worker the server runs, "
+         "as reflworkerd takes them (--slurm-partition, --shared-dir, --slots, --sandbox, limits …), "
+         "in one string."],
         ["min-upload-rate", None, 64 * 1024,
          "Bytes per second a body must at least arrive at (see --request-deadline).", int],
     ]
@@ -112,6 +117,15 @@ class Options(usage.Options):
         publicHosts = _names(self["public-host"]) or None
         if publicHosts is None and not beyond:
             publicHosts = ["localhost", "127.0.0.1", "::1"]
+        self["batch-worker"] = None
+        if self["batch-queue"] is not None:
+            from reflservd.batch import workerOptions
+
+            self["batch-worker"] = workerOptions(self["batch-queue"], self["batch-options"])
+            if publicHosts is not None:
+                publicHosts = list(publicHosts) + ["127.0.0.1"]    # the batch worker's own listener
+        elif self["batch-options"]:
+            raise usage.UsageError("--batch-options is for --batch-queue")
         self["access"] = Access(
             workerTokens=tokens["worker-token-file"], adminTokens=tokens["admin-token-file"],
             submitTokens=tokens["submit-token-file"],
@@ -165,4 +179,10 @@ def makeService(config, reactor=None):
         web = strports.service(endpoint, site, reactor=GuardedListeners(reactor))
         web.setName("web" if number == 1 else "web-%d" % (number,))
         web.setServiceParent(top)
+    if config["batch-worker"] is not None:
+        from reflservd.batch import BatchWorker
+
+        batch = BatchWorker(reactor, site, config["access"], config["batch-worker"])
+        batch.setName("batch")
+        batch.setServiceParent(top)
     return top

@@ -294,8 +294,9 @@ class WorkerService(service.MultiService):
                 self._log.failure("stopping {child}", child=child.name)
 
 
-def makeService(config, reactor=None):
-    """The worker: the backend that runs fits, then the `Poller` that leases them."""
+def makeService(config, reactor=None, onFatal=None):
+    """The worker: the backend that runs fits, then the `Poller` that leases them.
+    ``onFatal(why)``: the backend cannot start (by default the reactor stops)."""
     if reactor is None:
         from twisted.internet import reactor
     from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
@@ -324,7 +325,9 @@ def makeService(config, reactor=None):
                              checkpointEvery=config["checkpoint-every"])
 
     def fatal(why):
-        if reactor.running:
+        if onFatal is not None:
+            onFatal(why)
+        elif reactor.running:
             reactor.stop()
 
     poller = Poller(reactor, client, backend, config["queue"], config["work-dir"],

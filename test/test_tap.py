@@ -302,3 +302,39 @@ def test_default_max_connections_is_half_the_files_left(monkeypatch):
     for soft, expected in ((1024, 480), (100, 18), (80, 16), (unlimited, ((1 << 20) - 64) // 2)):
         monkeypatch.setattr(tap.resource, "getrlimit", lambda which, soft=soft: (soft, soft))
         assert defaultMaxConnections() == expected
+
+
+# ---- batch mode
+
+
+def test_batch_mode_runs_the_slurm_worker_in_the_server(tmp_path):
+    """--batch-queue slurm: the worker's own options from --batch-options (the
+    slurm backend, its queue named for it), a 'batch' child after the listeners;
+    it would reach the server on loopback, so 127.0.0.1 is an accepted Host."""
+    from reflservd.batch import BatchWorker
+
+    config = parse("--state-dir", str(tmp_path / "state"), "--batch-queue", "slurm",
+                   "--batch-options", "--slurm-partition debug --shared-dir '%s' --slots 3 "
+                   "--sandbox none --slot-uid-base 0" % (tmp_path / "shared"))
+    worker = config["batch-worker"]
+    assert (worker["backend"], worker["queue"], worker["slurm-partition"], worker["slots"]) == (
+        "slurm", "slurm", "debug", 3)
+    assert worker["work-dir"] == str(tmp_path / "shared")
+    assert "127.0.0.1" in config["access"].publicHosts
+    top = makeService(config, reactor=MemoryReactorClock())
+    assert [child.name for child in top] == ["queue", "web", "batch"]
+    assert isinstance(top.getServiceNamed("batch"), BatchWorker)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-queue", "pbs"], "--batch-queue is slurm, not 'pbs'"),
+    (["--batch-queue", "slurm", "--batch-options", "--shared-dir /srv"],
+     "--batch-options: --backend slurm needs --slurm-partition NAME"),
+    (["--batch-queue", "slurm", "--batch-options", "--server http://elsewhere/ --slurm-partition p"],
+     "--batch-options: --server is set by the server in batch mode"),
+    (["--batch-queue", "slurm", "--batch-options", "--slurm-partition 'p"],
+     "--batch-options: No closing quotation"),
+    (["--batch-options", "--slots 2"], "--batch-options is for --batch-queue"),
+])
+def test_batch_mode_usage_errors(tmp_path, args, message):
+    assert refused("--state-dir", str(tmp_path), *args) == message
