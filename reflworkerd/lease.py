@@ -12,15 +12,9 @@ checkpoint of an earlier attempt (``"checkpoint"`` in the lease answer), the
 worker downloads it into ``results/`` and runs the fit with ``resume``: it goes
 on from where the lost attempt left off instead of starting over.
 
-When the fit ends, the files it left in ``results/`` are looked at
-(``jobfiles.scanResults``, off the reactor thread, as every read of what a
-fit left): anything but a regular file of the slot's uid ends the job
-``ERROR`` saying what was found, and so do results past the per-job quota
-(``resultFilesQuota`` files, ``resultBytesQuota`` bytes by apparent size),
-keeping the files within it and naming those left out. What is kept is
-uploaded in bounded parts (a server that answers 413, over its own quota,
-ends the job ``ERROR`` with its message) and the job is completed with its
-lease token. Until the server has
+When the fit ends, its result files are chosen and uploaded
+(`resultfiles.ResultFiles`: what it refuses ends the job ``ERROR`` saying
+why) and the job is completed with its lease token. Until the server has
 acknowledged the completion the outcome stays on disk
 (``workDir/jobs/<id>.json``): a server that is down only delays delivery, and
 a worker that restarts delivers what its previous run could not. A 409 (or
@@ -40,13 +34,10 @@ from reflworkerd import jobfiles, outcome
 from reflworkerd.jobfiles import finite
 from reflworkerd.checkpoint import Checkpoints
 from reflworkerd.heartbeat import Heartbeats
-from reflworkerd.serverclient import OverQuota, ServerError, checkName
+from reflworkerd.resultfiles import ResultFiles
+from reflworkerd.serverclient import ServerError, checkName
 from reflworkerd.shared import RESULTS_DIR, SESSION_NAME, isResumable
 
-PART_SIZE = 8 * 1024 * 1024
-"""Bytes per PUT of a result file: the server buffers each request body whole."""
-UPLOADS_AT_ONCE = 4
-"""Result files uploaded at the same time when a fit ends."""
 
 class State(enum.Enum):
     """Where a leased job is in its life on this worker."""
@@ -100,13 +91,15 @@ class LeasedJob:
         self.request = request
         self.files = [tuple(f) for f in files]
         self.outcome = outcome
-        self.uploaded = set(uploaded)
         self.jobDir = os.path.join(poller.jobsDir, str(int(jobId)))
         self.statePath = self.jobDir + ".json"
         self.checkpoint = checkpoint
         self.slot = slot
         self.uid = uid if uid is not None else poller.slotUid(slot)
-        self.results = dict(results) if results is not None else None
+        self.resultFiles = ResultFiles(
+            self.client, poller.inThread, jobId, lease, self.jobDir, self.uid,
+            poller.resultFilesQuota, poller.resultBytesQuota, poller.partSize, sizes=results,
+            uploaded=uploaded, onUploaded=self._uploadedOne)
         self.fitRun = None
         self.state = State.LEASED
         self.ending = None
@@ -120,10 +113,9 @@ class LeasedJob:
         self._working = None
         self.checkpoints = Checkpoints(
             self.reactor, jobId, poller.checkpointEvery, poller.reachability,
-            send=lambda path: self._putFile(SESSION_NAME, path, maximum=poller.resultBytesQuota),
+            send=lambda path: self.resultFiles.putFile(SESSION_NAME, path, maximum=poller.resultBytesQuota),
             wanted=lambda: not self.dropped and not self.fitEnded.called,
             onUnusable=self._checkpointUnusable, onStale=self.drop)
-        self._serverQuotaReached = False
 
     # ---- its state
 
@@ -155,7 +147,8 @@ class LeasedJob:
         """Write the worker's state of this job (for a restart); True when it is on disk."""
         state = {"id": self.jobId, "lease": self.lease, "leaseTimeout": self.leaseTimeout,
                  "request": self.request, "outcome": self.outcome,
-                 "uploaded": sorted(self.uploaded), "uid": self.uid, "results": self.results}
+                 "uploaded": sorted(self.resultFiles.uploaded), "uid": self.uid,
+                 "results": self.resultFiles.sizes}
         temporary = self.statePath + ".tmp"
         try:
             with open(temporary, "w") as f:
@@ -357,49 +350,31 @@ class LeasedJob:
 
     @defer.inlineCallbacks
     def _keepResults(self):
-        """Decide which result files go to the server: the regular files of the
-        fit's uid within the quota. Anything else ends the job ERROR saying so."""
-        try:
-            found = yield self.poller.inThread(
-                jobfiles.scanResults, self.jobDir, self.uid, self.poller.resultFilesQuota,
-                self.poller.resultBytesQuota, RESULTS_DIR, checkName)
-        except OSError as e:
-            found = jobfiles.Results()
-            found.unsafe.append("the job directory cannot be read (%s)" % (e.strerror,))
-        self.results = dict(found.sizes)
-        said = (self.outcome or {}).get("error") or ""
-        found.unsafe = [what for what in found.unsafe if what not in said]     # said already (a checkpoint)
-        problem = found.problem()
+        """Decide which result files go to the server (`resultfiles.ResultFiles.choose`);
+        anything it refuses ends the job ERROR saying so."""
+        problem = yield self.resultFiles.choose(said=(self.outcome or {}).get("error") or "")
         if problem is not None:
             self._log.warn("job {jobId}: {problem}", jobId=self.jobId, problem=problem)
             self._failWith(problem)
 
+    @defer.inlineCallbacks
+    def _uploadResults(self):
+        """Upload the result files not yet acknowledged; what the sending found
+        wrong ends the job ERROR. A stale or transient refusal is raised."""
+        if self.resultFiles.sizes is None:
+            yield self._keepResults()     # an outcome a worker of an older version left
+        yield self.resultFiles.send()
+
+    def _uploadedOne(self):
+        """One more file acknowledged: what its sending found is in the outcome
+        before the state is saved (a restart sends only the rest)."""
+        for why in self.resultFiles.takeProblems():
+            self._failWith(why)
+        self.saveState()
+
     def _failWith(self, why):
         """The job ends ERROR for ``why`` (its fit's own error, if any, kept after it)."""
         self.outcome = outcome.failedWith(self.outcome, why)
-
-    @defer.inlineCallbacks
-    def _putFile(self, name, relative, limit=None, maximum=None):
-        """Upload the job's file ``relative`` as its result ``name``, opened and read
-        off the reactor thread (``jobfiles.openFile``), at most ``limit`` bytes of it
-        (its size when it was looked at); the bytes sent. A file larger than
-        ``maximum`` is not sent (`OverQuota`)."""
-        jobFile = yield self.poller.inThread(jobfiles.openFile, self.jobDir, relative, self.uid)
-        try:
-            if maximum is not None and jobFile.size > maximum:
-                raise OverQuota("%s is %d bytes, over the quota of %d bytes per job"
-                                % (relative, jobFile.size, maximum))
-            size = jobFile.size if limit is None else min(jobFile.size, limit)
-            offset = 0
-            while True:
-                part = yield self.poller.inThread(jobFile.read, offset, min(self.poller.partSize, size - offset))
-                last = offset + len(part) >= size or not part
-                yield self.client.putPart(self.jobId, self.lease, name, offset, part, last)
-                offset += len(part)
-                if last:
-                    return offset
-        finally:
-            jobFile.close()
 
     # ---- checkpoints
 
@@ -418,50 +393,6 @@ class LeasedJob:
     def _deliverThenFinish(self):
         yield self._deliver()
         self._finish()
-
-    @defer.inlineCallbacks
-    def _uploadResults(self):
-        """Upload the result files not yet acknowledged, a few at a time (each
-        is a round trip and a journal record on the server). Every upload of
-        a round ends before this does, so a retry never races one in flight;
-        then a stale or transient refusal, if any, is raised."""
-        if self.results is None:
-            yield self._keepResults()     # an outcome a worker of an older version left
-        names = [name for name in sorted(self.results) if name not in self.uploaded]
-        limit = defer.DeferredSemaphore(UPLOADS_AT_ONCE)
-        outcomes = yield defer.DeferredList(
-            [limit.run(self._uploadOne, name) for name in names], consumeErrors=True)
-        errors = [result for ok, result in outcomes if not ok]
-        stale = [f for f in errors if f.check(ServerError) and f.value.stale]
-        for failure in stale or errors:
-            failure.raiseException()
-
-    @defer.inlineCallbacks
-    def _uploadOne(self, name):
-        if self._serverQuotaReached:
-            return
-        try:
-            yield self._putFile(name, RESULTS_DIR + "/" + name, self.results.get(name))
-        except ServerError as e:
-            if e.stale or e.transient:
-                raise
-            if e.code == 413:
-                self._log.error("job {jobId}: result file {name} refused, over the server's quota "
-                                "({why}); no more are sent", jobId=self.jobId, name=name, why=str(e))
-                self._serverQuotaReached = True
-                self._failWith("the server refused result file %s: %s" % (name, e.detail))
-            else:
-                self._log.error("job {jobId}: result file {name} refused ({why}); "
-                                "skipped", jobId=self.jobId, name=name, why=str(e))
-        except jobfiles.UnsafeFile as e:
-            self._log.warn("job {jobId}: result file {name} not sent ({why})",
-                           jobId=self.jobId, name=name, why=str(e))
-            self._failWith("the fit left what the worker does not read: %s" % (e,))
-        except OSError as e:
-            self._log.warn("job {jobId}: result file {name} not sent ({why})",
-                           jobId=self.jobId, name=name, why=str(e))
-        self.uploaded.add(name)
-        self.saveState()
 
     @defer.inlineCallbacks
     def _deliver(self):

@@ -30,7 +30,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from reflworkerd import jobfiles
-from reflworkerd.lease import PART_SIZE, LeasedJob
+from reflworkerd.lease import LeasedJob
+from reflworkerd.resultfiles import PART_SIZE
 from reflworkerd.serverclient import Backoff, Reachability, ServerError, checkName
 
 MIN_PROGRESS_INTERVAL = 0.1

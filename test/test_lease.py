@@ -21,6 +21,9 @@ class Poller:
         self.progressInterval = 1.0
         self.checkpointEvery = 60.0
         self.resultBytesQuota = 1 << 20
+        self.resultFilesQuota = 10
+        self.partSize = 1 << 16
+        self.inThread = None
 
     def slotUid(self, slot):
         return None
