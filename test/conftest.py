@@ -22,6 +22,9 @@ is ``.log()`` (``.log(sinceStart=True)`` for this start's part), and
 - `Api`: a small synchronous client of the HTTP API for the tests themselves
   (``submit``, ``job``, ``cancel``, ``files``, ``download``, ``waitFor``).
 - `nifilmFiles()`: the nickel film model and its four data files.
+- ``slurm``: one real one-node Slurm cluster for the whole session, a started
+  `test.slurmcluster.SlurmCluster` (``.env`` for clients, ``.partition``, ``.conf``,
+  ``.run(…)``, ``.killSlurmd()``, ``.startSlurmd()``); skipped where it cannot run.
 
 Hypothesis runs under the ``ci`` profile when ``$CI`` is set: ``derandomize=True``,
 so CI runs one fixed set of examples and cannot fail on a new random one; elsewhere
@@ -35,6 +38,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -43,6 +47,7 @@ import uuid
 import pytest
 from hypothesis import settings
 
+from test.slurmcluster import SlurmCluster, unavailableReason
 from test.support import FakeWorker, writeModel
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -433,3 +438,16 @@ def worker(server):
 def model(tmp_path):
     """``(modelPath, dataPaths)``: a small model script and two data files."""
     return writeModel(str(tmp_path / "fit"))
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    """A started one-node Slurm cluster shared by the session, in a temporary directory of
+    its own (short: its unix sockets live there); stopped and removed at the end. A test
+    that kills slurmd starts it again; one that leaves jobs behind calls ``cancelAll()``."""
+    reason = unavailableReason()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(tempfile.mkdtemp(prefix="reflslurm-")).start()
+    yield cluster
+    cluster.stop()

@@ -32,11 +32,13 @@ def slurmWorker(workerProcess, server, tmp_path, slurm, name="shared", **kw):
     return workerProcess(server, args=args + list(kw.pop("args", ())), **kw)
 
 
-def ourSlurmJobs(slurm, jobId):
-    """``[(slurm id, state)]`` of the Slurm jobs submitted for ``jobId``, finished ones too."""
-    out = slurm.run("squeue", "--noheader", "--states=all", "--format=%i|%T",
+def ourSlurmJobs(slurm, tmp_path, jobId):
+    """``[(slurm id, state)]`` of the Slurm jobs this test's worker submitted for
+    ``jobId`` (their working directory is its control directory), finished ones too."""
+    out = slurm.run("squeue", "--noheader", "--states=all", "--format=%i|%T|%Z",
                     "--name=reflworkerd-%d" % (jobId,)).stdout
-    return [tuple(line.split("|")) for line in out.split()]
+    return [(slurmId, state) for slurmId, state, where in (line.split("|") for line in out.split())
+            if where.startswith(str(tmp_path) + "/")]
 
 
 def live(jobs):
@@ -61,7 +63,7 @@ def test_a_seeded_fit_gives_the_same_result_through_slurm_as_locally(
     assert record["result"]["parameters"] == localRecord["result"]["parameters"]
     assert set(server.api.files(second["id"], kind="result")) == set(
         server.api.files(first["id"], kind="result"))
-    assert [state for _, state in ourSlurmJobs(slurm, second["id"])] == ["COMPLETED"]
+    assert [state for _, state in ourSlurmJobs(slurm, tmp_path, second["id"])] == ["COMPLETED"]
 
 
 def test_a_dream_fit_cancelled_in_slurm_leaves_nothing_running(
@@ -70,11 +72,11 @@ def test_a_dream_fit_cancelled_in_slurm_leaves_nothing_running(
     slurmWorker(workerProcess, server, tmp_path, slurm)
     job = server.api.submit(nifilmRequest(ENDLESS_DREAM), nifilmFiles())
     server.api.waitFor(job["id"], hasProgress, timeout=120, what="progress")
-    assert [state for _, state in ourSlurmJobs(slurm, job["id"])] == ["RUNNING"]
+    assert [state for _, state in ourSlurmJobs(slurm, tmp_path, job["id"])] == ["RUNNING"]
     server.api.cancel(job["id"])
     record = server.api.waitFor(job["id"], ended, timeout=60, what="its end")
     assert record["status"] == "CANCEL"
-    jobs = ourSlurmJobs(slurm, job["id"])
+    jobs = ourSlurmJobs(slurm, tmp_path, job["id"])
     assert len(jobs) == 1 and not live(jobs), jobs
 
 
@@ -87,12 +89,32 @@ def test_a_restarted_worker_adopts_its_fit_in_slurm(serverProcess, workerProcess
     job = server.api.submit(nifilmRequest(SLURM_DREAM), nifilmFiles())
     server.api.waitFor(job["id"], hasProgress, timeout=120, what="progress")
     worker.stop(timeout=30)
-    assert [state for _, state in ourSlurmJobs(slurm, job["id"])] == ["RUNNING"]
+    assert [state for _, state in ourSlurmJobs(slurm, tmp_path, job["id"])] == ["RUNNING"]
     assert server.api.job(job["id"])["status"] == "ACTIVE"
     worker.start()
     assert "adopted Slurm job" in worker.log(sinceStart=True)
     record = server.api.waitFor(job["id"], ended, timeout=240, what="its end")
     assert record["status"] == "COMPLETE", record
     assert record["attempts"] == 1
-    assert [state for _, state in ourSlurmJobs(slurm, job["id"])] == ["COMPLETED"]
+    assert [state for _, state in ourSlurmJobs(slurm, tmp_path, job["id"])] == ["COMPLETED"]
     assert 0.8 < record["result"]["chisq"] < 1.3
+
+
+def test_batch_mode_runs_fits_on_slurm_without_a_worker_daemon(serverProcess, tmp_path, slurm):
+    """twistd reflservd --batch-queue slurm: the nickel fit runs as a Slurm job
+    from the server alone, with the same result as through a worker; a DREAM
+    fit's progress shows and its cancel ends it in Slurm."""
+    options = "--slurm-partition %s --shared-dir %s --slurm-poll 0.5 --sandbox none --slot-uid-base 0" % (
+        slurm.partition, tmp_path / "batch")
+    server = serverProcess(args=["--batch-queue", "slurm", "--batch-options", options])
+    fit = server.api.submit(nifilmRequest(SEEDED_LM), nifilmFiles())
+    record = server.api.waitFor(fit["id"], ended, timeout=180, what="its end")
+    assert record["status"] == "COMPLETE", record
+    assert record["queue"] == "slurm" and 0.8 < record["result"]["chisq"] < 1.3
+    assert "nifilm.par" in server.api.files(fit["id"], kind="result")
+    assert [state for _, state in ourSlurmJobs(slurm, tmp_path, fit["id"])] == ["COMPLETED"]
+    dream = server.api.submit(nifilmRequest(ENDLESS_DREAM), nifilmFiles())
+    server.api.waitFor(dream["id"], hasProgress, timeout=120, what="progress")
+    server.api.cancel(dream["id"])
+    assert server.api.waitFor(dream["id"], ended, timeout=60, what="its end")["status"] == "CANCEL"
+    assert not live(ourSlurmJobs(slurm, tmp_path, dream["id"]))
