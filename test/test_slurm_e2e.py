@@ -118,3 +118,27 @@ def test_batch_mode_runs_fits_on_slurm_without_a_worker_daemon(serverProcess, tm
     server.api.cancel(dream["id"])
     assert server.api.waitFor(dream["id"], ended, timeout=60, what="its end")["status"] == "CANCEL"
     assert not live(ourSlurmJobs(slurm, tmp_path, dream["id"]))
+
+
+def test_a_fit_whose_node_fails_is_handed_back_and_runs_again(serverProcess, workerProcess, tmp_path, slurm):
+    """slurmd is killed under a running fit and stays away: Slurm ends the job
+    NODE_FAIL, the worker hands it back with the attempt counted, leases it again
+    and submits it again; once the node is back the second attempt runs (and is
+    cancelled here: nothing of either attempt stays live in squeue)."""
+    server = serverProcess()
+    worker = slurmWorker(workerProcess, server, tmp_path, slurm)
+    job = server.api.submit(nifilmRequest(ENDLESS_DREAM), nifilmFiles())
+    server.api.waitFor(job["id"], hasProgress, timeout=120, what="progress")
+    slurm.killSlurmd()
+    try:
+        server.api.waitFor(job["id"], lambda r: r["attempts"] == 2, timeout=120, what="a second attempt")
+        assert "NODE_FAIL" in worker.log(sinceStart=True)
+    finally:
+        slurm.startSlurmd()
+    record = server.api.waitFor(job["id"], lambda r: hasProgress(r) and r["attempts"] == 2,
+                                timeout=120, what="progress of the second attempt")
+    assert record["status"] == "ACTIVE"
+    server.api.cancel(job["id"])
+    assert server.api.waitFor(job["id"], ended, timeout=60, what="its end")["status"] == "CANCEL"
+    states = [state for _, state in ourSlurmJobs(slurm, tmp_path, job["id"])]
+    assert sorted(states) == ["CANCELLED", "NODE_FAIL"], states
