@@ -1,13 +1,48 @@
 """The checkpoints of one leased DREAM or DE fit: each time the fit saves its
 session file the worker sends it as the job's result file ``session.h5``,
 at most every ``checkpointEvery`` seconds, so that a later attempt goes on
-from it (``resume``) instead of starting over."""
+from it (``resume``) instead of starting over; ``resumeFrom`` brings that
+checkpoint down for the later attempt."""
+
+import copy
+import os
+import shutil
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from reflworkerd import jobfiles
-from reflworkerd.serverclient import OverQuota, ServerError
+from reflworkerd.serverclient import OverQuota, ServerError, checkName
+from reflworkerd.shared import RESULTS_DIR, SESSION_NAME
+
+_log = Logger()
+
+
+@defer.inlineCallbacks
+def resumeFrom(client, jobId, jobDir, checkpoint, request):
+    """The request to run: with ``resume`` once the server's ``checkpoint`` of an
+    earlier attempt came down into ``results/``; else ``request`` as it is (a
+    fit whose checkpoint cannot be had starts over)."""
+    folder = os.path.join(jobDir, RESULTS_DIR)
+    path = os.path.join(folder, SESSION_NAME)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        size = yield client.download(jobId, checkName(checkpoint), path, kind="result")
+    except ServerError as e:
+        _log.warn("job {jobId}: its checkpoint could not be downloaded ({why}); "
+                  "the fit starts over", jobId=jobId, why=str(e))
+        shutil.rmtree(folder, ignore_errors=True)
+        return request
+    except (OSError, ValueError) as e:
+        _log.warn("job {jobId}: its checkpoint could not be stored ({why}); "
+                  "the fit starts over", jobId=jobId, why=e)
+        shutil.rmtree(folder, ignore_errors=True)
+        return request
+    _log.info("job {jobId}: resuming the fit from the checkpoint of an earlier attempt "
+              "({size} bytes)", jobId=jobId, size=size)
+    request = copy.deepcopy(request)
+    request["data"]["options"]["resume"] = True
+    return request
 
 
 class Checkpoints:

@@ -21,7 +21,6 @@ a worker that restarts delivers what its previous run could not. A 409 (or
 404) says the lease is no longer ours: the job is dropped quietly.
 """
 
-import copy
 import enum
 import json
 import os
@@ -32,11 +31,11 @@ from twisted.logger import Logger
 
 from reflworkerd import jobfiles, outcome
 from reflworkerd.jobfiles import finite
-from reflworkerd.checkpoint import Checkpoints
+from reflworkerd.checkpoint import Checkpoints, resumeFrom
 from reflworkerd.heartbeat import Heartbeats
 from reflworkerd.resultfiles import ResultFiles
 from reflworkerd.serverclient import ServerError, checkName
-from reflworkerd.shared import RESULTS_DIR, SESSION_NAME, isResumable
+from reflworkerd.shared import SESSION_NAME, isResumable
 
 
 class State(enum.Enum):
@@ -197,7 +196,7 @@ class LeasedJob:
         self._working.addErrback(self._failed)
         return self.finished
 
-    def resume(self):
+    def redeliver(self):
         """Deliver an outcome that a previous run of the worker left undelivered."""
         self._moveTo(State.DELIVERING)
         self._endFit(None)
@@ -320,33 +319,12 @@ class LeasedJob:
         """Whether this job's fit can go on from a checkpoint (a DREAM or DE fit of refl1d)."""
         return isResumable(self.request)
 
-    @defer.inlineCallbacks
     def _resumeRequest(self):
-        """The request to run: with ``resume`` where the server has a checkpoint of an
-        earlier attempt and it came down into ``results/``; else the request as it is
-        (a fit that cannot resume, or whose checkpoint cannot be had, starts over)."""
+        """The request to run: resuming from the checkpoint of an earlier attempt,
+        where there is one (`checkpoint.resumeFrom`)."""
         if not self.checkpoint or not self.resumable():
-            return self.request
-        folder = os.path.join(self.jobDir, RESULTS_DIR)
-        path = os.path.join(folder, SESSION_NAME)
-        try:
-            os.makedirs(folder, exist_ok=True)
-            size = yield self.client.download(self.jobId, checkName(self.checkpoint), path, kind="result")
-        except ServerError as e:
-            self._log.warn("job {jobId}: its checkpoint could not be downloaded ({why}); "
-                           "the fit starts over", jobId=self.jobId, why=str(e))
-            shutil.rmtree(folder, ignore_errors=True)
-            return self.request
-        except (OSError, ValueError) as e:
-            self._log.warn("job {jobId}: its checkpoint could not be stored ({why}); "
-                           "the fit starts over", jobId=self.jobId, why=e)
-            shutil.rmtree(folder, ignore_errors=True)
-            return self.request
-        self._log.info("job {jobId}: resuming the fit from the checkpoint of an earlier attempt "
-                       "({size} bytes)", jobId=self.jobId, size=size)
-        request = copy.deepcopy(self.request)
-        request["data"]["options"]["resume"] = True
-        return request
+            return defer.succeed(self.request)
+        return resumeFrom(self.client, self.jobId, self.jobDir, self.checkpoint, self.request)
 
     @defer.inlineCallbacks
     def _keepResults(self):

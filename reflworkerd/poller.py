@@ -134,7 +134,7 @@ class Poller(service.Service):
             # the host's tree), whatever umask the worker runs with; they list nothing.
             for path in ([self.workDir] if created else []) + [self.jobsDir]:
                 os.chmod(path, 0o711)
-        self._resumeDeliveries()
+        self._takeUpPreviousRun()
         d = self.backend.whenReady()
         d.addCallbacks(self._backendReady, self._backendFailed)
 
@@ -150,11 +150,11 @@ class Poller(service.Service):
         self.fill()
 
     def _backendFailed(self, failure):
-        self._log.failure("the fit runner could not start; this worker takes no work", failure)
+        self._log.failure("the backend could not start; this worker takes no work", failure)
         if self.onFatal is not None:
             self.onFatal(failure.getErrorMessage())
 
-    def _resumeDeliveries(self):
+    def _takeUpPreviousRun(self):
         """Outcomes a previous run left undelivered go out; fits still running in the
         backend are adopted; fits it lost go back."""
         survivors = self.backend.survivors()
@@ -184,7 +184,7 @@ class Poller(service.Service):
             if job.outcome is not None:
                 self._log.info("job {jobId}: delivering the outcome a previous run left",
                                jobId=job.jobId)
-                job.resume()
+                job.redeliver()
             elif job.jobId in survivors:
                 self._log.info("job {jobId}: its fit is still in the backend; watching it again",
                                jobId=job.jobId)

@@ -10,7 +10,7 @@ naming those left out. What is kept is uploaded ``partSize`` bytes per PUT,
 a few files at a time; a server that answers 413 (over its own quota) gets no
 more, and the job ends ``ERROR`` with its message. Each acknowledged file is
 remembered (``uploaded``, saved with the job's state by ``onUploaded``) so
-that a delivery that is retried, or resumed by the next start of the
+that a delivery that is retried, or taken up by the next start of the
 worker, sends only the rest.
 """
 
