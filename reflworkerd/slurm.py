@@ -50,6 +50,9 @@ SCRIPT_NAME = "job.sh"
 OUTPUT_NAME = "slurm.out"
 EVENTS_PER_POLL = 1024 * 1024
 """Bytes of a job's events read per poll: a fit that floods them only delays itself."""
+TAG = "reflworkerd:"
+"""The start of each Slurm job's comment, followed by its control directory: how a
+worker finds its own jobs in Slurm when its control files do not say."""
 FORGOTTEN_POLLS = 3
 """Polls a Slurm job may be missing from ``squeue`` before it is taken as gone."""
 
@@ -93,9 +96,26 @@ class SlurmCommands:
     @defer.inlineCallbacks
     def states(self, slurmIds):
         """``{slurmId: (state, reason, nodes)}`` of the jobs Slurm still knows, in one call."""
-        out = yield self.run("squeue", "--noheader", "--states=all", "--format=%i|%T|%r|%N",
-                             "--jobs=" + ",".join(str(i) for i in sorted(slurmIds)))
+        try:
+            out = yield self.run("squeue", "--noheader", "--states=all", "--format=%i|%T|%r|%N",
+                                 "--jobs=" + ",".join(str(i) for i in sorted(slurmIds)))
+        except SlurmError as e:
+            if "Invalid job id" in str(e):
+                return {}       # squeue's answer when the one id asked for is unknown
+            raise
         return parseStates(out)
+
+    @defer.inlineCallbacks
+    def tagged(self):
+        """``{slurmId: comment}`` of this user's live Slurm jobs that a worker tagged."""
+        out = yield self.run("squeue", "--noheader", "--user=%d" % (os.geteuid(),),
+                             "--format=%i|%k")
+        jobs = {}
+        for line in out.splitlines():
+            slurmId, _, comment = line.strip().partition("|")
+            if slurmId.isdigit() and comment.startswith(TAG):
+                jobs[int(slurmId)] = comment[len(TAG):]
+        return jobs
 
 
 def parseStates(text):
@@ -250,12 +270,27 @@ class SlurmBackend(service.Service):
         return fitRun
 
     def forgetSurvivors(self):
-        """The survivors no job held here adopted: cancel them in Slurm, remove them."""
+        """The survivors no job held here adopted: cancel them in Slurm, remove them;
+        and any other live Slurm job tagged with a control directory of ours (one
+        whose sbatch answered after the last state was written)."""
         survivors, self._survivors = self._survivors, {}
         for jobId, slurmId in sorted(survivors.items()):
             self._log.info("job {jobId}: no longer held here; cancelling its Slurm job {slurmId}",
                            jobId=jobId, slurmId=slurmId)
             self._scancel(slurmId).addBoth(lambda _, j=jobId: self._inThread(self._removeControl, j))
+        d = self.commands.tagged()
+        d.addCallback(self._cancelUntracked, set(survivors.values()))
+        d.addErrback(lambda f: self._log.warn("looking for untracked Slurm jobs: {why}",
+                                              why=f.getErrorMessage()))
+        return d
+
+    def _cancelUntracked(self, tagged, cancelled):
+        tracked = {r.slurmId for r in self._runs.values()} | cancelled
+        for slurmId, control in sorted(tagged.items()):
+            if os.path.dirname(control) == self.controlRoot and slurmId not in tracked:
+                self._log.info("Slurm job {slurmId} ({control}) is ours but no job holds it; "
+                               "cancelling it", slurmId=slurmId, control=control)
+                self._scancel(slurmId)
 
     def _controlDir(self, jobId):
         return os.path.join(self.controlRoot, str(int(jobId)))
@@ -268,7 +303,7 @@ class SlurmBackend(service.Service):
         args = ["--parsable", "--job-name=reflworkerd-%d" % (fitRun.jobId,),
                 "--partition=" + self.partition, "--cpus-per-task=%d" % (cpus,),
                 "--output=" + os.path.join(control, OUTPUT_NAME), "--chdir=" + control,
-                "--no-requeue", "--export=ALL"]
+                "--no-requeue", "--export=ALL", "--comment=" + TAG + control]
         if self.account:
             args.append("--account=" + self.account)
         if self.timeLimit:

@@ -23,6 +23,7 @@ class ScriptedSlurm:
         self.jobs = {}          # slurm id -> (state, reason, nodes)
         self.nextId = 100
         self.sbatchError = None
+        self.comments = {}      # slurm id -> control directory of a live tagged job
 
     def run(self, name, *args):
         self.calls.append((name,) + args)
@@ -37,6 +38,10 @@ class ScriptedSlurm:
         if name == "scancel":
             return defer.succeed("")
         raise AssertionError(name)
+
+    def tagged(self):
+        self.calls.append(("squeue", "tagged"))
+        return defer.succeed(dict(self.comments))
 
     def states(self, slurmIds):
         self.calls.append(("squeue", tuple(sorted(slurmIds))))
@@ -89,7 +94,8 @@ def test_a_fit_is_one_sbatch_job_running_the_fork_hosts_command(tmp_path):
     control = str(c.control(5))
     assert sbatch[1:] == ("--parsable", "--job-name=reflworkerd-5", "--partition=batch",
                           "--cpus-per-task=3", "--output=%s/slurm.out" % control,
-                          "--chdir=" + control, "--no-requeue", "--export=ALL", "--account=refl",
+                          "--chdir=" + control, "--no-requeue", "--export=ALL",
+                          "--comment=reflworkerd:" + control, "--account=refl",
                           "--time=1:00:00", "--qos=low", control + "/job.sh")
     command = json.loads((c.control(5) / "command.json").read_text())
     assert command["op"] == "run" and command["jobDir"] == str(tmp_path / "shared" / "jobs" / "5")
@@ -195,16 +201,33 @@ def test_a_restart_adopts_its_survivors_and_cancels_the_rest(tmp_path):
     first.backend.stopService()
     assert first.slurm.of("scancel") == []
 
-    again = SlurmBackend(Clock(), str(tmp_path / "shared"), "batch", commands=ScriptedSlurm(),
+    slurm = ScriptedSlurm()
+    control = str(tmp_path / "shared" / "slurm")
+    slurm.comments = {101: control + "/13", 102: control + "/14", 103: control + "/15",
+                      200: "/elsewhere/slurm/15"}     # 103: its sbatch answered, its state unwritten
+    again = SlurmBackend(Clock(), str(tmp_path / "shared"), "batch", commands=slurm,
                          inThread=lambda f, *a: defer.maybeDeferred(f, *a))
     again.startService()
     assert again.survivors() == {13, 14}
     adopted = again.adopt(13, str(tmp_path / "shared" / "jobs" / "13"), None, lambda p: None)
     assert adopted.slurmId == 101
     again.forgetSurvivors()
-    assert again.commands.of("scancel") == [("scancel", "102")]
+    assert again.commands.of("scancel") == [("scancel", "102"), ("scancel", "103")]
     assert not (tmp_path / "shared" / "slurm" / "14").exists()
     assert (tmp_path / "shared" / "slurm" / "13").exists()
+
+
+def test_an_unknown_lone_job_id_is_no_answer_not_an_error():
+    """squeue exits 1 ('Invalid job id specified') when the one id asked for is unknown."""
+    from reflworkerd.slurm import SlurmCommands
+
+    class Failing(SlurmCommands):
+        def run(self, name, *args):
+            return defer.fail(SlurmError("squeue: slurm_load_jobs error: Invalid job id specified"))
+
+    answered = []
+    Failing(Clock()).states([5]).addCallback(answered.append)
+    assert answered == [{}]
 
 
 def test_squeue_lines_are_parsed_strictly():
