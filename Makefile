@@ -5,10 +5,11 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# Debian packages the tests use: AppArmor's compiler, Chromium for the pages, a
-# one-node Slurm with MPI (libpmix-dev: slurm-wlm's mpi/pmix loads libpmix.so, which only it ships).
+# Debian packages the tests use: AppArmor's compiler, Chromium for the pages, systemd-analyze
+# for the units, a one-node Slurm with MPI (libpmix-dev: slurm-wlm's mpi/pmix loads libpmix.so,
+# which only it ships).
 DEBS   := apparmor chromium chromium-driver util-linux iproute2 shellcheck logrotate python3-venv adduser openssl curl \
-          slurm-wlm munge openmpi-bin python3-mpi4py libpmix-dev
+          systemd slurm-wlm munge openmpi-bin python3-mpi4py libpmix-dev
 
 .PHONY: venv sysdeps test fuzz demo bench clean
 
