@@ -81,13 +81,17 @@ def test_a_dream_fit_cancelled_in_slurm_leaves_nothing_running(
 
 
 def test_a_restarted_worker_adopts_its_fit_in_slurm(serverProcess, workerProcess, tmp_path, slurm):
-    """The worker stops while its DREAM fit runs in Slurm: the Slurm job goes on;
+    """The DREAM fit's checkpoints reach the server while it runs in Slurm. The
+    worker stops while the fit runs: the Slurm job goes on;
     the next start watches it again and delivers its result, with no second
     Slurm job and no hand-back."""
     server = serverProcess()
-    worker = slurmWorker(workerProcess, server, tmp_path, slurm)
+    worker = slurmWorker(workerProcess, server, tmp_path, slurm, args=["--checkpoint-every", "1"])
     job = server.api.submit(nifilmRequest(SLURM_DREAM), nifilmFiles())
     server.api.waitFor(job["id"], hasProgress, timeout=120, what="progress")
+    # The fit's checkpoints come back from the node through the shared directory.
+    server.api.waitFor(job["id"], lambda r: "session.h5" in server.api.files(job["id"], kind="result"),
+                       timeout=120, what="a checkpoint")
     worker.stop(timeout=30)
     assert [state for _, state in ourSlurmJobs(slurm, tmp_path, job["id"])] == ["RUNNING"]
     assert server.api.job(job["id"])["status"] == "ACTIVE"
