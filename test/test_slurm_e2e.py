@@ -22,8 +22,12 @@ SLURM_DREAM = {"fit": "dream", "samples": 40000, "burn": 50, "seed": 7}
 
 @pytest.fixture(autouse=True)
 def _slurmClients(slurm, monkeypatch):
-    """The daemons the tests start find the test cluster (its SLURM_CONF)."""
+    """The daemons the tests start find the test cluster (its SLURM_CONF). After
+    the test (and its daemons), what its fits left in Slurm is cancelled: a
+    stopped worker leaves its Slurm jobs running, by design."""
     monkeypatch.setenv("SLURM_CONF", slurm.conf)
+    yield
+    slurm.cancelAll()
 
 
 def slurmWorker(workerProcess, server, tmp_path, slurm, name="shared", **kw):
@@ -127,8 +131,9 @@ def test_batch_mode_runs_fits_on_slurm_without_a_worker_daemon(serverProcess, tm
 def test_a_fit_whose_node_fails_is_handed_back_and_runs_again(serverProcess, workerProcess, tmp_path, slurm):
     """slurmd is killed under a running fit and stays away: Slurm ends the job
     NODE_FAIL, the worker hands it back with the attempt counted, leases it again
-    and submits it again; once the node is back the second attempt runs (and is
-    cancelled here: nothing of either attempt stays live in squeue)."""
+    and submits it again; once the node is back a later attempt runs (Slurm may
+    fail the node once more as it comes back: that attempt is handed back too),
+    and is cancelled here: nothing of any attempt stays live in squeue."""
     server = serverProcess()
     worker = slurmWorker(workerProcess, server, tmp_path, slurm)
     job = server.api.submit(nifilmRequest(ENDLESS_DREAM), nifilmFiles())
@@ -139,10 +144,10 @@ def test_a_fit_whose_node_fails_is_handed_back_and_runs_again(serverProcess, wor
         assert "NODE_FAIL" in worker.log(sinceStart=True)
     finally:
         slurm.startSlurmd()
-    record = server.api.waitFor(job["id"], lambda r: hasProgress(r) and r["attempts"] == 2,
-                                timeout=120, what="progress of the second attempt")
+    record = server.api.waitFor(job["id"], lambda r: hasProgress(r) and r["attempts"] >= 2,
+                                timeout=180, what="progress of a later attempt")
     assert record["status"] == "ACTIVE"
     server.api.cancel(job["id"])
     assert server.api.waitFor(job["id"], ended, timeout=60, what="its end")["status"] == "CANCEL"
-    states = [state for _, state in ourSlurmJobs(slurm, tmp_path, job["id"])]
-    assert sorted(states) == ["CANCELLED", "NODE_FAIL"], states
+    states = [state for _, state in sorted(ourSlurmJobs(slurm, tmp_path, job["id"]), key=lambda j: int(j[0]))]
+    assert states == ["NODE_FAIL"] * (record["attempts"] - 1) + ["CANCELLED"], states
