@@ -238,6 +238,23 @@ problem = FitProblem(CountedExperiment(probe=probe, sample=sample))
 """The nickel film, each evaluation made outside the fit process (the one that
 loaded the model) noting its pid: one dot per evaluation in evaluations-PID."""
 
+UNCOPYABLE_MODEL = """
+exec(open("nifilm-model.py").read())
+
+
+class Handle:
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a Handle stays in its process")
+
+
+experiment.handle = Handle()
+"""
+"""The nickel film holding something that bumps can deep-copy (as it does with
+every model) but not pickle to another process (an open handle, say)."""
+
 PARALLEL_DREAM = {"fit": "dream", "samples": 2000, "burn": 20, "seed": 4321}
 PARALLEL_UID = 61710
 
@@ -295,14 +312,25 @@ class ParallelTests(ForkServerTestCase):
                 self.assertEqual(a.read(), b.read(), name)
 
     @defer.inlineCallbacks
-    def test_parallelTwoEvaluatesInTwoProcessesUnderSandboxNone(self):
+    def test_parallelTwoEvaluatesInTwoProcessesUnderSandboxNoneAndRefusesWhatItCannotCopy(self):
         """Under --sandbox none (the manager's socket in the job directory) the mapper
-        runs too: two evaluating processes."""
+        runs too: two evaluating processes. A model bumps cannot copy to them
+        (cloudpickle) ends ERROR saying so, where bumps would quietly evaluate it in
+        one process."""
         server = yield self.startServer(sandboxMode="none")
         outcome, jobDir = yield self.fit(server, 1, 2)
         evaluations = self.evaluations(jobDir)
         self.assertEqual(len(evaluations), 2, evaluations)
         self.assertTrue(all(count > 100 for count in evaluations.values()), evaluations)
+        jobDir = self.makeJob(modelText=UNCOPYABLE_MODEL, modelName="model.py")
+        shutil.copy(NIFILM, os.path.join(jobDir, "nifilm-model.py"))
+        options = dict(PARALLEL_DREAM, parallel=2)
+        outcome = yield server.run(2, jobDir, {"service": "refl1d", "data": {"model": "model.py", "options": options}},
+                                   lambda p: None).done
+        self.assertEqual(outcome["status"], "ERROR")
+        self.assertIn("option parallel=2: the model cannot be copied to other processes (cloudpickle:",
+                      outcome["error"])
+        self.assertIn("run it with parallel 1", outcome["error"])
 
 
 STRAY_MODEL = """
