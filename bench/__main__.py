@@ -20,7 +20,7 @@ import traceback
 
 from bench import formatMarkdown, formatTable
 
-MODULES = ("server", "forkserver", "sandbox", "worker")
+MODULES = ("server", "forkserver", "sandbox", "worker", "parallel")
 
 
 def machineDescription():
