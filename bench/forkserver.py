@@ -38,15 +38,17 @@ RUNS = 7
 COUNT_RUNS = 30
 
 
-def exampleData():
+def exampleData(names=DATA_NAMES):
+    """The directory of refl1d's example data holding ``names``: $REFL1D_EXAMPLES,
+    shared/ beside the checkout, or /work/shared."""
     for path in (
         os.environ.get("REFL1D_EXAMPLES", ""),
         os.path.join(ROOT, "..", "shared", "data", "refl1d-examples"),
         "/work/shared/data/refl1d-examples",
     ):
-        if path and all(os.path.exists(os.path.join(path, name)) for name in DATA_NAMES):
+        if path and all(os.path.exists(os.path.join(path, name)) for name in names):
             return path
-    raise SystemExit("refl1d example data (nifilm-tof-*.dat) not found; set REFL1D_EXAMPLES")
+    raise SystemExit("refl1d example data (%s) not found; set REFL1D_EXAMPLES" % (", ".join(names),))
 
 
 def makeJob(base, n):

@@ -92,12 +92,13 @@ class Pair:
         found = re.findall(r"fork server started, pid (\d+)", self.worker.log(sinceStart=True))
         return int(found[-1])
 
-    def job(self):
-        """Submit one fit and wait until it is COMPLETE: its timings."""
+    def job(self, request=REQUEST, files=None, timeout=120):
+        """Submit one fit (by default the nickel film's LM fit) and wait until it is
+        COMPLETE: its timings."""
         api = self.server.api
         started = time.time()
-        record = api.submit(REQUEST, jobFiles())
-        record = api.waitFor(record["id"], lambda r: r["finished"] is not None, timeout=120,
+        record = api.submit(request, files or jobFiles())
+        record = api.waitFor(record["id"], lambda r: r["finished"] is not None, timeout=timeout,
                              what="its end")
         ended = time.time()
         if record["status"] != "COMPLETE":
@@ -109,6 +110,7 @@ class Pair:
                 "queue": record["started"] - record["submitted"],
                 "worker": record["finished"] - record["started"],
                 "fit": record["result"]["elapsed"],
+                "result": record["result"],
                 "confinement": record["confinement"]}
 
     def measure(self):

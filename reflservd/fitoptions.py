@@ -1,8 +1,15 @@
 """refl1d's fit options as the server offers them: the fitters, and the
 options a fit request may carry with their types and the fitters they apply
 to. The submit page builds its form from them and reads it back with
-``fitOptions``; ``reflq submit`` takes the same options. Only the standard
-library and ``reflservd.errors``, so that ``reflworkerd`` may import it.
+``fitOptions``; ``reflq submit`` takes the same options.
+
+The rules of the options that are not bumps' fit options but refl1d
+command-line ones (``seed``, ``parallel``, ``resume``: ``RUNNER_OPTIONS``)
+are here too, in ``runnerOption``: the form applies what it can know, the
+worker's runner the whole rule with the CPUs and process limit of the fit.
+bumps' own options are checked by the runner against bumps itself. Only the
+standard library and ``reflservd.errors``, so that ``reflworkerd`` may
+import it.
 """
 
 import math
@@ -22,9 +29,61 @@ OPTION_FIELDS = (
     ("pop", "Population", float, {"step": "any"}, "de dream"),
     ("init", "Initializer", ("eps", "lhs", "cov", "random"), {}, "dream"),
     ("seed", "Seed", int, {"min": "1"}, ""),
+    ("parallel", "Processes", int, {"min": "1"}, ""),
     ("time", "Time limit (hours)", float, {"min": "0", "step": "any"}, ""),
 )
 OPTION_NAMES = tuple(name for name, *_ in OPTION_FIELDS)
+
+MAX_SEED = 2**32 - 1
+RUNNER_OPTIONS = ("seed", "parallel", "resume")
+"""Request options that are not bumps fit options but refl1d command-line ones."""
+
+MAPPER_TASKS = 10
+"""Processes and threads of a fit with ``parallel: N`` beyond ``2 * N``
+(bumps' MPMapper: N pool processes, each also served by a thread of the
+multiprocessing manager, plus the manager, the pool's threads and the fit's
+own; 11 to 17 counted for N = 2 to 4)."""
+
+
+def parallelTasks(parallel):
+    """The processes and threads a fit with ``parallel`` processes counts against RLIMIT_NPROC."""
+    return 1 if parallel == 1 else 2 * parallel + MAPPER_TASKS
+
+
+def runnerOption(name, value, cpus=None, processLimit=None):
+    """The value of the runner option ``name`` (one of ``RUNNER_OPTIONS``), checked;
+    ``Refused`` saying why it is not valid.
+
+    ``parallel`` is the number of processes evaluating the model (bumps'
+    process mapper for 2 or more, in the fit's own confinement; 1 evaluates
+    in the fit process). refl1d's ``--parallel=0`` (every CPU) is refused: a
+    worker's CPUs are shared by its slots and its other work. ``cpus`` is
+    the number of CPUs the fit may run on and ``processLimit`` its
+    RLIMIT_NPROC; each bounds ``parallel`` where it is given (the worker
+    knows them, the server does not).
+    """
+    if name == "resume":
+        if not isinstance(value, bool):
+            raise Refused("option resume must be true or false, not %r" % (value,))
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise Refused("option %s must be an integer, not %r" % (name, value))
+    if name == "seed":
+        if not 1 <= value <= MAX_SEED:
+            raise Refused("option seed must be in 1..%d, not %d" % (MAX_SEED, value))
+        return value
+    if value < 1:
+        raise Refused("option parallel must be a number of processes, 1 or more, not %d (refl1d's 0, "
+                      "every CPU, is not offered: a worker's CPUs are shared)" % (value,))
+    if cpus is not None and value > cpus:
+        raise Refused("option parallel=%d is more than the %d CPUs this worker gives a fit" % (value, cpus))
+    if processLimit is not None and parallelTasks(value) > processLimit:
+        most = max(1, (processLimit - MAPPER_TASKS) // 2)
+        raise Refused("option parallel=%d needs about %d processes and threads, past this worker's process "
+                      "limit of %d (parallel=%d at most)" % (value, parallelTasks(value), processLimit, most))
+    return value
 
 
 def fitOptions(values):
@@ -53,4 +112,6 @@ def fitOptions(values):
                           % (label, "a whole number" if kind is int else "a number", text))
         if kind is float and not math.isfinite(options[name]):
             raise Refused("%s must be a finite number" % (label,))
+        if name in RUNNER_OPTIONS:
+            options[name] = runnerOption(name, options[name])
     return options

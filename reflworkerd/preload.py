@@ -1,6 +1,6 @@
 """What every fit needs, imported once in the fork host so that each fork
-inherits it: numpy, matplotlib (Agg), bumps and refl1d, and (``warm``)
-numba's compiled kernels."""
+inherits it: numpy, matplotlib (Agg), bumps and refl1d, multiprocessing's pool
+and manager (bumps' process mapper), and (``warm``) numba's compiled kernels."""
 
 import os
 
@@ -34,6 +34,9 @@ def preload(warm=False):
         FigureCanvasAgg.draw_idle = _noDraw
         import numpy  # noqa: F401
         import h5py  # noqa: F401
+        import multiprocessing.managers  # noqa: F401 (bumps' process mapper, for parallel: N)
+        import multiprocessing.pool  # noqa: F401
+        import multiprocessing.synchronize  # noqa: F401
         import refl1d
         from refl1d.webview.server import cli as refl1dCli  # installs refl1d's model loader
         from bumps.webview.server import api

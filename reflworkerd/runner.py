@@ -15,6 +15,11 @@ so the files in ``results/`` are the ones the command line writes. On top of it:
 options checked before anything runs, a recorded seed that also seeds numba's
 own random state in the fit thread (DREAM draws from it), progress from bumps'
 fit events, and the fit thread's exception surfaced as the job's error.
+``parallel: N`` (N >= 2) is refl1d's ``--parallel=N``: bumps' process mapper
+(``bumps.mapper.MPMapper``: a multiprocessing pool of N forked processes and a
+manager process) evaluates the model, inside the fit's own confinement and
+limits; N is bounded by the fit's CPUs and process limit, and a model bumps
+cannot copy to those processes is refused rather than quietly run in one.
 
 This module imports nothing heavy at import time: the fork server preloads
 bumps and refl1d (``preload``) so that each forked child finds them in memory.
@@ -23,11 +28,15 @@ bumps and refl1d (``preload``) so that each forked child finds them in memory.
 import errno
 import math
 import os
+import resource
 import secrets
 import sys
+import tempfile
 import time
 import traceback
 
+from reflservd.errors import Refused
+from reflservd.fitoptions import MAX_SEED, RUNNER_OPTIONS, runnerOption
 from reflworkerd import outcome
 from reflworkerd.preload import preload
 from reflworkerd.shared import RESULTS_DIR, RESUMABLE_FITTERS, SESSION_NAME, STDERR_NAME
@@ -36,10 +45,10 @@ from reflworkerd.shared import RESULTS_DIR, RESUMABLE_FITTERS, SESSION_NAME, STD
 PROGRESS_INTERVAL = 1.0
 """Seconds between progress reports from bumps' fit monitor (the worker rate-limits further)."""
 
-MAX_SEED = 2**32 - 1
-
-RUNNER_OPTIONS = ("seed", "parallel", "resume")
-"""Request options that are not bumps fit options but refl1d command-line ones."""
+SOCKET_PATH_MAX = 107
+"""The longest AF_UNIX socket path (sun_path less its NUL): multiprocessing's
+manager listens at TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX."""
+MANAGER_SOCKET_SUFFIX = len("/pymp-12345678/listener-12345678")
 
 
 class JobError(Exception):
@@ -74,13 +83,32 @@ def drawSeed():
     return 1 + secrets.randbelow(MAX_SEED)
 
 
-def checkOptions(options):
+def fitCpus():
+    """The CPUs this process may run on (its affinity: what Slurm or taskset gave it)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def fitProcessLimit():
+    """This process's RLIMIT_NPROC, or None where none holds (unlimited, or uid 0,
+    which the kernel does not hold to it)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
+    if soft == resource.RLIM_INFINITY or os.getuid() == 0:
+        return None
+    return soft
+
+
+def checkOptions(options, cpus=None, processLimit=None):
     """Check refl1d fit options by bumps' own names and types; return them cleaned.
 
     Unknown names, options the chosen fitter does not use, values of the wrong
     type or out of range are refused with a `JobError` naming the problem
     (where the command line would warn and carry on, a queued job would
-    silently run something else than asked).
+    silently run something else than asked). The runner options (``seed``,
+    ``parallel``, ``resume``) follow ``reflservd.fitoptions.runnerOption``,
+    ``parallel`` bounded by ``cpus`` and ``processLimit`` (by default this
+    process's: ``fitCpus()``, ``fitProcessLimit()``).
     """
     from bumps.fitters import FIT_AVAILABLE_IDS
     from bumps.webview.server import fit_options
@@ -99,7 +127,12 @@ def checkOptions(options):
         if name == "fit":
             continue
         if name in RUNNER_OPTIONS:
-            cleaned[name] = _checkRunnerOption(name, value)
+            try:
+                cleaned[name] = runnerOption(
+                    name, value, cpus=fitCpus() if cpus is None else cpus,
+                    processLimit=fitProcessLimit() if processLimit is None else processLimit)
+            except Refused as refused:
+                raise JobError(refused.message)
             continue
         if name not in fit_options.FIT_OPTIONS:
             raise JobError(
@@ -113,22 +146,6 @@ def checkOptions(options):
             )
         cleaned[name] = _checkFitValue(name, value, fit_options.FIT_OPTIONS[name].stype, fit_options.Range)
     return cleaned
-
-
-def _checkRunnerOption(name, value):
-    if name == "resume":
-        if not isinstance(value, bool):
-            raise JobError("option resume must be true or false, not %r" % (value,))
-        return value
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise JobError("option %s must be an integer, not %r" % (name, value))
-    if name == "seed" and not 1 <= value <= MAX_SEED:
-        raise JobError("option seed must be in 1..%d, not %d" % (MAX_SEED, value))
-    if name == "parallel" and value < 0:
-        raise JobError("option parallel must be 0 (all CPUs) or a number of processes, not %d" % (value,))
-    return value
 
 
 def _checkFitValue(name, value, stype, Range):
@@ -273,6 +290,8 @@ def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
         raise JobError("resume: there is no session file %s/%s to resume from" % (RESULTS_DIR, SESSION_NAME))
     os.makedirs(resultsDir, exist_ok=True)
 
+    if parallel > 1:
+        _checkMapperSocket(tempfile.gettempdir(), parallel)
     preload()
     from bumps.webview.server import api, cli, fit_thread
 
@@ -291,6 +310,8 @@ def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
             events.problem = self.problem
             events.labels = self.problem.labels()
             try:
+                if parallel > 1:
+                    _checkPicklable(self.problem, parallel)
                 fit_thread.FitThread.run(self)
             except BaseException as exc:
                 # bumps catches Exception only: a model's SystemExit would end the
@@ -334,11 +355,14 @@ def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
     seedAll(seed)
     cli.main(batch)
 
+    if isinstance(events.error, JobError):
+        raise events.error
     if events.error is not None:
         raise _FitThreadError(events.error)
     if events.complete is None:
         raise JobError("the fit ended without a result (see %s/%s)" % (RESULTS_DIR, STDERR_NAME))
     summary = _summary(api.state, fitterId, seed, events, started)
+    summary["parallel"] = parallel
     progress(
         {
             "step": summary["steps"],
@@ -348,6 +372,28 @@ def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
         }
     )
     return summary
+
+
+def _checkMapperSocket(tmp, parallel):
+    """bumps' process mapper needs a multiprocessing manager, which listens on a
+    socket in ``tmp`` (the job directory under ``--sandbox none``)."""
+    if len(tmp) + MANAGER_SOCKET_SUFFIX > SOCKET_PATH_MAX:
+        raise JobError(
+            "option parallel=%d cannot run here: bumps' process mapper needs a socket in %s, whose path is "
+            "too long (%d characters; at most %d) - the worker's --work-dir must be shorter"
+            % (parallel, tmp, len(tmp), SOCKET_PATH_MAX - MANAGER_SOCKET_SUFFIX))
+
+
+def _checkPicklable(problem, parallel):
+    """bumps copies the model to its mapper's processes with cloudpickle, and
+    quietly evaluates it in one process where it cannot: say so instead."""
+    from cloudpickle import dumps
+
+    try:
+        dumps(problem)
+    except Exception as exc:
+        raise JobError("option parallel=%d: the model cannot be copied to other processes (cloudpickle: %s: %s); "
+                       "run it with parallel 1" % (parallel, type(exc).__name__, exc))
 
 
 def _summary(state, fitterId, seed, events, started):

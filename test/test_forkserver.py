@@ -218,6 +218,121 @@ class FitTests(ForkServerTestCase):
         self.assertNotEqual(seeds[0], seeds[1])
 
 
+COUNTING_MODEL = """
+import os
+exec(open("nifilm-model.py").read())
+FIT_PID = os.getpid()
+HERE = os.getcwd()
+
+
+class CountedExperiment(Experiment):
+    def nllf(self):
+        if os.getpid() != FIT_PID:
+            with open(os.path.join(HERE, "evaluations-%d" % os.getpid()), "a") as f:
+                f.write(".")
+        return Experiment.nllf(self)
+
+
+problem = FitProblem(CountedExperiment(probe=probe, sample=sample))
+"""
+"""The nickel film, each evaluation made outside the fit process (the one that
+loaded the model) noting its pid: one dot per evaluation in evaluations-PID."""
+
+UNCOPYABLE_MODEL = """
+exec(open("nifilm-model.py").read())
+
+
+class Handle:
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError("a Handle stays in its process")
+
+
+experiment.handle = Handle()
+"""
+"""The nickel film holding something that bumps can deep-copy (as it does with
+every model) but not pickle to another process (an open handle, say)."""
+
+PARALLEL_DREAM = {"fit": "dream", "samples": 2000, "burn": 20, "seed": 4321}
+PARALLEL_UID = 61710
+
+
+class ParallelTests(ForkServerTestCase):
+    """``parallel: N`` evaluates the model in N processes of bumps' own mapper,
+    inside the fit's confinement, and gives the seeded fit the same answer."""
+
+    def countedJob(self):
+        jobDir = self.makeJob(modelText=COUNTING_MODEL, modelName="model.py")
+        shutil.copy(NIFILM, os.path.join(jobDir, "nifilm-model.py"))
+        return jobDir
+
+    def evaluations(self, jobDir):
+        """``{pid: evaluations}`` made outside the fit process."""
+        return {int(name.split("-")[1]): os.path.getsize(os.path.join(jobDir, name))
+                for name in os.listdir(jobDir) if name.startswith("evaluations-")}
+
+    @defer.inlineCallbacks
+    def fit(self, server, jobId, parallel, uid=None):
+        jobDir = self.countedJob()
+        options = dict(PARALLEL_DREAM, parallel=parallel)
+        outcome = yield server.run(jobId, jobDir, {"service": "refl1d", "data": {"model": "model.py", "options": options}},
+                                   lambda p: None, uid=uid).done
+        self.assertEqual(outcome["status"], "COMPLETE", outcome)
+        self.assertEqual(outcome["result"]["parallel"], parallel)
+        return outcome, jobDir
+
+    @defer.inlineCallbacks
+    def test_parallelTwoEvaluatesInTwoProcessesInItsNamespacesWithTheSameResult(self):
+        """In namespaces, as a slot's uid under a process limit: parallel 2 makes its
+        evaluations in two processes besides the fit's, parallel 1 in none; the seeded
+        DREAM fit ends with the same parameters, uncertainties and files either way
+        (bumps' mapper returns the values in the order of the points)."""
+        try:
+            sandbox.choose("namespaces")
+        except sandbox.SandboxUnavailable as exc:
+            raise unittest.SkipTest(str(exc))
+        server = yield self.startServer(sandboxMode="namespaces", limits={"nproc": 64})
+        serial, serialDir = yield self.fit(server, 1, 1, uid=PARALLEL_UID)
+        parallel, parallelDir = yield self.fit(server, 2, 2, uid=PARALLEL_UID)
+        self.assertTrue(parallel["confinement"].startswith("namespaces("), parallel["confinement"])
+        self.assertIn("nproc=64", parallel["confinement"])
+        self.assertEqual(self.evaluations(serialDir), {})
+        evaluations = self.evaluations(parallelDir)
+        self.assertEqual(len(evaluations), 2, evaluations)
+        self.assertTrue(all(count > 100 for count in evaluations.values()), evaluations)
+        first, second = serial["result"], parallel["result"]
+        for result in (first, second):
+            result.pop("elapsed"), result.pop("parallel")
+        self.assertEqual(first, second)
+        for name in ("model.par", "model.err"):
+            with open(os.path.join(serialDir, "results", name), "rb") as a, \
+                    open(os.path.join(parallelDir, "results", name), "rb") as b:
+                self.assertEqual(a.read(), b.read(), name)
+
+    @defer.inlineCallbacks
+    def test_parallelTwoEvaluatesInTwoProcessesUnderSandboxNoneAndRefusesWhatItCannotCopy(self):
+        """Under --sandbox none (the manager's socket in the job directory) the mapper
+        runs too: two evaluating processes. A model bumps cannot copy to them
+        (cloudpickle) ends ERROR saying so, where bumps would quietly evaluate it in
+        one process."""
+        server = yield self.startServer(sandboxMode="none")
+        outcome, jobDir = yield self.fit(server, 1, 2)
+        evaluations = self.evaluations(jobDir)
+        self.assertEqual(len(evaluations), 2, evaluations)
+        self.assertTrue(all(count > 100 for count in evaluations.values()), evaluations)
+        jobDir = self.makeJob(modelText=UNCOPYABLE_MODEL, modelName="model.py")
+        shutil.copy(NIFILM, os.path.join(jobDir, "nifilm-model.py"))
+        options = dict(PARALLEL_DREAM, parallel=2)
+        outcome = yield server.run(2, jobDir, {"service": "refl1d", "data": {"model": "model.py", "options": options}},
+                                   lambda p: None).done
+        self.assertEqual(outcome["status"], "ERROR")
+        self.assertIn("option parallel=2: the model cannot be copied to other processes (cloudpickle:",
+                      outcome["error"])
+        self.assertIn("run it with parallel 1", outcome["error"])
+
+
 STRAY_MODEL = """
 import subprocess
 stray = subprocess.Popen(["sh", "-c", "trap '' TERM; exec sleep 600"])

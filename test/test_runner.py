@@ -12,6 +12,8 @@ import tempfile
 
 import pytest
 
+from reflservd import fitoptions
+from reflservd.errors import Refused
 from reflworkerd import outcome as outcomes, runner
 
 
@@ -56,7 +58,11 @@ def test_checkOptionsKeepsRefl1dNamesAndTypes():
         ({"fit": "dream", "trim": 1}, "option trim must be true or false, not 1"),
         ({"fit": "lm", "seed": 0}, "option seed must be in 1..4294967295, not 0"),
         ({"fit": "lm", "seed": "x"}, "option seed must be an integer, not 'x'"),
-        ({"fit": "lm", "parallel": -2}, "option parallel must be 0 (all CPUs) or a number of processes, not -2"),
+        ({"fit": "lm", "parallel": -2}, "option parallel must be a number of processes, 1 or more, not -2"),
+        ({"fit": "lm", "parallel": 0}, "option parallel must be a number of processes, 1 or more, not 0 (refl1d's 0, "
+                                       "every CPU, is not offered"),
+        ({"fit": "lm", "parallel": 1.5}, "option parallel must be an integer, not 1.5"),
+        ({"fit": "lm", "resume": 1}, "option resume must be true or false, not 1"),
         ({"fit": "lm", "time": float("nan")}, "option time must be finite, not nan"),
         ("lm", "options must be an object of refl1d fit options, not str"),
     ],
@@ -66,6 +72,47 @@ def test_checkOptionsRefusesWithAClearMessage(options, message):
     with pytest.raises(runner.JobError) as caught:
         runner.checkOptions(options)
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "parallel, cpus, processLimit, message",
+    [
+        (3, 2, None, "option parallel=3 is more than the 2 CPUs this worker gives a fit"),
+        (8, 16, 20, "option parallel=8 needs about 26 processes and threads, past this worker's process limit "
+                    "of 20 (parallel=5 at most)"),
+        (2, 16, 12, "(parallel=1 at most)"),
+    ],
+)
+def test_parallelIsBoundedByTheFitsCpusAndProcessLimit(parallel, cpus, processLimit, message):
+    """parallel asks for processes of bumps' mapper: no more than the CPUs the fit may
+    run on, and few enough that they and their threads fit under its RLIMIT_NPROC."""
+    with pytest.raises(runner.JobError) as caught:
+        runner.checkOptions({"fit": "dream", "parallel": parallel}, cpus=cpus, processLimit=processLimit)
+    assert message in str(caught.value)
+    assert runner.checkOptions({"fit": "dream", "parallel": 2}, cpus=2, processLimit=14)["parallel"] == 2
+    assert runner.checkOptions({"fit": "dream", "parallel": 1}, cpus=1, processLimit=1)["parallel"] == 1
+
+
+def test_theSubmitFormAppliesTheSameRunnerRules():
+    """The submit page's form reads seed and parallel by the runner's own rule (one
+    place: reflservd.fitoptions), short of what only the worker knows (its CPUs)."""
+    assert fitoptions.fitOptions({"fit": "dream", "seed": "7", "parallel": "2"}) == {
+        "fit": "dream", "seed": 7, "parallel": 2}
+    for values, message in (({"seed": "0"}, "option seed must be in 1..4294967295, not 0"),
+                            ({"parallel": "0"}, "option parallel must be a number of processes, 1 or more")):
+        with pytest.raises(Refused) as caught:
+            fitoptions.fitOptions(values)
+        assert message in caught.value.message
+    assert runner.MAX_SEED == fitoptions.MAX_SEED and runner.RUNNER_OPTIONS == fitoptions.RUNNER_OPTIONS
+
+
+def test_anOverlongTemporaryDirectoryIsRefusedForParallelNotCrashed():
+    """Under --sandbox none the fit's TMPDIR is its job directory; multiprocessing's
+    manager listens on a socket there, and a socket path has 107 bytes at most."""
+    runner._checkMapperSocket("/var/lib/reflworkerd/jobs/12345678", 2)
+    with pytest.raises(runner.JobError) as caught:
+        runner._checkMapperSocket("/" + "w" * 80, 2)
+    assert "the worker's --work-dir must be shorter" in str(caught.value)
 
 
 def test_countServiceCountsToItsData(jobDir):
