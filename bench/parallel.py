@@ -146,7 +146,7 @@ def run(say=print, rounds=ROUNDS, samples=SAMPLES, burn=BURN):
     results.append(Result("    parallel 2 over 1, %d cores here" % (os.cpu_count() or 0,),
                           "%.2f× faster in the queue" % (q1 / q2,), "%.2f× faster locally" % (l1 / l2,), "", None))
     for row in results:
-        say("%s: %s vs %s" % (row.name, row.figure, row.reference))
+        say("%s: %s%s" % (row.name, row.figure, " vs " + row.reference if row.reference else ""))
     return results
 
 
