@@ -86,6 +86,7 @@ class Poller(service.Service):
         self.leaseBackoff = self.makeBackoff()
         self.jobs = {}          # jobId -> LeasedJob, from lease to acknowledged result
         self.leasing = set()    # outstanding lease long-polls
+        self._starting = set()  # job ids leased again, waiting for their old lease to end here
         self._retryCall = None
         self._ready = False
         self._draining = False
@@ -108,6 +109,10 @@ class Poller(service.Service):
 
     def runningFits(self):
         return [job for job in self.jobs.values() if not job.fitEnded.called]
+
+    def busySlots(self):
+        """Slots taken: running fits, and leases waiting for the same job's old lease to end."""
+        return len(self.runningFits()) + len(self._starting)
 
     def freeSlot(self):
         """The lowest slot number no running fit holds (None when all are taken)."""
@@ -233,7 +238,7 @@ class Poller(service.Service):
     def fill(self):
         """Hold one lease long-poll for each free slot (none while backing off)."""
         while (self.running and self._ready and not self._draining and self._retryCall is None
-               and len(self.leasing) + len(self.runningFits()) < self.slots):
+               and len(self.leasing) + self.busySlots() < self.slots):
             self._requestLease()
 
     def _requestLease(self):
@@ -293,9 +298,19 @@ class Poller(service.Service):
             self._log.error("a lease answer that makes no sense ({why}): {record!r}",
                             why=e, record=record)
             return
-        if jobId in self.jobs:
-            self._log.warn("job {jobId} leased again while this worker still holds it",
-                           jobId=jobId)
+        held = self.jobs.get(jobId)
+        if held is not None:
+            if lease <= held.lease:
+                self._log.warn("job {jobId} leased again while this worker still holds it",
+                               jobId=jobId)
+                return
+            # Handed back a moment ago (its fit lost, say) and leased again at once:
+            # the new lease starts once the old one's files are gone.
+            self._log.info("job {jobId} leased again (lease {lease}); it starts once lease {old} "
+                           "has ended here", jobId=jobId, lease=lease, old=held.lease)
+            held.drop("the server leased the job again (lease %d)" % (lease,))
+            self._starting.add(jobId)
+            held.finished.addCallback(lambda _: self._startAfter(jobId, record))
             return
         slot = self.freeSlot()
         if slot is None:
@@ -315,6 +330,10 @@ class Poller(service.Service):
         job.fitEnded.addCallback(lambda _: self.fill())
         job.finished.addCallback(self._jobFinished, job)
         job.start()
+
+    def _startAfter(self, jobId, record):
+        self._starting.discard(jobId)
+        self._leased(record)
 
     def _jobFinished(self, _, job):
         if self.jobs.get(job.jobId) is job:

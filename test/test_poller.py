@@ -773,6 +773,38 @@ def test_a_fit_lost_to_its_cluster_is_handed_back_with_the_attempt_counted(world
     assert len(w.server.leaseWaiters) == 1
 
 
+def test_a_job_leased_again_while_its_old_lease_ends_here_starts_after_it(world):
+    """A job handed back (its fit lost) can be leased to this worker again before
+    the old lease's files are gone: the new lease waits for them, then runs,
+    holding the slot meanwhile (no lease is dropped and left to run out)."""
+    held = []
+
+    def inThread(f, *args):
+        if getattr(f, "__name__", "") == "cleanUp":
+            d = defer.Deferred()
+            held.append((d, f))
+            return d
+        return defer.maybeDeferred(f, *args)
+
+    w = world(inThread=inThread)
+    w.server.grant(23, lease=1)
+    w.pump()
+    w.backend.runs[0].done.callback(outcome.lost("Slurm job 9 NODE_FAIL"))
+    w.pump()
+    assert [c["json"]["lease"] for c in w.server.of("release")] == [1]
+    w.server.grant(23, lease=2)
+    w.pump()
+    assert len(w.backend.runs) == 1 and not w.server.leaseWaiters     # waiting, the slot taken
+    for d, f in held:
+        f()
+        d.callback(None)
+    w.pump()
+    assert len(w.backend.runs) == 2 and w.poller.jobs[23].lease == 2
+    w.backend.runs[1].finish(result={"chisq": 1.0})
+    w.pump()
+    assert [c["json"]["lease"] for c in w.server.of("complete")] == [2]
+
+
 # ---- stopping
 
 
