@@ -32,11 +32,13 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import sys
 
 from twisted.application import service
 from twisted.internet import defer, task, threads, utils
 from twisted.logger import Logger
+from twisted.python import failure
 
 from reflworkerd import outcome, sandbox
 from reflworkerd.local import fitEnvironment
@@ -229,7 +231,7 @@ class SlurmBackend(service.Service):
         return defer.fail(self._ready) if isinstance(self._ready, Exception) else defer.succeed(None)
 
     def _settled(self, result):
-        self._ready = result.value if hasattr(result, "value") else True
+        self._ready = result.value if isinstance(result, failure.Failure) else True
         waiters, self._readyWaiters = self._readyWaiters, []
         for d in waiters:
             if self._ready is True:
@@ -321,7 +323,7 @@ class SlurmBackend(service.Service):
             return
         fitRun.sent = True
         if fitRun.cancelRequested or fitRun.aborted is not None:
-            self.signal(fitRun, 15)
+            self.signal(fitRun, signal.SIGTERM)
 
     def _writeControl(self, fitRun, control):
         shutil.rmtree(control, ignore_errors=True)
@@ -355,7 +357,7 @@ class SlurmBackend(service.Service):
             return True         # signalled again once sbatch answered (see _submit)
         if fitRun.slurmState not in ("RUNNING", "COMPLETING", "SUSPENDED", "SIGNALING", "STOPPED"):
             self._scancel(fitRun.slurmId)     # not yet running: it never starts
-        elif signum == 15:
+        elif signum == signal.SIGTERM:
             self._scancel(fitRun.slurmId, "--full", "--signal=TERM")
         else:
             self._scancel(fitRun.slurmId, "--full", "--signal=KILL").addBoth(
@@ -412,7 +414,7 @@ class SlurmBackend(service.Service):
             fitRun.started(None)
             if fitRun.cancelRequested or fitRun.aborted is not None:
                 fitRun.slurmState = "RUNNING"
-                self.signal(fitRun, 15)
+                self.signal(fitRun, signal.SIGTERM)
         elif kind == "message" and isinstance(event.get("message"), dict):
             fitRun.relayed(event["message"])
         elif kind == "exited":
