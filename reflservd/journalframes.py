@@ -8,7 +8,6 @@ then the state as JSON.
 """
 
 import json
-import re
 import struct
 import zlib
 
@@ -110,7 +109,17 @@ class TooDeep(ValueError):
     """JSON nested past what the standard library's parser can read."""
 
 
-_LONG_INTEGER = re.compile(rb"-[0-9]{19}|[0-9]{20}")
+_DIGITS_TO_ZERO = bytes.maketrans(b"123456789", b"000000000")
+
+
+def _mayHoldLongInteger(data):
+    """True if ``data`` has a run of 20 digits or a minus sign and 19: the
+    only text that could be an integer orjson reads as a float. Digits are
+    mapped to 0 and two literal runs are looked for, which is ten times
+    faster than a regular expression over a large snapshot (0.2 s, not
+    2.5 s, for 120 MB)."""
+    zeroed = bytes(data).translate(_DIGITS_TO_ZERO)
+    return zeroed.find(b"0" * 20) >= 0 or zeroed.find(b"-" + b"0" * 19) >= 0
 
 
 def parseJSON(data):
@@ -123,7 +132,7 @@ def parseJSON(data):
     goes to the standard library.
     Text nested past the standard library's recursion limit is a ValueError,
     as any other text that is not a record is."""
-    if _LONG_INTEGER.search(data) is None:
+    if not _mayHoldLongInteger(data):
         try:
             return orjson.loads(data)
         except orjson.JSONDecodeError:
