@@ -298,6 +298,29 @@ class StubTreqTests(unittest.TestCase):
             self.assertIn("error", body)
 
     @defer.inlineCallbacks
+    def test_each_face_answers_its_routes_and_the_site_the_rest(self):
+        """One map of every face's routes picks the face: the API, the legacy
+        routes and the pages each answer theirs; a method no face takes on a
+        path is a JSON 405 whose Allow lists what the faces take there (the
+        legacy GET and DELETE of /jobs/1.json); a missing trailing slash is
+        left to the face that has the route."""
+        for path, code, kind in (("/healthz", 200, "application/json"),
+                                 ("/jobs.json", 200, "application/json"),
+                                 ("/submit", 200, "text/html")):
+            response = yield self.stub.get("http://x" + path)
+            self.assertEqual((response.code, response.headers.getRawHeaders("content-type")[0][:len(kind)]),
+                             (code, kind), path)
+            yield response.content()
+        response = yield self.stub.put("http://x/jobs/1.json", data=b"")
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders("allow"), ["DELETE, GET, HEAD"])
+        self.assertIn("not allowed", (yield response.json())["error"])
+        response = yield self.stub.post("http://x/api/v1/jobs/1", data=b"")
+        self.assertEqual(response.code, 405)
+        self.assertEqual(response.headers.getRawHeaders("allow"), ["DELETE, GET, HEAD"])
+        yield response.content()
+
+    @defer.inlineCallbacks
     def test_a_path_that_is_not_utf8_answers_json_400(self):
         """A lone surrogate (or any bytes that are not UTF-8) percent-encoded in
         the path is refused as every bad request is: 400 with a JSON error."""
