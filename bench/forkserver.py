@@ -3,7 +3,7 @@
 Measured, on the nickel film of refl1d's examples (LM fit, the same model and
 data as the tests):
 
-- the time of the fit through the fork server, from ``ForkServer.run`` to its
+- the time of the fit through the fork server, from ``LocalBackend.run`` to its
   ``done`` (fork, confine, fit, export, session file, outcome read back),
   against a cold ``refl1d --batch MODEL --fit=lm --export=results
   --session=…`` of the same fit (process start to exit), median of each,
@@ -80,7 +80,7 @@ def measure(runs, countRuns):
     """In the child process: run the reactor, measure, print one JSON line."""
     from twisted.internet import defer, task
 
-    from reflworkerd.local import ForkServer
+    from reflworkerd.local import LocalBackend
 
     refl1d = os.path.join(os.path.dirname(sys.executable), "refl1d")
 
@@ -88,20 +88,20 @@ def measure(runs, countRuns):
     def main(reactor):
         base = tempfile.mkdtemp(prefix="bench-forkserver-")
         figures = {"fork": [], "cold": [], "count": []}
-        server = ForkServer(reactor, python=sys.executable, env=dict(os.environ))
+        backend = LocalBackend(reactor, python=sys.executable, env=dict(os.environ))
         try:
             started = time.perf_counter()
-            yield server.start()
+            yield backend.start()
             figures["start"] = time.perf_counter() - started
             n = 0
             for _ in range(runs):
                 n += 1
                 jobDir = makeJob(base, n)
                 started = time.perf_counter()
-                outcome = yield server.run(n, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": {"fit": "lm"}}}, lambda p: None).done
+                outcome = yield backend.run(n, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": {"fit": "lm"}}}, lambda p: None).done
                 figures["fork"].append(time.perf_counter() - started)
                 if outcome["status"] != "COMPLETE":
-                    raise RuntimeError("fit through the fork server failed: %r" % (outcome,))
+                    raise RuntimeError("fit through the fork backend failed: %r" % (outcome,))
                 n += 1
                 jobDir = makeJob(base, n)
                 started = time.perf_counter()
@@ -115,13 +115,13 @@ def measure(runs, countRuns):
             os.makedirs(countDir)
             for k in range(countRuns):
                 started = time.perf_counter()
-                outcome = yield server.run("count%d" % k, countDir, {"service": "count", "data": 0}, lambda p: None).done
+                outcome = yield backend.run("count%d" % k, countDir, {"service": "count", "data": 0}, lambda p: None).done
                 figures["count"].append(time.perf_counter() - started)
                 if outcome["status"] != "COMPLETE":
-                    raise RuntimeError("count through the fork server failed: %r" % (outcome,))
-            figures["rss"], figures["pss"] = memoryOf(server.pid)
+                    raise RuntimeError("count through the fork backend failed: %r" % (outcome,))
+            figures["rss"], figures["pss"] = memoryOf(backend.pid)
         finally:
-            yield server.stop()
+            yield backend.stop()
             shutil.rmtree(base, ignore_errors=True)
         print(json.dumps(figures))
 

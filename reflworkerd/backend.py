@@ -6,7 +6,7 @@ gives back progress events and one outcome (``outcome``). It is a
 `service.IService` child of the worker, so the service tree starts it before
 the poller asks for work and stops it after the poller has drained.
 
-``local`` (`local.ForkServer`) forks each fit from a preloaded fork host on
+``local`` (`local.LocalBackend`) forks each fit from a preloaded fork host on
 this machine; its fits end with the worker. ``slurm`` (`slurm.SlurmBackend`)
 submits each fit as a Slurm batch job that runs the same fork host on a
 compute node; its fits outlive the worker, which adopts them again when it

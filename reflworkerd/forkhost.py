@@ -1,6 +1,6 @@
 """The fork host: the process that preloads refl1d once and forks each fit.
 
-Run by the worker's fork server (``local.ForkServer``) as ``python -m
+Run by the worker's local backend (``local.LocalBackend``) as ``python -m
 reflworkerd.forkhost``, speaking the line protocol of ``wire`` on fds 3 and
 4. A plain ``poll`` loop, no reactor, so that forks start from a quiet,
 single-threaded process.

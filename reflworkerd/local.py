@@ -1,6 +1,6 @@
 """The ``local`` backend: fits forked from a preloaded fork host on this machine.
 
-``ForkServer`` is a `service.Service` child of the worker (as
+``LocalBackend`` is a `service.Service` child of the worker (as
 ``procmon.ProcessMonitor`` is): started and stopped by the service tree, it
 spawns the fork host (``python -m reflworkerd.forkhost``) with
 ``reactor.spawnProcess``, speaks ``wire`` to it, restarts it when it dies, and
@@ -37,7 +37,7 @@ def fitEnvironment(env=None):
 
 
 class ForkHostProtocol(protocol.ProcessProtocol):
-    """Translate the fork host's pipes into calls on its `ForkServer`; nothing more."""
+    """Translate the fork host's pipes into calls on its `LocalBackend`; nothing more."""
 
     _log = Logger()
 
@@ -65,7 +65,7 @@ class ForkHostProtocol(protocol.ProcessProtocol):
         self.owner.hostEnded(self, reason)
 
 
-class ForkServer(service.Service):
+class LocalBackend(service.Service):
     """The ``local`` backend: the worker's supervisor of its fork host process.
 
     ``sandboxMode`` is what ``sandbox.choose`` returned (once, at the

@@ -1,5 +1,5 @@
 """One fit of the ``local`` backend: `FitRun`, the policy of a fit forked by
-the fork server (``local.ForkServer``).
+the local backend (``local.LocalBackend``).
 
 A `FitRun` owns the wall-clock limit, cancel (TERM the fit's process group,
 KILL after a grace period on the injected clock), and the one outcome it

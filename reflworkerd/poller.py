@@ -40,7 +40,7 @@ MIN_PROGRESS_INTERVAL = 0.1
 class Poller(service.Service):
     """Keeps up to ``slots`` leased fits running, and delivers what they leave.
 
-    ``backend`` is where fits run (`backend.IBackend`, e.g. `local.ForkServer`);
+    ``backend`` is where fits run (`backend.IBackend`, e.g. `local.LocalBackend`);
     a sibling in the service tree, started before and stopped after this;
     ``client`` a `ServerClient`. ``drain`` says what stopping does with the
     fits in hand: ``finish`` them (and deliver), or ``release`` them to the

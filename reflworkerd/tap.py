@@ -302,7 +302,7 @@ def makeService(config, reactor=None, onFatal=None):
     from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
     from treq.client import HTTPClient
 
-    from reflworkerd.local import ForkServer
+    from reflworkerd.local import LocalBackend
     from reflworkerd.poller import Poller
     from reflworkerd.serverclient import ServerClient
 
@@ -321,7 +321,7 @@ def makeService(config, reactor=None, onFatal=None):
                                sandboxMode=config["sandbox-effective"], limits=config["limits"],
                                checkpointEvery=config["checkpoint-every"], pollInterval=config["slurm-poll"])
     else:
-        backend = ForkServer(reactor, sandboxMode=config["sandbox-effective"], limits=config["limits"],
+        backend = LocalBackend(reactor, sandboxMode=config["sandbox-effective"], limits=config["limits"],
                              checkpointEvery=config["checkpoint-every"])
 
     def fatal(why):

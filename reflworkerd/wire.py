@@ -1,4 +1,4 @@
-"""The wire between the fork server (``local.ForkServer``, in the worker's
+"""The wire between the local backend (``local.LocalBackend``, in the worker's
 reactor) and the fork host process (``forkhost``), shared by both sides.
 
 JSON lines on two extra pipes of the fork host: fd 3 carries commands from the

@@ -1,4 +1,4 @@
-"""The fork server, for real: a preloaded server process, forked fits, real signals.
+"""The fork server, for real: a preloaded fork host process, forked fits, real signals.
 
 Each test starts its own fork server (a real ``python -m reflworkerd.forkhost``
 spawned by the reactor) and stops it; the fits are the nickel film of
@@ -19,7 +19,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from reflworkerd import sandbox
-from reflworkerd.local import ForkServer
+from reflworkerd.local import LocalBackend
 from test.support import sessionGenerations
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -46,7 +46,7 @@ def exampleData():
 SLOW_DREAM = {"fit": "dream", "samples": 10**7, "burn": 10**5, "seed": 1}
 
 
-class ForkServerTestCase(unittest.TestCase):
+class LocalBackendTestCase(unittest.TestCase):
     timeout = 180
 
     def setUp(self):
@@ -71,10 +71,10 @@ class ForkServerTestCase(unittest.TestCase):
 
     @defer.inlineCallbacks
     def startServer(self, **kw):
-        server = ForkServer(reactor, python=PYTHON, env=dict(os.environ), **kw)
-        self.addCleanup(server.stop)
-        yield server.start()
-        return server
+        backend = LocalBackend(reactor, python=PYTHON, env=dict(os.environ), **kw)
+        self.addCleanup(backend.stop)
+        yield backend.start()
+        return backend
 
     def firstProgress(self, progressList):
         """A Deferred that fires with the first progress message, and a callback that feeds it."""
@@ -113,16 +113,16 @@ def readPar(path):
     return values
 
 
-class FitTests(ForkServerTestCase):
+class FitTests(LocalBackendTestCase):
     @defer.inlineCallbacks
     def test_nickelFilmLMMatchesRefl1dBatch(self):
         """The LM fit of the nickel film through the fork server completes with χ² ≈ 1 and
         thickness ≈ 100 Å, reports progress, and its best parameters and exported files are
         those of a real ``refl1d --batch`` of the same model and data."""
-        server = yield self.startServer()
+        backend = yield self.startServer()
         jobDir = self.makeJob()
         progress = []
-        fitRun = server.run(1, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": {"fit": "lm"}}}, progress.append)
+        fitRun = backend.run(1, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": {"fit": "lm"}}}, progress.append)
         outcome = yield fitRun.done
         self.assertEqual(outcome["status"], "COMPLETE", outcome)
         result = outcome["result"]
@@ -168,9 +168,9 @@ class FitTests(ForkServerTestCase):
             sandbox.choose("namespaces")
         except sandbox.SandboxUnavailable as exc:
             raise unittest.SkipTest(str(exc))
-        server = yield self.startServer(sandboxMode="namespaces")
+        backend = yield self.startServer(sandboxMode="namespaces")
         jobDir = self.makeJob()
-        outcome = yield server.run(1, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": {"fit": "lm", "seed": 2}}}, lambda p: None).done
+        outcome = yield backend.run(1, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": {"fit": "lm", "seed": 2}}}, lambda p: None).done
         self.assertEqual(outcome["status"], "COMPLETE", outcome)
         self.assertTrue(outcome["confinement"].startswith("namespaces("), outcome["confinement"])
         self.assertNear(outcome["result"]["parameters"]["Ni thickness"]["value"], 100.0, 1.0)
@@ -180,7 +180,7 @@ class FitTests(ForkServerTestCase):
     def test_dreamWithSeedIsBitIdentical(self):
         """Two DREAM fits with the same seed give identical results, parameter files and
         uncertainty reports, byte for byte (numpy and numba both seeded)."""
-        server = yield self.startServer()
+        backend = yield self.startServer()
         request = {
             "service": "refl1d",
             "data": {"model": "nifilm.py", "options": {"fit": "dream", "samples": 2000, "burn": 20, "seed": 4321}},
@@ -188,7 +188,7 @@ class FitTests(ForkServerTestCase):
         outcomes, dirs = [], []
         for jobId in (1, 2):
             jobDir = self.makeJob()
-            outcome = yield server.run(jobId, jobDir, request, lambda p: None).done
+            outcome = yield backend.run(jobId, jobDir, request, lambda p: None).done
             self.assertEqual(outcome["status"], "COMPLETE", outcome)
             outcomes.append(outcome["result"])
             dirs.append(jobDir)
@@ -204,10 +204,10 @@ class FitTests(ForkServerTestCase):
     @defer.inlineCallbacks
     def test_jobWithoutSeedGetsOneRecorded(self):
         """A job that names no seed gets one drawn by the worker, recorded in its result."""
-        server = yield self.startServer()
+        backend = yield self.startServer()
         seeds = []
         for jobId in (1, 2):
-            outcome = yield server.run(
+            outcome = yield backend.run(
                 jobId, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": {"fit": "lm"}}}, lambda p: None
             ).done
             self.assertEqual(outcome["status"], "COMPLETE", outcome)
@@ -259,7 +259,7 @@ PARALLEL_DREAM = {"fit": "dream", "samples": 2000, "burn": 20, "seed": 4321}
 PARALLEL_UID = 61710
 
 
-class ParallelTests(ForkServerTestCase):
+class ParallelTests(LocalBackendTestCase):
     """``parallel: N`` evaluates the model in N processes of bumps' own mapper,
     inside the fit's confinement, and gives the seeded fit the same answer."""
 
@@ -274,10 +274,10 @@ class ParallelTests(ForkServerTestCase):
                 for name in os.listdir(jobDir) if name.startswith("evaluations-")}
 
     @defer.inlineCallbacks
-    def fit(self, server, jobId, parallel, uid=None):
+    def fit(self, backend, jobId, parallel, uid=None):
         jobDir = self.countedJob()
         options = dict(PARALLEL_DREAM, parallel=parallel)
-        outcome = yield server.run(jobId, jobDir, {"service": "refl1d", "data": {"model": "model.py", "options": options}},
+        outcome = yield backend.run(jobId, jobDir, {"service": "refl1d", "data": {"model": "model.py", "options": options}},
                                    lambda p: None, uid=uid).done
         self.assertEqual(outcome["status"], "COMPLETE", outcome)
         self.assertEqual(outcome["result"]["parallel"], parallel)
@@ -293,9 +293,9 @@ class ParallelTests(ForkServerTestCase):
             sandbox.choose("namespaces")
         except sandbox.SandboxUnavailable as exc:
             raise unittest.SkipTest(str(exc))
-        server = yield self.startServer(sandboxMode="namespaces", limits={"nproc": 64})
-        serial, serialDir = yield self.fit(server, 1, 1, uid=PARALLEL_UID)
-        parallel, parallelDir = yield self.fit(server, 2, 2, uid=PARALLEL_UID)
+        backend = yield self.startServer(sandboxMode="namespaces", limits={"nproc": 64})
+        serial, serialDir = yield self.fit(backend, 1, 1, uid=PARALLEL_UID)
+        parallel, parallelDir = yield self.fit(backend, 2, 2, uid=PARALLEL_UID)
         self.assertTrue(parallel["confinement"].startswith("namespaces("), parallel["confinement"])
         self.assertIn("nproc=64", parallel["confinement"])
         self.assertEqual(self.evaluations(serialDir), {})
@@ -317,15 +317,15 @@ class ParallelTests(ForkServerTestCase):
         runs too: two evaluating processes. A model bumps cannot copy to them
         (cloudpickle) ends ERROR saying so, where bumps would quietly evaluate it in
         one process."""
-        server = yield self.startServer(sandboxMode="none")
-        outcome, jobDir = yield self.fit(server, 1, 2)
+        backend = yield self.startServer(sandboxMode="none")
+        outcome, jobDir = yield self.fit(backend, 1, 2)
         evaluations = self.evaluations(jobDir)
         self.assertEqual(len(evaluations), 2, evaluations)
         self.assertTrue(all(count > 100 for count in evaluations.values()), evaluations)
         jobDir = self.makeJob(modelText=UNCOPYABLE_MODEL, modelName="model.py")
         shutil.copy(NIFILM, os.path.join(jobDir, "nifilm-model.py"))
         options = dict(PARALLEL_DREAM, parallel=2)
-        outcome = yield server.run(2, jobDir, {"service": "refl1d", "data": {"model": "model.py", "options": options}},
+        outcome = yield backend.run(2, jobDir, {"service": "refl1d", "data": {"model": "model.py", "options": options}},
                                    lambda p: None).done
         self.assertEqual(outcome["status"], "ERROR")
         self.assertIn("option parallel=2: the model cannot be copied to other processes (cloudpickle:",
@@ -342,17 +342,17 @@ exec(open("nifilm-model.py").read())
 """
 
 
-class CancelTests(ForkServerTestCase):
+class CancelTests(LocalBackendTestCase):
     @defer.inlineCallbacks
     def test_cancelRunningDreamEndsCancelAndGroupGone(self):
         """Cancelling a running DREAM fit ends it CANCEL, and its whole process group,
         including a process the model itself started, is gone when ``done`` fires."""
-        server = yield self.startServer()
+        backend = yield self.startServer()
         jobDir = self.makeJob(modelText=STRAY_MODEL, modelName="model.py")
         shutil.copy(NIFILM, os.path.join(jobDir, "nifilm-model.py"))
         progress = []
         first, onProgress = self.firstProgress(progress)
-        fitRun = server.run(1, jobDir, {"service": "refl1d", "data": {"model": "model.py", "options": SLOW_DREAM}}, onProgress)
+        fitRun = backend.run(1, jobDir, {"service": "refl1d", "data": {"model": "model.py", "options": SLOW_DREAM}}, onProgress)
         yield first
         with open(os.path.join(jobDir, "stray.pid")) as f:
             stray = int(f.read())
@@ -369,7 +369,7 @@ class CancelTests(ForkServerTestCase):
         """A long fit checkpoints its session file every ``checkpointEvery`` seconds and says so;
         after it is cancelled (once a checkpoint holds two generations), a retry in the same job directory with ``resume`` goes on from
         the checkpoint (its first step is past the first) and completes."""
-        server = yield self.startServer(checkpointEvery=1)
+        backend = yield self.startServer(checkpointEvery=1)
         jobDir = self.makeJob()
         checkpoints = []
         enough = defer.Deferred()
@@ -381,7 +381,7 @@ class CancelTests(ForkServerTestCase):
             if not enough.called and sessionGenerations(os.path.join(jobDir, path)) >= 2:
                 enough.callback(None)
 
-        fitRun = server.run(1, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": SLOW_DREAM}},
+        fitRun = backend.run(1, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": SLOW_DREAM}},
                             lambda p: None, onCheckpoint=onCheckpoint)
         yield enough
         fitRun.cancel()
@@ -395,7 +395,7 @@ class CancelTests(ForkServerTestCase):
         # More samples than the checkpoint holds, however long the first run took,
         # so that the resumed fit has generations left to run and report.
         options = {"fit": "dream", "samples": 20000, "burn": 0, "seed": 1, "resume": True}
-        outcome = yield server.run(2, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": options}}, progress.append).done
+        outcome = yield backend.run(2, jobDir, {"service": "refl1d", "data": {"model": "nifilm.py", "options": options}}, progress.append).done
         self.assertEqual(outcome["status"], "COMPLETE", outcome)
         self.assertGreater(progress[0]["step"], 1)
         self.assertNear(outcome["result"]["parameters"]["Ni thickness"]["value"], 100.0, 5.0)
@@ -403,8 +403,8 @@ class CancelTests(ForkServerTestCase):
     @defer.inlineCallbacks
     def test_wallClockLimitEndsError(self):
         """A fit that outlives the wall-clock limit is ended and its job is an ERROR saying so."""
-        server = yield self.startServer(limits={"wall": 1})
-        fitRun = server.run(1, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": SLOW_DREAM}}, lambda p: None)
+        backend = yield self.startServer(limits={"wall": 1})
+        fitRun = backend.run(1, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": SLOW_DREAM}}, lambda p: None)
         outcome = yield fitRun.done
         self.assertEqual(outcome["status"], "ERROR")
         self.assertEqual(outcome["error"], "wall-clock limit of 1 s exceeded")
@@ -413,8 +413,8 @@ class CancelTests(ForkServerTestCase):
     @defer.inlineCallbacks
     def test_cpuLimitEndsErrorSayingSo(self):
         """A model that spins past the CPU-seconds limit is killed and its job is an ERROR naming the limit."""
-        server = yield self.startServer(limits={"cpu": 1})
-        fitRun = server.run(1, self.makeJob(modelText="while True:\n    pass\n", modelName="spin.py", data=False),
+        backend = yield self.startServer(limits={"cpu": 1})
+        fitRun = backend.run(1, self.makeJob(modelText="while True:\n    pass\n", modelName="spin.py", data=False),
                             {"service": "refl1d", "data": {"model": "spin.py", "options": {"fit": "lm"}}}, lambda p: None)
         outcome = yield fitRun.done
         self.assertEqual(outcome["status"], "ERROR")
@@ -424,9 +424,9 @@ class CancelTests(ForkServerTestCase):
     def test_memoryLimitEndsErrorSayingSo(self):
         """A model that allocates past the memory limit ends ERROR naming the limit."""
         limit = 2 * 1024**3
-        server = yield self.startServer(limits={"memory": limit})
+        backend = yield self.startServer(limits={"memory": limit})
         model = "import numpy\nbig = numpy.ones(4 * 1024**3 // 8)\n"
-        fitRun = server.run(1, self.makeJob(modelText=model, modelName="big.py", data=False),
+        fitRun = backend.run(1, self.makeJob(modelText=model, modelName="big.py", data=False),
                             {"service": "refl1d", "data": {"model": "big.py", "options": {"fit": "lm"}}}, lambda p: None)
         outcome = yield fitRun.done
         self.assertEqual(outcome["status"], "ERROR")
@@ -479,14 +479,14 @@ raise SystemExit("flooded %d pipe(s)" % len(pipes))
 """
 
 
-class ErrorTests(ForkServerTestCase):
+class ErrorTests(LocalBackendTestCase):
     @defer.inlineCallbacks
     def test_floodedMessagesAreThinnedToTheLatest(self):
         """A model that floods its message pipe with 100000 progress lines (and garbage) reaches
         the worker as a few messages, the last one written among them; the job still ends."""
-        server = yield self.startServer()
+        backend = yield self.startServer()
         progress = []
-        outcome = yield server.run(1, self.makeJob(modelText=FLOOD_MODEL, modelName="flood.py", data=False),
+        outcome = yield backend.run(1, self.makeJob(modelText=FLOOD_MODEL, modelName="flood.py", data=False),
                                    {"service": "refl1d", "data": {"model": "flood.py", "options": {"fit": "lm"}}}, progress.append).done
         self.assertEqual(outcome["status"], "ERROR")
         self.assertEqual(outcome["error"], "SystemExit: flooded 1 pipe(s)")
@@ -497,8 +497,8 @@ class ErrorTests(ForkServerTestCase):
     def test_modelThatRaisesGivesItsTraceback(self):
         """A model script that raises while loading ends ERROR with its own message and a
         traceback that starts in the model (no worker, asyncio or bumps batch frames)."""
-        server = yield self.startServer()
-        fitRun = server.run(1, self.makeJob(modelText=RAISING_MODEL, modelName="bad.py", data=False),
+        backend = yield self.startServer()
+        fitRun = backend.run(1, self.makeJob(modelText=RAISING_MODEL, modelName="bad.py", data=False),
                             {"service": "refl1d", "data": {"model": "bad.py", "options": {"fit": "lm"}}}, lambda p: None)
         outcome = yield fitRun.done
         self.assertEqual(outcome["status"], "ERROR")
@@ -514,8 +514,8 @@ class ErrorTests(ForkServerTestCase):
     def test_modelThatRaisesDuringTheFitGivesItsTraceback(self):
         """A model that raises inside the fit (bumps' fit thread) ends ERROR with that exception
         and a traceback ending in the model's function."""
-        server = yield self.startServer()
-        fitRun = server.run(1, self.makeJob(modelText=RAISING_DURING_FIT_MODEL, modelName="curve.py", data=False),
+        backend = yield self.startServer()
+        fitRun = backend.run(1, self.makeJob(modelText=RAISING_DURING_FIT_MODEL, modelName="curve.py", data=False),
                             {"service": "refl1d", "data": {"model": "curve.py", "options": {"fit": "lm"}}}, lambda p: None)
         outcome = yield fitRun.done
         self.assertEqual(outcome["status"], "ERROR", outcome)
@@ -527,9 +527,9 @@ class ErrorTests(ForkServerTestCase):
     def test_modelThatExitsDuringTheFitEndsError(self):
         """A model that calls sys.exit inside the fit (which bumps' fit thread does not catch)
         ends ERROR with that exit instead of leaving the batch loop waiting."""
-        server = yield self.startServer()
+        backend = yield self.startServer()
         model = RAISING_DURING_FIT_MODEL.replace("ERROR = RuntimeError", "ERROR = SystemExit")
-        fitRun = server.run(1, self.makeJob(modelText=model, modelName="curve.py", data=False),
+        fitRun = backend.run(1, self.makeJob(modelText=model, modelName="curve.py", data=False),
                             {"service": "refl1d", "data": {"model": "curve.py", "options": {"fit": "lm"}}}, lambda p: None)
         outcome = yield fitRun.done
         self.assertEqual(outcome["status"], "ERROR", outcome)
@@ -539,8 +539,8 @@ class ErrorTests(ForkServerTestCase):
     @defer.inlineCallbacks
     def test_unknownServiceNamesTheOfferedOnes(self):
         """A job asking for a service the worker does not offer ends ERROR naming the ones it offers."""
-        server = yield self.startServer()
-        outcome = yield server.run(1, self.makeJob(model=None, data=False), {"service": "fitter", "data": {}}, lambda p: None).done
+        backend = yield self.startServer()
+        outcome = yield backend.run(1, self.makeJob(model=None, data=False), {"service": "fitter", "data": {}}, lambda p: None).done
         self.assertEqual(outcome["status"], "ERROR")
         self.assertEqual(outcome["error"], "unknown service 'fitter': this worker offers count, refl1d")
         self.assertIsNone(outcome["trace"])
@@ -548,8 +548,8 @@ class ErrorTests(ForkServerTestCase):
     @defer.inlineCallbacks
     def test_unknownFitOptionIsRefused(self):
         """A misspelt fit option is refused with an error naming it, before any fitting."""
-        server = yield self.startServer()
-        outcome = yield server.run(
+        backend = yield self.startServer()
+        outcome = yield backend.run(
             1, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": {"fit": "dream", "sampels": 10}}}, lambda p: None
         ).done
         self.assertEqual(outcome["status"], "ERROR")
@@ -558,52 +558,52 @@ class ErrorTests(ForkServerTestCase):
     @defer.inlineCallbacks
     def test_countServiceCounts(self):
         """The count service (the old jobqueue test service) counts to its data and returns it."""
-        server = yield self.startServer()
-        outcome = yield server.run(1, self.makeJob(model=None, data=False), {"service": "count", "data": "2500"}, lambda p: None).done
+        backend = yield self.startServer()
+        outcome = yield backend.run(1, self.makeJob(model=None, data=False), {"service": "count", "data": "2500"}, lambda p: None).done
         self.assertEqual(outcome["status"], "COMPLETE")
         self.assertEqual(outcome["result"], 2500)
 
 
-class RestartTests(ForkServerTestCase):
+class RestartTests(LocalBackendTestCase):
     @defer.inlineCallbacks
-    def test_killedForkServerRestartsAndOnlyItsJobFails(self):
+    def test_killedForkHostRestartsAndOnlyItsJobFails(self):
         """Killing the fork server fails only the fit that was in it (its process group gone);
-        a new server is started and a job given afterwards completes."""
-        server = yield self.startServer(restartDelay=0.1)
+        a new fork host is started and a job given afterwards completes."""
+        backend = yield self.startServer(restartDelay=0.1)
         progress = []
         first, onProgress = self.firstProgress(progress)
-        running = server.run(1, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": SLOW_DREAM}}, onProgress)
+        running = backend.run(1, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": SLOW_DREAM}}, onProgress)
         yield first
-        oldPid = server.pid
+        oldPid = backend.pid
         os.kill(oldPid, signal.SIGKILL)
         outcome = yield running.done
         self.assertEqual(outcome["status"], "ERROR")
         self.assertIn("the fork server ended (killed by SIGKILL)", outcome["error"])
         self.assertGroupGone(running.pid)
 
-        later = server.run(2, self.makeJob(model=None, data=False), {"service": "count", "data": 10}, lambda p: None)
+        later = backend.run(2, self.makeJob(model=None, data=False), {"service": "count", "data": 10}, lambda p: None)
         outcome = yield later.done
         self.assertEqual(outcome["status"], "COMPLETE")
         self.assertEqual(outcome["result"], 10)
-        self.assertNotEqual(server.pid, oldPid)
+        self.assertNotEqual(backend.pid, oldPid)
 
     @defer.inlineCallbacks
-    def test_stopEndsTheServerAndItsFits(self):
-        """``stop`` ends the server process and the fit running in it (ERROR, saying the worker
+    def test_stopEndsTheForkHostAndItsFits(self):
+        """``stop`` ends the fork host process and the fit running in it (ERROR, saying the worker
         stopped, its process group gone); nothing is left of either."""
-        server = ForkServer(reactor, python=PYTHON, env=dict(os.environ))
-        yield server.start()
-        pid = server.pid
+        backend = LocalBackend(reactor, python=PYTHON, env=dict(os.environ))
+        yield backend.start()
+        pid = backend.pid
         progress = []
         first, onProgress = self.firstProgress(progress)
-        running = server.run(1, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": SLOW_DREAM}}, onProgress)
+        running = backend.run(1, self.makeJob(), {"service": "refl1d", "data": {"model": "nifilm.py", "options": SLOW_DREAM}}, onProgress)
         yield first
-        yield server.stop()
+        yield backend.stop()
         outcome = yield running.done
         self.assertEqual(outcome["status"], "ERROR")
         self.assertEqual(outcome["error"], "the worker stopped while this fit ran")
         self.assertGroupGone(running.pid)
-        self.assertIsNone(server.pid)
+        self.assertIsNone(backend.pid)
         self.assertProcessGone(pid)
 
 
@@ -631,7 +631,7 @@ class FakeServerProcess:
 
 
 class FakeProcessReactor(Clock):
-    """A clock that also spawns fake processes, for the worker-side logic of ForkServer."""
+    """A clock that also spawns fake processes, for the worker-side logic of LocalBackend."""
 
     def __init__(self):
         Clock.__init__(self)
@@ -648,8 +648,8 @@ def event(proto, **fields):
     proto.childDataReceived(4, json.dumps(fields).encode() + b"\n")
 
 
-class ForkServerLogicTests(unittest.SynchronousTestCase):
-    """ForkServer's own policy (timers, signals, restarts), on a fake process and a Clock."""
+class LocalBackendLogicTests(unittest.SynchronousTestCase):
+    """LocalBackend's own policy (timers, signals, restarts), on a fake process and a Clock."""
 
     def setUp(self):
         self.reactor = FakeProcessReactor()
@@ -658,8 +658,8 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
 
     def startedServer(self, **kw):
         kw.setdefault("inThread", lambda f, *args: defer.maybeDeferred(f, *args))
-        server = ForkServer(self.reactor, python="/usr/bin/python3", env={"PATH": "/usr/bin"}, **kw)
-        started = server.start()
+        backend = LocalBackend(self.reactor, python="/usr/bin/python3", env={"PATH": "/usr/bin"}, **kw)
+        started = backend.start()
         proto, process, args, env, childFDs = self.reactor.spawned[-1]
         self.assertEqual(args, ["/usr/bin/python3", "-m", "reflworkerd.forkhost"])
         self.assertEqual(childFDs, {0: "w", 1: "r", 2: "r", 3: "w", 4: "r"})
@@ -668,7 +668,7 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
         self.assertNoResult(started)
         event(proto, event="ready", pid=process.pid, preload=1.0, threads=1)
         self.successResultOf(started)
-        return server, proto, process
+        return backend, proto, process
 
     def test_theSandboxIsTheOneChosenAtStartNotChosenAgain(self):
         """The fork server takes the mode sandbox.choose returned once, at the worker's
@@ -678,17 +678,17 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
         original = sandbox.choose
         sandbox.choose = lambda mode: chosen.append(mode) or mode
         self.addCleanup(setattr, sandbox, "choose", original)
-        server, proto, process = self.startedServer(sandboxMode="namespaces")
-        server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        backend, proto, process = self.startedServer(sandboxMode="namespaces")
+        backend.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
         self.assertEqual((process.commands[0]["sandbox"], chosen), ("namespaces", []))
         with self.assertRaises(ValueError):
-            ForkServer(self.reactor, sandboxMode="auto")
+            LocalBackend(self.reactor, sandboxMode="auto")
 
     def test_cancelSendsTermThenKillAfterGraceOnTheClock(self):
-        """cancel TERMs the fit's group through the server at once and KILLs it when the grace
-        period has passed on the injected clock; the run ends CANCEL when the server reports it gone."""
-        server, proto, process = self.startedServer()
-        fitRun = server.run(7, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        """cancel TERMs the fit's group through the fork host at once and KILLs it when the grace
+        period has passed on the injected clock; the run ends CANCEL when the fork host reports it gone."""
+        backend, proto, process = self.startedServer()
+        fitRun = backend.run(7, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
         [command] = process.commands
         self.assertEqual((command["op"], command["jobId"], command["jobDir"]), ("run", 7, self.jobDir))
         event(proto, event="started", run=command["run"], pid=1234)
@@ -706,8 +706,8 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
     def test_wallClockLimitEndsErrorFromTheParent(self):
         """The wall-clock limit is kept by the worker: when it passes, the fit is TERMed (KILLed after
         the grace) and ends ERROR naming the limit."""
-        server, proto, process = self.startedServer(limits={"wall": 30, "cpu": 100})
-        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        backend, proto, process = self.startedServer(limits={"wall": 30, "cpu": 100})
+        fitRun = backend.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
         command = process.commands[0]
         self.assertEqual(command["limits"], {"cpu": 100})
         event(proto, event="started", run=command["run"], pid=1234)
@@ -723,9 +723,9 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
         """Messages relayed from the child reach onProgress (typed fields only) and the
         run's confinement, in the reactor thread. The confinement is the one the worker
         applies, whatever the child says; a later, forged one changes nothing."""
-        server, proto, process = self.startedServer(limits={"cpu": 10, "wall": 20})
+        backend, proto, process = self.startedServer(limits={"cpu": 10, "wall": 20})
         progress = []
-        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, progress.append)
+        fitRun = backend.run(1, self.jobDir, {"service": "count", "data": 1}, progress.append)
         run = process.commands[0]["run"]
         event(proto, event="started", run=run, pid=1234)
         self.assertEqual(fitRun.confinement, "")
@@ -742,8 +742,8 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
     def test_aForgedOutcomeConfinementIsNotTaken(self):
         """An outcome that claims a confinement (a fit can write any) ends with the
         worker's own description of what it applied."""
-        server, proto, process = self.startedServer()
-        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        backend, proto, process = self.startedServer()
+        fitRun = backend.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
         run = process.commands[0]["run"]
         event(proto, event="started", run=run, pid=1234)
         event(proto, event="message", run=run, message={"type": "confined", "confinement": "x"})
@@ -757,8 +757,8 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
     def test_eventsThatCannotBeHandledDoNotEndTheServer(self):
         """A deep, broken or unexpected event line is dropped; the pipe stays open and
         the next job's events still arrive."""
-        server, proto, process = self.startedServer()
-        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        backend, proto, process = self.startedServer()
+        fitRun = backend.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
         run = process.commands[0]["run"]
         proto.childDataReceived(4, b"[" * 200000 + b"\n")
         event(proto, event="started", run=run, pid="not a pid")
@@ -769,8 +769,8 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
 
     def test_abortEndsTheFitErrorWithItsReason(self):
         """abort TERMs the fit and ends it ERROR saying why, whatever outcome it left."""
-        server, proto, process = self.startedServer()
-        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        backend, proto, process = self.startedServer()
+        fitRun = backend.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
         run = process.commands[0]["run"]
         event(proto, event="started", run=run, pid=1234)
         fitRun.abort("its checkpoint cannot be used: results is a symbolic link")
@@ -782,9 +782,9 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
 
     def test_deathWithoutOutcomeIsDescribed(self):
         """A child that leaves no outcome is described by how it ended: the CPU limit by name, other signals by name."""
-        server, proto, process = self.startedServer(limits={"cpu": 10})
-        first = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
-        second = server.run(2, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        backend, proto, process = self.startedServer(limits={"cpu": 10})
+        first = backend.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        second = backend.run(2, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
         runs = [c["run"] for c in process.commands]
         event(proto, event="exited", run=runs[0], code=None, signal=9, cpu=10.01, leftover=False)
         event(proto, event="exited", run=runs[1], code=None, signal=11, cpu=0.5, leftover=False)
@@ -792,12 +792,12 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
         self.assertEqual(self.successResultOf(second.done)["error"], "the fit process was killed by SIGSEGV without a result")
 
     def test_runsGivenWhileRestartingWaitForTheNewServer(self):
-        """After the server ends it is started again after restartDelay on the clock; a job given
-        meanwhile is sent to the new server once it is ready."""
-        server, proto, process = self.startedServer(restartDelay=2.0)
+        """After the fork host ends it is started again after restartDelay on the clock; a job given
+        meanwhile is sent to the new fork host once it is ready."""
+        backend, proto, process = self.startedServer(restartDelay=2.0)
         proto.processEnded(Failure(ProcessTerminated(exitCode=None, signal=9)))
-        self.assertIsNone(server.pid)
-        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        self.assertIsNone(backend.pid)
+        fitRun = backend.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
         self.assertEqual(len(self.reactor.spawned), 1)
         self.reactor.advance(2.0)
         self.assertEqual(len(self.reactor.spawned), 2)
@@ -808,10 +808,10 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
         self.assertNoResult(fitRun.done)
 
     def test_cancelBeforeSendingEndsAtOnce(self):
-        """A run cancelled before the server got it is never sent and ends CANCEL at once."""
-        server, proto, process = self.startedServer(restartDelay=2.0)
+        """A run cancelled before the fork host got it is never sent and ends CANCEL at once."""
+        backend, proto, process = self.startedServer(restartDelay=2.0)
         proto.processEnded(Failure(ProcessTerminated(exitCode=1)))
-        fitRun = server.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
+        fitRun = backend.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
         fitRun.cancel()
         self.assertEqual(self.successResultOf(fitRun.done)["status"], "CANCEL")
         self.reactor.advance(2.0)
@@ -820,10 +820,10 @@ class ForkServerLogicTests(unittest.SynchronousTestCase):
         self.assertEqual(newProcess.commands, [])
 
     def test_stopClosesTheCommandPipeAndKillsAfterTimeout(self):
-        """stop closes the server's command pipe (it then ends its fits and exits), KILLs it if it
+        """stop closes the fork host's command pipe (it then ends its fits and exits), KILLs it if it
         has not ended after stopTimeout, and fires once it has ended."""
-        server, proto, process = self.startedServer(stopTimeout=10.0)
-        stopped = server.stop()
+        backend, proto, process = self.startedServer(stopTimeout=10.0)
+        stopped = backend.stop()
         self.assertEqual(process.closed, [3])
         self.reactor.advance(10.0)
         self.assertEqual(process.signals, ["KILL"])

@@ -15,7 +15,7 @@ from twisted.python import usage
 
 from reflworkerd import sandbox, tap
 from reflworkerd.jobfiles import RESULT_BYTES_QUOTA, RESULT_FILES_QUOTA
-from reflworkerd.local import ForkServer
+from reflworkerd.local import LocalBackend
 from reflworkerd.poller import Poller
 from reflworkerd.tap import DEFAULT_LIMITS, MAX_UID, SLOT_UID_BASE, Options, WorkerService, makeService
 
@@ -355,7 +355,7 @@ def test_an_infinite_limit_is_a_usage_error(work, option):
 
 def test_the_service_tree(work):
     """makeService: a WorkerService whose children are the backend (the
-    local ForkServer) then the poller that leases fits for it, on the reactor
+    local LocalBackend) then the poller that leases fits for it, on the reactor
     given, with the options passed through; nothing starts or connects."""
     reactor = MemoryReactorClock()
     config = parse(plain(work, "--slots", "3", "--poll-timeout", "12", "--drain", "release",
@@ -365,7 +365,7 @@ def test_the_service_tree(work):
     assert isinstance(top, WorkerService)
     assert [child.name for child in top] == ["backend", "poller"]
     backend, poller = list(top)
-    assert isinstance(backend, ForkServer) and isinstance(poller, Poller)
+    assert isinstance(backend, LocalBackend) and isinstance(poller, Poller)
     assert poller.backend is backend
     assert poller.reactor is reactor and backend._reactor is reactor
     assert (backend.sandboxMode, backend.limits, backend.checkpointEvery) == \
