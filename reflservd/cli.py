@@ -25,9 +25,9 @@ from reflservd.client import (
     DEFAULT_SERVER, FINISHED, Client, ClientError, ServerUnreachable, UnknownJob)
 from reflservd.fitoptions import OPTION_FIELDS, OPTION_NAMES
 from reflservd.format import (
-    displayText, field, fitSteps, formatDuration, formatParameter, lastLine)
+    displayText, field, fitSteps, formatDuration, formatParameter, lastLine, provenanceLines)
 from reflservd.names import LOG_NAMES, readSecret
-from reflservd.reflqoutput import Output, chisqText, progressLine, provenanceLines, runTime, when
+from reflservd.reflqoutput import Output, chisqText, progressLine, runTime, when
 from reflservd.rerun import compare, rerun
 from reflservd.viewer import ViewerUnavailable, view
 
@@ -167,7 +167,7 @@ def cmdStatus(client, args, out):
     if record.get("cachedFrom") is not None:
         lines.append(("cached from", "job %d (the same inputs; no fit ran)" % (record["cachedFrom"],)))
     if getattr(args, "provenance", False):
-        lines += provenanceLines(field(result, "provenance"))
+        lines += provenanceLines(field(result, "provenance"), when)
     lines.append(("page", job.url))
     width = max(len(label) for label, _ in lines)
     for label, value in lines:

@@ -440,8 +440,10 @@ class QueueServer(service.Service):
             checkWorkerFacts(workerFacts)
             digests = yield self.inThread(storedDigests, self.store, jobId)
             request = yield self.inThread(self.readRequest, jobId)
-            result = withProvenance(result, job, request, digests, workerFacts, confinement, self._now())
-        record = self.queue.makeComplete(jobId, lease, self._now(), status, result,
+        now = self._now()
+        if status == Q.COMPLETE and isinstance(result, dict):
+            result = withProvenance(result, job, request, digests, workerFacts, confinement, now)
+        record = self.queue.makeComplete(jobId, lease, now, status, result,
                                          error, trace, confinement, posted)
         if job.legacy:
             self.queue.renewLegacy(job.worker, self._now())
