@@ -92,6 +92,9 @@ def test_a_seeded_fit_has_true_provenance_reruns_bit_identical_and_is_answered_f
     for name in server.api.files(first["id"], kind="result"):
         assert (os.stat(os.path.join(results % (cached["id"],), name)).st_ino
                 == os.stat(os.path.join(results % (first["id"],), name)).st_ino)
+    with urllib.request.urlopen(server.url + "/jobs/%d" % (cached["id"],), timeout=30) as response:
+        page = response.read().decode("utf-8")
+    assert 'id="cached-from"' in page and provenance["inputs"]["nifilm.py"] in page
     code, out, _ = reflq(server, "submit", files["nifilm.py"], *[p for n, p in files.items() if n != "nifilm.py"],
                          "--fit", "lm", "--steps", "200", "--seed", "5", "--no-cache", "--json")
     assert code == 0, out
