@@ -25,7 +25,8 @@ SERVICE_PACKAGES = ("refl1d", "bumps", "numpy", "scipy")
 
 
 def serviceVersions(imported=False):
-    """``{package: version, "python": …, "machine": …}``. With ``imported``
+    """``{package: version, "python", "implementation", "machine",
+    "reflservd"}`` (the runner's code decides how a fit is seeded). With ``imported``
     (in the fit process) each package's own ``__version__``, as the fit saw
     it; else the installed distribution's (the worker daemon does not import
     refl1d). The two agree for an ordinary install; where they do not, the
@@ -44,6 +45,7 @@ def serviceVersions(imported=False):
     versions["python"] = platform.python_version()
     versions["implementation"] = sys.implementation.name
     versions["machine"] = platform.machine()
+    versions["reflservd"] = VERSION
     return versions
 
 
