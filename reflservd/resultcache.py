@@ -48,12 +48,14 @@ INLINE_HASH = 256 * 1024
 
 def cacheable(request):
     """Whether a request's result is determined by its inputs (a refl1d job
-    with a seed, or a deterministic fitter with one start)."""
+    with a seed, or a deterministic fitter with one start). A time limit
+    (option ``time``) makes where the fit stops depend on the machine's speed,
+    and a resume on a checkpoint: neither is determined."""
     data = request.get("data") if isinstance(request, dict) else None
     if request.get("service", "refl1d") != "refl1d" or not isinstance(data, dict):
         return False
     options = data.get("options") or {}
-    if not isinstance(options, dict) or options.get("resume"):
+    if not isinstance(options, dict) or options.get("resume") or options.get("time"):
         return False
     if options.get("seed"):
         return True

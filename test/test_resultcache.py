@@ -59,7 +59,8 @@ def runToCompletion(server, clock, request, versions=VERSIONS, worker="w1"):
 
 def test_determined_requests_are_those_with_a_seed_or_a_deterministic_fitter():
     """A seed determines any fitter; lm, newton and amoeba (refl1d's default) need
-    none with one start; DREAM, DE, several starts, a resume, the count service do not qualify."""
+    none with one start; DREAM, DE, several starts, a resume, a time limit, the
+    count service do not qualify."""
     assert cacheable(fitRequest({"fit": "lm"}))
     assert cacheable(fitRequest({}))
     assert cacheable(fitRequest({"fit": "newton", "starts": 1}))
@@ -68,6 +69,7 @@ def test_determined_requests_are_those_with_a_seed_or_a_deterministic_fitter():
     assert not cacheable(fitRequest({"fit": "de"}))
     assert not cacheable(fitRequest({"fit": "amoeba", "starts": 5}))
     assert not cacheable(fitRequest({"fit": "lm", "seed": 3, "resume": True}))
+    assert not cacheable(fitRequest({"fit": "lm", "seed": 3, "time": 0.5}))
     assert not cacheable({"name": "c", "notify": "", "service": "count", "data": 3})
 
 
