@@ -109,9 +109,10 @@ def test_a_seeded_fit_has_true_provenance_reruns_bit_identical_and_is_answered_f
     assert code == 2 and "--trust" in err, err
     port = freePort()
     env = dict(childEnvironment(), REFLQ_SERVER=server.url)
-    viewer = subprocess.Popen([sys.executable, "-m", "reflservd.cli", "view", str(rerunId), "--no-browser",
-                               "--port", str(port)], env=env, cwd=ROOT, start_new_session=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with open(tmp_path / "view.log", "wb") as log:
+        viewer = subprocess.Popen([sys.executable, "-m", "reflservd.cli", "view", str(rerunId), "--no-browser",
+                                   "--port", str(port)], env=env, cwd=ROOT, start_new_session=True,
+                                  stdout=log, stderr=subprocess.STDOUT)
     try:
         labels = answers("http://localhost:%d/get_parameter_labels" % (port,), timeout=120)
         assert "Ni thickness" in labels, labels
