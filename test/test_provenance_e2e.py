@@ -25,14 +25,15 @@ def sha256File(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def answers(url, timeout):
-    """The body of ``url`` once it answers 200 (bounded)."""
+def answers(url, process, log, timeout):
+    """The body of ``url`` once it answers 200, while ``process`` serves it (bounded)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
                 return response.read().decode("utf-8")
         except OSError:
+            assert process.poll() is None, "the viewer ended: %s" % (log.read_text(errors="replace"),)
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.2)
@@ -114,7 +115,8 @@ def test_a_seeded_fit_has_true_provenance_reruns_bit_identical_and_is_answered_f
                                    "--port", str(port)], env=env, cwd=ROOT, start_new_session=True,
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
-        labels = answers("http://localhost:%d/get_parameter_labels" % (port,), timeout=120)
+        labels = answers("http://localhost:%d/get_parameter_labels" % (port,), viewer, tmp_path / "view.log",
+                         timeout=120)
         assert "Ni thickness" in labels, labels
     finally:
         os.killpg(viewer.pid, signal.SIGTERM)
