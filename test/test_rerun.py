@@ -44,3 +44,14 @@ def test_a_last_digit_or_a_byte_differs(tmp_path):
     assert differences[0].startswith("result parameters:")
     assert "result file extra.dat: only in job 2" in differences
     assert "result file plot.png: other bytes" in differences
+
+
+def test_serialized_models_are_compared_but_for_their_random_parameter_ids(tmp_path):
+    """bumps draws a uuid for every parameter each time it loads a model: the
+    ids are renumbered by first appearance; any other change is a difference."""
+    first = b'{"a": {"id": "481e", "v": 1.5}, "b": {"id": "ecc0"}, "c": {"id": "481e"}}'
+    second = b'{"a": {"id": "8c25", "v": 1.5}, "b": {"id": "306c"}, "c": {"id": "8c25"}}'
+    crossed = b'{"a": {"id": "8c25", "v": 1.5}, "b": {"id": "306c"}, "c": {"id": "306c"}}'
+    old = StoredJob(1, RESULT, {"nifilm.json": first})
+    assert compare(old, StoredJob(2, RESULT, {"nifilm.json": second}), str(tmp_path / "a"))[0]
+    assert not compare(old, StoredJob(3, RESULT, {"nifilm.json": crossed}), str(tmp_path / "b"))[0]
