@@ -81,7 +81,7 @@ def test_a_seeded_fit_has_true_provenance_reruns_bit_identical_and_is_answered_f
     assert code == 0 and provenance["inputs"]["nifilm.py"] in out and "refl1d 1." in out, out
 
     code, out, err = reflq(server, "rerun", str(first["id"]))
-    assert code == 0 and "is bit-identical to job %d" % (first["id"],) in out, (out, err)
+    assert code == 0 and "is bit-identical to job %d" % (first["id"],) in out, out + err
     rerunId = first["id"] + 1
     assert server.api.job(rerunId)["attempts"] == 1, "the rerun ran, not answered from the cache"
 

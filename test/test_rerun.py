@@ -49,9 +49,12 @@ def test_a_last_digit_or_a_byte_differs(tmp_path):
 def test_serialized_models_are_compared_but_for_their_random_parameter_ids(tmp_path):
     """bumps draws a uuid for every parameter each time it loads a model: the
     ids are renumbered by first appearance; any other change is a difference."""
-    first = b'{"a": {"id": "481e", "v": 1.5}, "b": {"id": "ecc0"}, "c": {"id": "481e"}}'
-    second = b'{"a": {"id": "8c25", "v": 1.5}, "b": {"id": "306c"}, "c": {"id": "8c25"}}'
-    crossed = b'{"a": {"id": "8c25", "v": 1.5}, "b": {"id": "306c"}, "c": {"id": "306c"}}'
+    x, y = "481ec714-f9a8-4525-9502-bc7b1420f2ba", "ecc06a60-e761-4fbc-8be9-122c6027db01"
+    u, v = "8c25ad5c-7979-4ae1-9ee2-39705ed41426", "306c8d66-c5e4-4bf5-8a2f-4947d6577e92"
+    model = '{"a": {"id": "%s", "v": 1.5}, "b": {"id": "%s"}, "references": {"%s": {"id": "%s"}}}'
+    first = (model % (x, y, x, x)).encode()
+    second = (model % (u, v, u, u)).encode()
+    crossed = (model % (u, v, v, v)).encode()
     old = StoredJob(1, RESULT, {"nifilm.json": first})
     assert compare(old, StoredJob(2, RESULT, {"nifilm.json": second}), str(tmp_path / "a"))[0]
     assert not compare(old, StoredJob(3, RESULT, {"nifilm.json": crossed}), str(tmp_path / "b"))[0]
