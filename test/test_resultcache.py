@@ -158,16 +158,20 @@ def test_the_cache_answers_only_for_the_versions_of_todays_workers(tmp_path):
     assert result(server.submit(fitRequest({"fit": "lm"}), files(), "x"))[0].status == "PENDING"
 
 
-def test_a_deleted_job_is_not_served_and_the_cache_survives_a_restart(tmp_path):
-    """After a restart (the journal replayed) the cached job is still COMPLETE
-    with its result, and the earlier job still answers; once it and the job
-    answered from it are deleted, the same inputs run."""
+@pytest.mark.parametrize("snapshotEvery", [100_000, 2], ids=["replayed", "from a snapshot"])
+def test_a_deleted_job_is_not_served_and_the_cache_survives_a_restart(tmp_path, snapshotEvery):
+    """After a restart (the journal replayed, or a snapshot loaded) the cached
+    job is still COMPLETE with its result, and the earlier job still answers;
+    once it and the jobs answered from it are deleted, the same inputs run."""
     clock = Clock()
-    server = makeServer(tmp_path, clock)
+    server = makeServer(tmp_path, clock, snapshotEvery=snapshotEvery)
     first = runToCompletion(server, clock, fitRequest({"fit": "lm", "seed": 5}))
     cached = result(server.submit(fitRequest({"fit": "lm", "seed": 5}), files(), "x"))[0]
     result(server.stopService())
-    server = makeServer(tmp_path, clock)
+    if snapshotEvery == 2:
+        journal = os.listdir(tmp_path / "journal")
+        assert any(name.startswith("snapshot") for name in journal), journal
+    server = makeServer(tmp_path, clock, snapshotEvery=snapshotEvery)
     again = server.queue.get(cached.id)
     assert again.status == "COMPLETE" and again.cachedFrom == first.id
     assert again.result == server.queue.get(first.id).result
