@@ -20,6 +20,8 @@ model.
 
 import hashlib
 
+from twisted.internet import defer
+
 from reflservd import limits
 from reflservd.errors import Refused
 
@@ -85,3 +87,15 @@ def checkWorkerFacts(facts):
             raise Refused("'provenance' must be an object")
         limits.checkJSON(facts, "'provenance'")
     return facts
+
+
+@defer.inlineCallbacks
+def completedResult(server, job, result, workerFacts, confinement):
+    """``(result with its provenance, now)`` for a job its worker completes
+    (``QueueServer.complete``): the stored inputs hashed in the store's
+    threads, ``now`` the time the job finishes at."""
+    checkWorkerFacts(workerFacts)
+    digests = yield server.inThread(storedDigests, server.store, job.id)
+    request = yield server.inThread(server.readRequest, job.id)
+    now = server.reactor.seconds()
+    return withProvenance(result, job, request, digests, workerFacts, confinement, now), now

@@ -29,7 +29,7 @@ from reflservd.journalfiles import JournalWriteError, salvageJournal
 from reflservd.journalframes import RecordTooLarge
 from reflservd.journalrecovery import JournalCorrupt
 from reflservd.longpoll import WaitList
-from reflservd.provenance import checkWorkerFacts, storedDigests, withProvenance
+from reflservd.provenance import completedResult
 from reflservd.queuesnapshot import ReplayError, encodeSnapshot, loadQueue, snapshotOf
 from reflservd.resultcache import ResultCache
 from reflservd.store import BatchedWrites, Store, checkName
@@ -427,8 +427,7 @@ class QueueServer(service.Service):
                  confinement=None, posted=None, workerFacts=None):
         """End a leased job with what its worker sent (``posted``: a legacy
         worker's results as it posted them, answered back to legacy clients);
-        a COMPLETE result gets its provenance (``reflservd.provenance``, with
-        the worker's ``workerFacts``)."""
+        a COMPLETE result gets its provenance (``provenance.completedResult``)."""
         for value, what in ((result, "'result'"), (posted, "the results")):
             if value is not None:
                 limits.checkJSON(value, what)
@@ -436,13 +435,9 @@ class QueueServer(service.Service):
             if value is not None:
                 limits.checkText(value, what, 1 << 20)
         job = self.queue.checkLease(jobId, lease)
-        if status == Q.COMPLETE and isinstance(result, dict):
-            checkWorkerFacts(workerFacts)
-            digests = yield self.inThread(storedDigests, self.store, jobId)
-            request = yield self.inThread(self.readRequest, jobId)
         now = self._now()
         if status == Q.COMPLETE and isinstance(result, dict):
-            result = withProvenance(result, job, request, digests, workerFacts, confinement, now)
+            result, now = yield completedResult(self, job, result, workerFacts, confinement)
         record = self.queue.makeComplete(jobId, lease, now, status, result,
                                          error, trace, confinement, posted)
         if job.legacy:
