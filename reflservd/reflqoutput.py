@@ -87,4 +87,3 @@ def progressLine(jobId, progress, total, width=24):
     parts.append("χ² %s" % (chisqText(progress.get("chisq")),))
     parts.append("elapsed %s" % (formatDuration(progress.get("elapsed")),))
     return "  ".join(parts)
-
