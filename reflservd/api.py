@@ -172,7 +172,7 @@ class JobAPI:
         worker = body.get("worker")
         if worker is None:
             worker = self.access.address(request)
-        job = yield self.server.lease(queueName, worker, timeout)
+        job = yield self.server.lease(queueName, worker, timeout, versions=body.get("versions"))
         if job is None:
             request.setResponseCode(204)
             return b""
@@ -228,7 +228,7 @@ class JobAPI:
                 raise APIError(400, "%r must be a string" % (field,))
         job = yield self.server.complete(jobId, self.lease(body), body.get("status"), result,
                                          body.get("error"), body.get("trace"),
-                                         body.get("confinement"))
+                                         body.get("confinement"), workerFacts=body.get("provenance"))
         return jsonBody(request, self.jobRecord(job))
 
     @app.route("/api/v1/jobs/<int:jobId>/release", methods=["POST"])

@@ -18,15 +18,18 @@ import glob
 import os
 import re
 import sys
+import tempfile
 import time
 
 from reflservd.client import (
     DEFAULT_SERVER, FINISHED, Client, ClientError, ServerUnreachable, UnknownJob)
 from reflservd.fitoptions import OPTION_FIELDS, OPTION_NAMES
 from reflservd.format import (
-    displayText, field, fitSteps, formatDuration, formatParameter, lastLine)
+    displayText, field, fitSteps, formatDuration, formatParameter, lastLine, provenanceLines)
 from reflservd.names import LOG_NAMES, readSecret
 from reflservd.reflqoutput import Output, chisqText, progressLine, runTime, when
+from reflservd.rerun import compare, rerun
+from reflservd.viewer import ViewerUnavailable, view
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -54,7 +57,7 @@ def cmdSubmit(client, args, out):
                  % (os.path.basename(args.model), os.path.basename(path)))
     options = {name: getattr(args, name) for name in OPTION_NAMES}
     job = client.submit(args.model, data=args.data, fit=args.fit, name=args.name,
-                        notify=args.notify, queue=args.queue, **options)
+                        notify=args.notify, queue=args.queue, cache=not args.no_cache, **options)
     if not args.wait:
         out.json(job.record)
         out.text("job %d submitted: %s" % (job.id, job.url))
@@ -161,6 +164,10 @@ def cmdStatus(client, args, out):
         lines.append(("result", displayText(result, limit=2000)))
     if record.get("error") and record["status"] in ("ERROR", "CANCEL"):
         lines.append(("error", lastLine(record["error"]) or "-"))
+    if record.get("cachedFrom") is not None:
+        lines.append(("cached from", "job %d (the same inputs; no fit ran)" % (record["cachedFrom"],)))
+    if getattr(args, "provenance", False):
+        lines += provenanceLines(field(result, "provenance"), when)
     lines.append(("page", job.url))
     width = max(len(label) for label, _ in lines)
     for label, value in lines:
@@ -172,6 +179,33 @@ def cmdStatus(client, args, out):
         for name, value in parameters.items():
             out.text("  %s  %s" % (name.ljust(nameWidth), formatParameter(value)))
     return exitFor(record["status"])
+
+
+def cmdRerun(client, args, out):
+    old = client.job(args.id)
+    new = rerun(client, old.id)
+    out.note("job %d submitted: a rerun of job %d with seed %s, without the cache"
+             % (new.id, old.id, field(new.record, "request", "data", "options", "seed")))
+    status = follow(new, out) if not out.asJSON else exitFor(new.wait())
+    if status != EXIT_OK:
+        return status
+    identical, differences, compared = compare(old, new, tempfile.mkdtemp(prefix="reflq-rerun-"))
+    out.json({"id": new.id, "rerunOf": old.id, "identical": identical, "differences": differences,
+              "compared": compared})
+    out.text("job %d %s job %d (compared: the fitted values, χ² and %s)"
+             % (new.id, "is bit-identical to" if identical else "DIFFERS from", old.id,
+                ", ".join(compared) or "no result file"))
+    for line in differences:
+        out.text("  " + line)
+    return EXIT_OK if identical else EXIT_FAILED
+
+
+def cmdView(client, args, out):
+    try:
+        return view(client.job(args.id), port=args.port, browser=not args.no_browser, trust=args.trust,
+                    note=out.note)
+    except ViewerUnavailable as e:
+        raise UsageError(e.message) from None
 
 
 def exitFor(status):
@@ -345,6 +379,8 @@ def parser():
     submit.add_argument("--notify", metavar="ADDRESS", default=os.environ.get("REFLQ_NOTIFY", ""),
                         help="mail this address when the job starts and ends (default: $REFLQ_NOTIFY)")
     submit.add_argument("--wait", action="store_true", help="then watch it until it ends")
+    submit.add_argument("--no-cache", action="store_true",
+                        help="run it even if an earlier job of the same inputs can answer it")
     submit.set_defaults(run=cmdSubmit)
 
     listing = commands.add_parser("list", parents=[common], help="list jobs, newest first")
@@ -361,9 +397,26 @@ def parser():
                             ("wait", cmdWait, "watch a job until it ends (Ctrl-C stops watching)"),
                             ("cancel", cmdCancel, "cancel a job"),
                             ("delete", cmdDelete, "delete a job and its files")):
-        command = commands.add_parser(name, parents=[common], help=text)
+        command = commands.add_parser(name, parents=[common], help=text,
+                                      aliases=["show"] if name == "status" else [])
         command.add_argument("id", type=int, metavar="ID")
         command.set_defaults(run=run)
+        if name == "status":
+            command.add_argument("--provenance", action="store_true",
+                                 help="also how its result was made (versions, inputs' sha256, seed…)")
+
+    rerunning = commands.add_parser("rerun", parents=[common], help="run a fit again, same inputs and seed, "
+                                    "and say whether the result is bit-identical")
+    rerunning.add_argument("id", type=int, metavar="ID")
+    rerunning.set_defaults(run=cmdRerun)
+
+    viewing = commands.add_parser("view", parents=[common], help="open a job's session in refl1d's webview")
+    viewing.add_argument("id", type=int, metavar="ID")
+    viewing.add_argument("--port", type=int, default=0, metavar="N", help="the webview's port on localhost")
+    viewing.add_argument("--no-browser", action="store_true", help="do not open a browser")
+    viewing.add_argument("--trust", action="store_true",
+                         help="open the session of a job not submitted from here (it runs the fit's code)")
+    viewing.set_defaults(run=cmdView)
 
     fetch = commands.add_parser("fetch", parents=[common], help="download a job's result files")
     fetch.add_argument("id", type=int, metavar="ID")

@@ -126,12 +126,14 @@ class Client:
         return self.call("GET", "/healthz")
 
     def submit(self, model, data=(), fit=None, name=None, notify="", service="refl1d", queue=None,
-               **options):
+               cache=True, **options):
         """Submit a refl1d fit: the model (a ``.py`` script or ``.json``
         FitProblem) and its data files, with refl1d fit options (``steps``,
         ``samples``, ``burn``, ``pop``, ``init``, ``seed``, ``time``, …;
         ``None`` values are left out), to ``queue`` (the server's default
-        queue when None). Returns the `Job`."""
+        queue when None). A determined fit (a seed, or lm/newton/amoeba) may
+        be answered from an earlier job's result (docs/client.md); ``cache=False``
+        runs it anyway. Returns the `Job`."""
         paths = [model] + list(data)
         names = [os.path.basename(p) for p in paths]
         for path in paths:
@@ -152,6 +154,8 @@ class Client:
         }
         if queue is not None:
             request["queue"] = queue
+        if not cache:
+            request["cache"] = False
         if self.legacy:
             return self._submitLegacy(request, list(zip(names, paths)))
         body, length, boundary = multipartBody(request, list(zip(names, paths)))
@@ -419,9 +423,7 @@ class Job:
             name, size = entry["name"], entry["size"]
             if names is not None and name not in names:
                 continue
-            if "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
-                raise ClientError("the server listed an unsafe file name %r" % (name,))
-            final = os.path.join(directory, name)
+            final = os.path.join(directory, listedName(name))
             partial = os.path.join(directory, ".%s.%d.part" % (name, self.id))
             self._fetch(name, size, partial, retries)
             os.replace(partial, final)
@@ -483,6 +485,13 @@ class Job:
         else:
             self.client.call("DELETE", self._path(), jobId=self.id)
         self.record = None
+
+
+def listedName(name):
+    """``name``, a file name the server listed, if it is safe to write under; else ClientError."""
+    if "/" in name or "\\" in name or name in (".", "..") or name.startswith("."):
+        raise ClientError("the server listed an unsafe file name %r" % (name,))
+    return name
 
 
 def _query(values):

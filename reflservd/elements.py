@@ -19,7 +19,8 @@ from twisted.web.template import Element, XMLFile, renderer, tags
 from reflservd import queue as Q
 from reflservd.queue import selectJobs
 from reflservd.fitoptions import FITTERS, OPTION_FIELDS
-from reflservd.format import displayText, field, fitSteps, formatDuration, formatParameter, formatValue
+from reflservd.format import (
+    displayText, field, fitSteps, formatDuration, formatParameter, formatValue, provenanceLines)
 from reflservd.names import VERSION
 
 TEMPLATES = FilePath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "templates"))
@@ -301,6 +302,9 @@ class JobBody(Element):
             ("Waited", formatDuration(waited, "–")),
             ("Run time", formatDuration(_runTime(job, self.now), "–")),
         ]
+        if job.cachedFrom is not None:
+            items.append(("Answered from", tags.a("job %d (the result cache: no fit ran)" % (job.cachedFrom,),
+                                                  href="/jobs/%d" % (job.cachedFrom,), id="cached-from")))
         out = []
         for label, value in items:
             dd = tags.dd(value)
@@ -373,6 +377,11 @@ class JobBody(Element):
                                    tags.figcaption(displayText(_plotCaption(name))))
                        for name in plots]
             section(tags.div(figures, class_="plots"))
+        provenance = result.get("provenance")
+        if isinstance(provenance, dict):
+            section(tags.details(tags.summary("Provenance: how this result was made"), tags.dl(
+                [[tags.dt(label), tags.dd(value)] for label, value in provenanceLines(provenance, _timeTag)],
+                class_="provenance"), id="provenance"))
         return section
 
     @renderer

@@ -127,3 +127,27 @@ def _exact(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return decimal.Decimal(value)
+
+
+PROVENANCE_LINES = (("service", "service"), ("versions", "versions"), ("seed", "seed"),
+                    ("options", "options"), ("model", "model"), ("inputs", "sha256"),
+                    ("queue", "queue"), ("worker", "worker"), ("host", "host"),
+                    ("backend", "backend"), ("sandbox", "sandbox"), ("confinement", "confinement"),
+                    ("limits", "limits"), ("attempts", "attempts"))
+
+
+def provenanceLines(provenance, when):
+    """``[(label, text)]`` of a result's provenance (docs/api.md), for ``reflq
+    show --provenance`` and the job page; ``when(seconds)`` writes a time."""
+    if not isinstance(provenance, dict):
+        return [("provenance", "- (none recorded: not a completed refl1d fit)")]
+    lines = []
+    for key, label in PROVENANCE_LINES:
+        value = provenance.get(key)
+        if isinstance(value, dict):
+            lines += [(label if i == 0 else "", "%s %s" % (name, displayText(v)))
+                      for i, (name, v) in enumerate(sorted(value.items()))]
+        elif value is not None:
+            lines.append((label, displayText(value)))
+    lines += [("fit " + key, when(provenance.get(key))) for key in ("started", "finished")]
+    return lines

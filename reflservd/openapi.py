@@ -91,7 +91,9 @@ _SCHEMAS = {
         submitted=_NNUM, started=_NNUM, finished=_NNUM,
         progress={"type": "object", "nullable": True}, confinement=_NSTR,
         cancelRequested={"type": "boolean"}, result={"nullable": True}, error=_NSTR,
-        request={"type": "object"}),
+        request={"type": "object"},
+        cachedFrom={"type": "integer", "nullable": True,
+                    "description": "the job whose result answered this one (the result cache)"}),
     "Event": _object(["seq", "type", "status"], seq=_INT, type=_STR, status=_STR),
 }
 
@@ -162,7 +164,9 @@ OPERATIONS = {
             files={"type": "array", "items": {"type": "array"}}, checkpoint=_STR)),
          "204": {"description": "nothing pending in time"}},
         [_param("queueName", "path", description="1-100 letters, digits, '-', '_' or '.'"), _TIMEOUT],
-        _jsonBody(_object(worker={"type": "string", "description": "the worker's name"}), required=False),
+        _jsonBody(_object(worker={"type": "string", "description": "the worker's name"},
+                          versions={"type": "object", "description": "the service versions it runs"}),
+                  required=False),
         errors=("400", "413", "415", "503"), worker=True),
     ("/api/v1/jobs/{jobId}/heartbeat", "post"): _op(
         "Renew a lease, report progress; learn of a cancel (worker)",
@@ -174,7 +178,8 @@ OPERATIONS = {
         "Finish a job (worker)", {"200": _json("the job", _JOB)}, [_ID],
         _jsonBody(_object(["lease", "status"], lease=_LEASE,
                           status={"type": "string", "enum": ["COMPLETE", "ERROR", "CANCEL"]},
-                          result={}, error=_STR, trace=_STR, confinement=_STR)),
+                          result={}, error=_STR, trace=_STR, confinement=_STR,
+                          provenance={"type": "object", "description": "the worker's part of the provenance"})),
         errors=("400", "404", "409", "413", "415", "503"), worker=True),
     ("/api/v1/jobs/{jobId}/release", "post"): _op(
         "Hand a job back unfinished (worker); with 'lost' (why its fit was lost to the "

@@ -40,6 +40,7 @@ class Job:
         "legacy", "worker", "submitted", "started", "finished", "progress",
         "confinement", "cancelRequested", "resultJSON", "error", "trace",
         "resultPosted", "events", "eventSeq", "keyHash", "postedJSON",
+        "inputKey", "cachedFrom",
     )
 
     @property
@@ -63,7 +64,7 @@ class Job:
             "finished": self.finished, "progress": self.progress,
             "confinement": self.confinement,
             "cancelRequested": self.cancelRequested,
-            "result": self.result, "error": self.error,
+            "result": self.result, "error": self.error, "cachedFrom": self.cachedFrom,
         }
 
 class Queue:
@@ -135,10 +136,12 @@ class Queue:
         return jobId
 
     def makeSubmit(self, jobId, now, name, notify, origin, service, version, uploads,
-                   owner=None, keyHash=None):
+                   owner=None, keyHash=None, inputKey=None, cachedFrom=None):
         """The submit of a job. Its ``owner`` is who sent it (by default its
         origin address), never ``notify``, which anyone may fill in with
-        another's address: fair share counts by owner."""
+        another's address: fair share counts by owner. A determined job carries
+        its ``inputKey``; one answered by the result cache names the job it is
+        answered from, ``cachedFrom`` (``reflservd.resultcache``)."""
         owner = owner or origin or "anonymous"
         record = {
             "type": "submit", "time": now, "id": jobId, "name": name,
@@ -149,6 +152,10 @@ class Queue:
         }
         if keyHash is not None:
             record["keyHash"] = keyHash
+        if inputKey is not None:
+            record["inputKey"] = inputKey
+        if cachedFrom is not None:
+            record["cachedFrom"] = cachedFrom
         return record
 
     def makeLease(self, now, queue, worker=None, legacy=False):
@@ -292,6 +299,7 @@ class Queue:
         job.eventSeq = 0
         job.keyHash = r.get("keyHash")
         job.postedJSON = None
+        job.inputKey, job.cachedFrom = r.get("inputKey"), r.get("cachedFrom")
         self.jobs[job.id] = job
         self.nextId = max(self.nextId, job.id + 1)
         self._counts[PENDING] += 1
@@ -301,6 +309,19 @@ class Queue:
         times.append(r["time"])
         _forget(times, r["time"])
         self._event(job, r["time"], "status")
+        if job.cachedFrom is not None:
+            self._answerFromCache(job, r["time"])
+
+    def _answerFromCache(self, job, now):
+        """A submit answered by the result cache ends COMPLETE at once with the
+        result of the job it names, never leased (its pending entry is stale)."""
+        source = self.jobs[job.cachedFrom]
+        job.resultJSON, job.confinement = source.resultJSON, source.confinement
+        job.resultPosted = True
+        job.finished = now
+        self._setStatus(job, COMPLETE)
+        self._event(job, now, "status")
+        self._forgetEvents(job)
 
     def _apply_lease(self, r):
         job = self.jobs[r["id"]]

@@ -29,7 +29,9 @@ from reflservd.journalfiles import JournalWriteError, salvageJournal
 from reflservd.journalframes import RecordTooLarge
 from reflservd.journalrecovery import JournalCorrupt
 from reflservd.longpoll import WaitList
+from reflservd.provenance import completedResult
 from reflservd.queuesnapshot import ReplayError, encodeSnapshot, loadQueue, snapshotOf
+from reflservd.resultcache import ResultCache
 from reflservd.store import BatchedWrites, Store, checkName
 
 INLINE_WRITE = 256 * 1024
@@ -88,6 +90,7 @@ class QueueServer(service.Service):
         self.metrics = metrics
         self.notifier = notifier
         self.store = Store(stateDir + "/jobs")
+        self.resultCache = ResultCache()
         self.queue = None
         self.journal = None
         self._leaseWaiters = WaitList(reactor)  # keyed by (queueName, worker)
@@ -156,6 +159,7 @@ class QueueServer(service.Service):
         self.queue = queue
         queue.restartLeases(self.reactor.seconds())
         queue.onEvent = self._jobEvent
+        self.resultCache.rebuild(queue)
         if self.metrics is not None:
             self.metrics.watch(queue)
 
@@ -237,10 +241,11 @@ class QueueServer(service.Service):
                           quotas.maxFileBytes, quotas.maxJobBytes)
         owner = owner or origin
         self._checkSubmitter(owner)
+        inputKey, answeredBy = yield self.resultCache.lookUp(self, request, files)
         key, keyHash = newJobKey()
         jobId = self.queue.reserveId()
         written = None
-        if sum(_inlineSize(source) for _, source in files) <= INLINE_WRITE:
+        if answeredBy is None and sum(_inlineSize(source) for _, source in files) <= INLINE_WRITE:
             # A small job's files are written with others' in one hand-off
             # (once its record is accepted), while the journal's batch ahead
             # is synced; its record waits for them. Until the record is on
@@ -253,9 +258,12 @@ class QueueServer(service.Service):
             except OSError as e:
                 self.inThread(self.store.remove, jobId)
                 raise Unavailable("the job's files could not be stored: %s" % (e.strerror,))
+            if answeredBy is not None:
+                answeredBy = yield self.resultCache.share(self, answeredBy, jobId)
         record = self.queue.makeSubmit(jobId, self._now(), name, notify, origin,
                                        serviceName, version, uploads, owner=owner,
-                                       keyHash=keyHash)
+                                       keyHash=keyHash, inputKey=inputKey,
+                                       cachedFrom=answeredBy.id if answeredBy is not None else None)
         try:
             d = self.commit(record, namesFiles=True, after=written)
         except DomainError:
@@ -330,17 +338,20 @@ class QueueServer(service.Service):
             waiters.wakeAll()
         if self.notifier is not None and event[2] == "status":
             self.notifier.jobChanged(job)
+        self.resultCache.jobChanged(job)
 
     # ---- workers
 
-    def lease(self, queueName, worker=None, timeout=0.0, legacy=False):
+    def lease(self, queueName, worker=None, timeout=0.0, legacy=False, versions=None):
         """A Deferred firing with the job leased to this worker, or None when
         nothing was pending within ``timeout`` seconds. A legacy worker's
-        lease is a sign of life: its other legacy leases are renewed."""
+        lease is a sign of life: its other legacy leases are renewed. The
+        ``versions`` it reports count for the result cache."""
         limits.checkQueueName(queueName)
         if worker is not None:
             limits.checkText(worker, "the worker's name", limits.MAX_WORKER)
         timeout = limits.finiteNumber(timeout, "timeout")
+        self.resultCache.heard(worker, versions, self._now())
         if legacy:
             self.queue.renewLegacy(worker, self._now())
         if not self._leaseWaiters:
@@ -413,9 +424,10 @@ class QueueServer(service.Service):
 
     @defer.inlineCallbacks
     def complete(self, jobId, lease, status, result=None, error=None, trace=None,
-                 confinement=None, posted=None):
+                 confinement=None, posted=None, workerFacts=None):
         """End a leased job with what its worker sent (``posted``: a legacy
-        worker's results as it posted them, answered back to legacy clients)."""
+        worker's results as it posted them, answered back to legacy clients);
+        a COMPLETE result gets its provenance (``provenance.completedResult``)."""
         for value, what in ((result, "'result'"), (posted, "the results")):
             if value is not None:
                 limits.checkJSON(value, what)
@@ -423,7 +435,10 @@ class QueueServer(service.Service):
             if value is not None:
                 limits.checkText(value, what, 1 << 20)
         job = self.queue.checkLease(jobId, lease)
-        record = self.queue.makeComplete(jobId, lease, self._now(), status, result,
+        now = self._now()
+        if status == Q.COMPLETE and isinstance(result, dict):
+            result, now = yield completedResult(self, job, result, workerFacts, confinement)
+        record = self.queue.makeComplete(jobId, lease, now, status, result,
                                          error, trace, confinement, posted)
         if job.legacy:
             self.queue.renewLegacy(job.worker, self._now())

@@ -39,6 +39,7 @@ from reflservd.errors import Refused
 from reflservd.fitoptions import MAX_SEED, RUNNER_OPTIONS, runnerOption
 from reflworkerd import outcome
 from reflworkerd.preload import preload
+from reflworkerd.provenance import fitProvenance
 from reflworkerd.shared import RESULTS_DIR, RESUMABLE_FITTERS, SESSION_NAME, STDERR_NAME
 
 
@@ -363,6 +364,7 @@ def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
         raise JobError("the fit ended without a result (see %s/%s)" % (RESULTS_DIR, STDERR_NAME))
     summary = _summary(api.state, fitterId, seed, events, started)
     summary["parallel"] = parallel
+    summary["provenance"] = fitProvenance(fitterId, options, seed, parallel)
     progress(
         {
             "step": summary["steps"],

@@ -62,8 +62,12 @@ class ServerClient:
 
     _log = Logger()
 
-    def __init__(self, reactor, http, baseURL, token=None, requestTimeout=60.0):
+    def __init__(self, reactor, http, baseURL, token=None, requestTimeout=60.0, facts=None):
+        """``facts``: the worker's part of a result's provenance
+        (``provenance.workerFacts``), sent with each outcome; its versions go
+        with each lease long-poll (the server's result cache matches them)."""
         self.reactor = reactor
+        self.facts = facts
         self.http = http
         self.baseURL = baseURL.rstrip("/")
         self.token = token
@@ -107,9 +111,12 @@ class ServerClient:
 
     def lease(self, queueName, timeout, worker=None):
         """The lease record of the next job, or None when none came within ``timeout``."""
+        body = {"worker": worker} if worker else {}
+        if self.facts:
+            body["versions"] = self.facts["versions"]
         return self._call("POST", "/api/v1/queues/%s/lease" % (queueName,),
                           params={"timeout": "%g" % (timeout,)},
-                          body={"worker": worker} if worker else None,
+                          body=body or None,
                           timeout=timeout + LEASE_MARGIN)
 
     def heartbeat(self, jobId, lease, progress=None, confinement=None):
@@ -127,6 +134,8 @@ class ServerClient:
                 body[field] = outcome[field]
         if outcome.get("confinement"):
             body["confinement"] = outcome["confinement"]
+        if self.facts:
+            body["provenance"] = self.facts
         return self._call("POST", "/api/v1/jobs/%d/complete" % (jobId,), body=body)
 
     def release(self, jobId, lease, lost=None):

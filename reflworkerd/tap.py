@@ -304,6 +304,7 @@ def makeService(config, reactor=None, onFatal=None):
 
     from reflworkerd.local import LocalBackend
     from reflworkerd.poller import Poller
+    from reflworkerd.provenance import workerFacts
     from reflworkerd.serverclient import ServerClient
 
     pool = HTTPConnectionPool(reactor, persistent=True)
@@ -311,7 +312,7 @@ def makeService(config, reactor=None, onFatal=None):
     pool.maxPersistentPerHost = config["slots"] + 2
     policy = BrowserLikePolicyForHTTPS(trustRoot=config["trust-root"])
     http = HTTPClient(Agent(reactor, contextFactory=policy, pool=pool))
-    client = ServerClient(reactor, http, config["server"], token=config["token"])
+    client = ServerClient(reactor, http, config["server"], token=config["token"], facts=workerFacts(config))
     if config["backend"] == "slurm":
         from reflworkerd.slurm import SlurmBackend
 

@@ -5,6 +5,7 @@ port) driven with treq; the refusals that never reach the journal also run
 through StubTreq, in memory.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -128,7 +129,9 @@ class JobLifeTests(ServerCase):
                          [("status", "PENDING"), ("status", "ACTIVE"), ("progress", "ACTIVE")])
         code, done, _ = yield self.postJSON(path + "/complete", {
             "lease": 1, "status": "COMPLETE", "result": {"chisq": 1.01}, "confinement": "namespaces"})
+        provenance = done["result"].pop("provenance")
         self.assertEqual((code, done["status"], done["result"]), (200, "COMPLETE", {"chisq": 1.01}))
+        self.assertEqual(provenance["inputs"], {"model.py": hashlib.sha256(NIFILM.encode()).hexdigest()})
         self.assertEqual(done["confinement"], "namespaces")
         code, body, _ = yield self.call("GET", path + "/files/fit.par")
         self.assertEqual(body, b"Ni 100.1\n")

@@ -304,7 +304,7 @@ class ParallelTests(LocalBackendTestCase):
         self.assertTrue(all(count > 100 for count in evaluations.values()), evaluations)
         first, second = serial["result"], parallel["result"]
         for result in (first, second):
-            result.pop("elapsed"), result.pop("parallel")
+            result.pop("elapsed"), result.pop("parallel"), result["provenance"]["options"].pop("parallel")
         self.assertEqual(first, second)
         for name in ("model.par", "model.err"):
             with open(os.path.join(serialDir, "results", name), "rb") as a, \

@@ -3,6 +3,7 @@ HTTP), and what a scientist sees in a real headless Chromium: a fit
 submitted through the form, its progress arriving without a reload, the
 result with its plots, the cancel button, the filtered job list."""
 
+import hashlib
 import html.parser
 import os
 import re
@@ -100,6 +101,16 @@ def test_everyPageHasTheStrictCSPAndLoadsOnlyFromThisServer(server, worker, mode
     body = get(server.url + "/jobs/%d" % done.id)[2].decode()
     assert "done &lt;b&gt;fit&lt;/b&gt;" in body and "<b>fit</b>" not in body
     assert "<b>243896112</b>" in body  # a seed shown with all its digits, to repeat the fit
+
+
+def test_aJobPageShowsHowItsResultWasMade(server, worker, model):
+    """A completed fit's page shows its provenance: among it the sha256 of its
+    model as the server stored it."""
+    done, _ = someJobs(server, worker, model)
+    body = get(server.url + "/jobs/%d" % done.id)[2].decode()
+    with open(model[0], "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    assert 'id="provenance"' in body and digest in body
 
 
 def test_staticFilesHaveFixedTypes(server):
