@@ -301,6 +301,8 @@ class JobBody(Element):
             ("Waited", formatDuration(waited, "–")),
             ("Run time", formatDuration(_runTime(job, self.now), "–")),
         ]
+        if job.series is not None:
+            items.insert(2, ("Series", tags.a("series %d" % (job.series,), href="/series/%d" % (job.series,))))
         out = []
         for label, value in items:
             dd = tags.dd(value)

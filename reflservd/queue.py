@@ -16,6 +16,7 @@ from collections import deque
 from sys import intern
 
 from reflservd.errors import Conflict, Refused, UnknownJob
+from reflservd.series import SeriesBook
 
 PENDING, ACTIVE, COMPLETE, ERROR, CANCEL = "PENDING", "ACTIVE", "COMPLETE", "ERROR", "CANCEL"
 STATUSES = (PENDING, ACTIVE, COMPLETE, ERROR, CANCEL)
@@ -39,7 +40,7 @@ class Job:
         "status", "priority", "queue", "attempts", "lease", "leaseExpires",
         "legacy", "worker", "submitted", "started", "finished", "progress",
         "confinement", "cancelRequested", "resultJSON", "error", "trace",
-        "resultPosted", "events", "eventSeq", "keyHash", "postedJSON",
+        "resultPosted", "events", "eventSeq", "keyHash", "postedJSON", "series",
     )
 
     @property
@@ -63,7 +64,7 @@ class Job:
             "finished": self.finished, "progress": self.progress,
             "confinement": self.confinement,
             "cancelRequested": self.cancelRequested,
-            "result": self.result, "error": self.error,
+            "result": self.result, "error": self.error, "series": self.series,
         }
 
 class Queue:
@@ -83,6 +84,7 @@ class Queue:
         self._pendingOf = {}        # owner -> number of PENDING jobs
         self._counts = dict.fromkeys(STATUSES, 0)
         self.onEvent = None         # called (job, event) after each job event
+        self.series = SeriesBook()
 
     # ---- reading
 
@@ -292,6 +294,7 @@ class Queue:
         job.eventSeq = 0
         job.keyHash = r.get("keyHash")
         job.postedJSON = None
+        job.series = r.get("series")
         self.jobs[job.id] = job
         self.nextId = max(self.nextId, job.id + 1)
         self._counts[PENDING] += 1
@@ -301,6 +304,12 @@ class Queue:
         times.append(r["time"])
         _forget(times, r["time"])
         self._event(job, r["time"], "status")
+
+    def _apply_series(self, r):
+        """A fit series: its members' submits, then the series (``reflservd.series``)."""
+        for member in r["members"]:
+            self._apply_submit(member)
+        self.series.add(r)
 
     def _apply_lease(self, r):
         job = self.jobs[r["id"]]
