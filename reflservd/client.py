@@ -140,18 +140,7 @@ class Client:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ClientError("two files are named %s: the server keeps files by name" % (duplicates[0],))
-        fitOptions = {key: value for key, value in options.items() if value is not None}
-        if fit is not None:
-            fitOptions = dict(fit=fit, **fitOptions)
-        request = {
-            "name": name if name is not None else os.path.splitext(names[0])[0],
-            "notify": notify or "",
-            "service": service,
-            "version": VERSION,
-            "data": {"model": names[0], "options": fitOptions},
-        }
-        if queue is not None:
-            request["queue"] = queue
+        request = fitRequest(names[0], fit, name, notify, service, queue, options)
         if self.legacy:
             return self._submitLegacy(request, list(zip(names, paths)))
         body, length, boundary = multipartBody(request, list(zip(names, paths)))
@@ -162,6 +151,22 @@ class Client:
             record = json.loads(response.read())
         self._keep(record)
         return Job(self, record["id"], record)
+
+    def submitSeries(self, model, data, fit=None, name=None, notify="", service="refl1d",
+                     queue=None, shared=(), **options):
+        """Submit a fit series: one job per data file, each fitting ``model``
+        (with the ``shared`` files) to its file, given as its first argument
+        (``sys.argv[1]``). Returns the `reflservd.seriesclient.Series`."""
+        from reflservd.seriesclient import submitSeries
+        return submitSeries(self, model, data, fitRequest(os.path.basename(model), fit, name, notify,
+                                                          service, queue, options), shared)
+
+    def series(self, seriesId):
+        """The series ``seriesId`` (`reflservd.seriesclient.Series`)."""
+        from reflservd.seriesclient import Series
+        series = Series(self, int(seriesId))
+        series.refresh()
+        return series
 
     def _keep(self, answer):
         if isinstance(answer.get("key"), str):
@@ -483,6 +488,20 @@ class Job:
         else:
             self.client.call("DELETE", self._path(), jobId=self.id)
         self.record = None
+
+
+def fitRequest(model, fit, name, notify, service, queue, options):
+    """The job request of a fit of the model file named ``model`` (``None``
+    options are left out)."""
+    fitOptions = {key: value for key, value in options.items() if value is not None}
+    if fit is not None:
+        fitOptions = dict(fit=fit, **fitOptions)
+    request = {"name": name if name is not None else os.path.splitext(model)[0],
+               "notify": notify or "", "service": service, "version": VERSION,
+               "data": {"model": model, "options": fitOptions}}
+    if queue is not None:
+        request["queue"] = queue
+    return request
 
 
 def _query(values):

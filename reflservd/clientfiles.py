@@ -41,13 +41,17 @@ class KeyStore:
                 if name.startswith(prefix) and name[len(prefix):].isdigit()}
 
     def put(self, url, jobId, key):
-        keys = self._read()
-        keys["%s#%d" % (url, jobId)] = key
+        self.putAll(url, {jobId: key})
+
+    def putAll(self, url, keys):
+        """Keep the keys of ``{jobId: key}`` (a series' members, in one write)."""
+        held = self._read()
+        held.update(("%s#%d" % (url, jobId), key) for jobId, key in keys.items())
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         temporary = "%s.%d.tmp" % (self.path, os.getpid())
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(keys, f, indent=0, sort_keys=True)
+            json.dump(held, f, indent=0, sort_keys=True)
         os.replace(temporary, self.path)
 
 

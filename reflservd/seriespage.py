@@ -21,7 +21,7 @@ class SeriesBody(Element):
     def __init__(self, queue, series):
         Element.__init__(self)
         self.series = series
-        self.counts = S.counts(queue, series)
+        self.byState = S.counts(queue, series)
         self.table = S.table(queue, series)
 
     @renderer
@@ -36,9 +36,9 @@ class SeriesBody(Element):
     def counts(self, request, tag):
         total = len(self.series.members)
         parts = ["%d members" % (total,)]
-        parts += ["%d %s" % (self.counts[s], s.lower()) for s in Q.STATUSES + (S.DELETED,)
-                  if self.counts.get(s)]
-        finished = sum(self.counts.get(s, 0) for s in Q.FINISHED + (S.DELETED,))
+        parts += ["%d %s" % (self.byState[s], s.lower()) for s in Q.STATUSES + (S.DELETED,)
+                  if self.byState.get(s)]
+        finished = sum(self.byState.get(s, 0) for s in Q.FINISHED + (S.DELETED,))
         return tag(" · ".join(parts), **{"data-series": str(self.series.id),
                                           "data-finished": "1" if finished == total else "0"})
 

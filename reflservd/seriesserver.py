@@ -42,7 +42,7 @@ class SeriesDesk:
         record is on disk, the key controlling the series and every member."""
         server, queue = self.server, self.server.queue
         job, shared, members = checkSeries(document)
-        name, notify, serviceName, version = checkRequest(job)
+        name, notify, serviceName, version = checkRequest(job)   # checked already: its values
         sources = _sources(files, shared, members)
         sizes = {fileName: sourceSize(source) for fileName, source in sources.items()}
         quotas = server.quotas
@@ -132,6 +132,7 @@ def checkSeries(document, maxMembers=limits.MAX_SERIES):
     job = document.get("job")
     if not isinstance(job, dict):
         raise Refused("the series needs 'job': the job request its members share")
+    checkRequest(job)
     service = job.get("service", "refl1d")
     if service == "refl1d" and not isinstance(job.get("data"), dict):
         raise Refused("a refl1d series' 'job' needs 'data': {\"model\": NAME, \"options\": {...}}")

@@ -115,4 +115,6 @@
   };
 
   window.ChiChart = ChiChart;
+  window.ChiChart.niceTicks = niceTicks;
+  window.ChiChart.label = label;
 }());
