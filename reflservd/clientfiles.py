@@ -1,10 +1,14 @@
 """The user side's files: the keys of the jobs this user submitted, the
-streamed ``multipart/form-data`` body of a submit, and the range check of a
-resumed download (for ``reflservd.client``)."""
+files of a fit and its request, the streamed ``multipart/form-data`` body of
+a submit, and the range check of a resumed download (for
+``reflservd.client``)."""
 
 import json
 import os
 import uuid
+
+from reflservd.clienterrors import ClientError
+from reflservd.names import VERSION
 
 CHUNK = 1 << 16
 
@@ -53,6 +57,33 @@ class KeyStore:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(held, f, indent=0, sort_keys=True)
         os.replace(temporary, self.path)
+
+
+def fileNames(paths):
+    """The names the server keeps the files at ``paths`` by (their base
+    names); `ClientError` for a file that is not there or a name used twice."""
+    names = [os.path.basename(p) for p in paths]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ClientError("no such file: %s" % (path,))
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ClientError("two files are named %s: the server keeps files by name" % (duplicates[0],))
+    return names
+
+
+def fitRequest(model, fit, name, notify, service, queue, options):
+    """The job request of a fit of the model file named ``model`` (``None``
+    options are left out)."""
+    fitOptions = {key: value for key, value in options.items() if value is not None}
+    if fit is not None:
+        fitOptions = dict(fit=fit, **fitOptions)
+    request = {"name": name if name is not None else os.path.splitext(model)[0],
+               "notify": notify or "", "service": service, "version": VERSION,
+               "data": {"model": model, "options": fitOptions}}
+    if queue is not None:
+        request["queue"] = queue
+    return request
 
 
 def multipartBody(request, files):

@@ -12,11 +12,10 @@ member's under its job id, so that ``reflq cancel`` works on one member too.
 """
 
 import json
-import os
 import time
 
 from reflservd.clienterrors import ClientError, UnknownJob, WaitTimeout
-from reflservd.clientfiles import multipartBody
+from reflservd.clientfiles import fileNames
 
 SERIES_KEYS = "/series"
 """What the series' keys are kept under: the server's URL and this."""
@@ -29,21 +28,10 @@ def submitSeries(client, model, data, request, shared=()):
     if not data:
         raise ClientError("a series needs at least one data file")
     paths = [model] + list(shared) + data
-    names = [os.path.basename(p) for p in paths]
-    for path in paths:
-        if not os.path.isfile(path):
-            raise ClientError("no such file: %s" % (path,))
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ClientError("two files are named %s: the server keeps files by name" % (duplicates[0],))
+    names = fileNames(paths)
     document = {"job": request, "shared": names[:1 + len(shared)],
                 "members": [{"args": [name], "files": [name]} for name in names[1 + len(shared):]]}
-    body, length, boundary = multipartBody(document, list(zip(names, paths)))
-    headers = {"Content-Type": "multipart/form-data; boundary=" + boundary,
-               "Content-Length": str(length), "Accept": "application/json"}
-    response = client.open("POST", "/api/v1/series", body, headers, timeout=max(client.timeout, 600))
-    with response:
-        record = json.loads(response.read())
+    record = client.postFiles("/api/v1/series", document, list(zip(names, paths)))
     key = record["key"]
     client.keys.put(client.url + SERIES_KEYS, record["id"], key)
     client.keys.putAll(client.url, {member["id"]: key for member in record["members"]})

@@ -14,14 +14,8 @@
 
   /* One parameter: points [member, value, uncertainty or null]. */
   function drawParameter(canvas, name, points) {
-    var ratio = window.devicePixelRatio || 1;
-    var width = canvas.clientWidth || 480, height = canvas.clientHeight || 220;
-    canvas.width = Math.round(width * ratio);
-    canvas.height = Math.round(height * ratio);
-    var g = canvas.getContext("2d");
-    g.setTransform(ratio, 0, 0, ratio, 0, 0);
-    g.clearRect(0, 0, width, height);
-    g.font = "12px system-ui, sans-serif";
+    var area = window.ChiChart.prepare(canvas, 480, 220);
+    var g = area.g, width = area.width, height = area.height;
     var left = 70, right = 14, top = 22, bottom = 36;
     var plotW = width - left - right, plotH = height - top - bottom;
     var xs = points.map(function (p) { return p[0]; });
