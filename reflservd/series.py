@@ -92,7 +92,7 @@ def memberLabel(args, files, index):
     return args[0] if args else files[0] if files else "#%d" % (index,)
 
 
-def makeSeries(queue, seriesId, now, name, origin, owner, keyHash, submits, labels):
+def makeSeries(seriesId, now, name, origin, owner, keyHash, submits, labels):
     """The ``series`` record of members whose ``submits`` were made by
     ``queue.makeSubmit`` (in order), each given the series and a priority
     that counts the members before it."""

@@ -66,7 +66,7 @@ class SeriesDesk:
         submits = [queue.makeSubmit(jobId, now, request["name"], notify, origin, serviceName, version,
                                     {n: sizes[n] for n in names}, owner=owner, keyHash=keyHash)
                    for jobId, request, names, _ in planned]
-        record = S.makeSeries(queue, seriesId, now, name, origin, owner, keyHash, submits,
+        record = S.makeSeries(seriesId, now, name, origin, owner, keyHash, submits,
                               [label for *_, label in planned])
         try:
             d = server.commit(record, namesFiles=True)

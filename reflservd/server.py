@@ -286,9 +286,10 @@ class QueueServer(service.Service):
             if jobs > quotas.maxPending:
                 raise TooLarge("a series of %d members is more than the %d pending jobs this server "
                                "takes from one submitter (--max-pending)" % (jobs, quotas.maxPending))
-            raise RateLimited("you have %d jobs pending, the most this server takes from one "
-                                "submitter is %d; submit more when some have started"
-                                % (pending, quotas.maxPending), 60)
+            raise RateLimited("you have %d jobs pending%s, the most this server takes from one "
+                              "submitter is %d; submit more when some have started"
+                              % (pending, " and this series has %d" % (jobs,) if jobs > 1 else "",
+                                 quotas.maxPending), 60)
         times = self._submitTimes.get(owner)
         if not times:
             return
