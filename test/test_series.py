@@ -265,3 +265,19 @@ class SeriesRouteTests(ServerCase):
         self.assertEqual((code, answer["error"]), (404, "no series 99"))
         code, _, _ = yield self.call("GET", "/series/99")
         self.assertEqual(code, 404)
+
+
+def test_a_single_jobs_model_arguments_are_checked_at_the_door(tmp_path):
+    """A job may carry model arguments alone too (``refl1d model.py DATA``):
+    held to the same rule at its submit, refused there with nothing stored."""
+    server = makeServer(tmp_path, Clock())
+    request = {"name": "x", "notify": "", "service": "refl1d",
+               "data": {"model": "model.py", "args": ["run-1.dat", "a\0"]}}
+    with pytest.raises(errors.Refused) as refused:
+        result(server.submit(request, [("model.py", MODEL)], "10.0.0.1"))
+    assert "a model argument" in refused.value.message
+    _nothingChanged(server, tmp_path)
+    request["data"]["args"] = ["run-1.dat"]
+    job, _ = result(server.submit(request, [("model.py", MODEL)], "10.0.0.1"))
+    assert server.readRequest(job.id)["data"]["args"] == ["run-1.dat"] and job.series is None
+    result(server.stopService())
