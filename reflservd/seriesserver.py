@@ -62,6 +62,7 @@ class SeriesDesk:
         except OSError as e:
             server.inThread(_removeMembers, server.store, planned)
             raise Unavailable("the series' files could not be stored: %s" % (e.strerror,))
+        queue = server.queue        # a journal that failed meanwhile reloaded it
         now = server.reactor.seconds()
         submits = [queue.makeSubmit(jobId, now, request["name"], notify, origin, serviceName, version,
                                     {n: sizes[n] for n in names}, owner=owner, keyHash=keyHash)
