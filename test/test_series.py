@@ -281,3 +281,51 @@ def test_a_single_jobs_model_arguments_are_checked_at_the_door(tmp_path):
     job, _ = result(server.submit(request, [("model.py", MODEL)], "10.0.0.1"))
     assert server.readRequest(job.id)["data"]["args"] == ["run-1.dat"] and job.series is None
     result(server.stopService())
+
+
+def test_reflq_submits_each_file_as_a_member_and_prints_the_series(server, worker, tmp_path):
+    """``reflq submit MODEL SHARED --each 'run-*.dat'``: one member per file in
+    natural order (run-2 before run-10), each with the model, the shared file
+    and its own file, its file as the model's argument; ``reflq series`` prints
+    the table (a member that a worker completed with its χ² and parameters),
+    ``--csv`` the CSV, and ``--cancel`` cancels the rest with the key reflq kept."""
+    import io
+    from reflservd import cli
+    from reflservd.client import Client
+    from test.support import RESULT, writeModel
+
+    worker.drain()
+    model, data = writeModel(str(tmp_path / "fit"), ("run-1.dat", "run-10.dat", "run-2.dat", "shared.txt"))
+
+    def reflq(*argv):
+        out, err = io.StringIO(), io.StringIO()
+        return cli.main(["--server", server.url] + list(argv), stdout=out, stderr=err), out.getvalue(), err.getvalue()
+
+    code, out, err = reflq("submit", model, data[3], "--each", str(tmp_path / "fit" / "run-*.dat"),
+                           "--fit", "lm", "--steps", "20")
+    assert code == 0, err
+    seriesId = int(err.split()[1])
+    assert "series %d submitted: 3 members" % (seriesId,) in err
+    series = Client(server.url).series(seriesId)
+    assert [m["data"] for m in series.record["members"]] == ["run-1.dat", "run-2.dat", "run-10.dat"]
+    first = series.members[0]
+    first.refresh()
+    assert first.record["request"]["data"] == {"model": "nifilm.py", "options": {"fit": "lm", "steps": 20},
+                                               "args": ["run-1.dat"]}
+    assert sorted(f["name"] for f in first.files(kind="upload")) == ["nifilm.py", "run-1.dat", "shared.txt"]
+
+    lease = worker.lease()
+    assert lease["id"] == first.id and lease["request"]["data"]["args"] == ["run-1.dat"]
+    worker.complete(lease, result=RESULT)
+    code, out, err = reflq("series", str(seriesId))
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].split() == ["MEMBER", "JOB", "DATA", "STATUS", "χ²", "Ni", "thickness", "Ni", "interface"]
+    assert lines[1].split()[2:] == ["run-1.dat", "COMPLETE", "1.031", "100.12", "±", "0.31", "4.9"]
+    assert lines[3].split()[2:] == ["run-10.dat", "PENDING", "-", "-", "-"]
+    code, out, _ = reflq("series", str(seriesId), "--csv")
+    assert out.splitlines()[1].split(",")[2:] == ["run-1.dat", "COMPLETE", "1.0312", "100.12", "0.31", "4.9", ""]
+    code, out, err = reflq("series", str(seriesId), "--cancel")
+    assert (code, out.strip()) == (0, "series %d: 2 cancel, 1 complete" % (seriesId,))
+    code, _, err = reflq("series", "999999")
+    assert code == 4 and "no series 999999" in err
