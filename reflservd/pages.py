@@ -1,5 +1,5 @@
-"""The HTML pages: the jobs, one job (live), and a form to submit a fit,
-and the files they load (``/static/…``).
+"""The HTML pages: the jobs, one job (live), a fit series (``seriespage``)
+and a form to submit a fit, and the files they load (``/static/…``).
 
 Pages are rendered on the server from the elements of
 ``reflservd.elements``; what changes while a page is open (progress, χ²
@@ -110,8 +110,8 @@ def loadStatic(folder=STATIC):
 
 
 class JobPages:
-    """The human pages of the site (``/``, ``/jobs/<id>``, ``/submit``) and
-    the files they load (``/static/…``)."""
+    """The human pages of the site (``/``, ``/jobs/<id>``, ``/series/<id>``,
+    ``/submit``) and the files they load (``/static/…``)."""
 
     _log = Logger()
     app = Klein()

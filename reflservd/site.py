@@ -5,7 +5,7 @@ app, composed under one root.
 ``seriesapi.SeriesAPI`` ``/api/v1/series…``;
 ``legacy.LegacyAPI`` the old jobqueue's ``/jobs.json``, ``/jobs/<id>.json``
 and the rest; ``pages.JobPages`` the pages (``/``, ``/jobs/<id>``,
-``/submit``) and ``/static/…``. The legacy routes and the pages share the
+``/series/<id>``, ``/submit``) and ``/static/…``. The legacy routes and the pages share the
 ``/jobs`` prefix, so the root does not branch by prefix: it hands a request
 to the first face whose routes match its path and method. A path no face
 has is answered 404, and a method no face takes on that path 405 with the

@@ -86,3 +86,6 @@ def test_a_series_of_the_four_nickel_files_each_fitted_alone(serverProcess, work
         "return arguments[0].toDataURL();", c) != blank for c in canvases)
     screenshot(browser, tmp_path, "series.png")
     assert consoleErrors(browser) == []
+    browser.get("%s/jobs/%d" % (server.url, table["rows"][1]["id"]))
+    link = browser.find_element(By.CSS_SELECTOR, 'a[href="/series/%d"]' % (series.id,))
+    assert link.text == "series %d" % (series.id,)
