@@ -26,6 +26,7 @@ def test_a_series_of_the_four_nickel_files_each_fitted_alone(serverProcess, work
     The series page, opened while every member waits for a worker, shows
     them pending and then, as they finish, without a reload, their results
     and a plot per parameter with a point per member."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -35,7 +36,14 @@ def test_a_series_of_the_four_nickel_files_each_fitted_alone(serverProcess, work
     series = client.submitSeries(MODEL, data, fit="lm", steps=200)
     assert [m["data"] for m in series.record["members"]] == NIFILM_DATA
     browser.get("%s/series/%d" % (server.url, series.id))
-    assert browser.find_element(By.ID, "counts").text == "4 members · 4 pending"
+
+    def waitUntil(condition, message, bound):
+        """Bounded, reading again what the page's own refresh replaced meanwhile."""
+        return WebDriverWait(browser, bound, poll_frequency=0.2, ignored_exceptions=(
+            StaleElementReferenceException, NoSuchElementException)).until(condition, message)
+
+    waitUntil(lambda d: d.find_element(By.ID, "counts").text == "4 members · 4 pending",
+              "the page to show the four members pending", 30)
     assert browser.find_element(By.ID, "plots").get_attribute("data-drawn") is None
 
     workerProcess(server, slots=2)
@@ -68,11 +76,11 @@ def test_a_series_of_the_four_nickel_files_each_fitted_alone(serverProcess, work
     assert printed[0].split()[:5] == ["MEMBER", "JOB", "DATA", "STATUS", "χ²"]
     assert [line.split()[2:4] for line in printed[1:]] == [[name, "COMPLETE"] for name in NIFILM_DATA]
 
-    WebDriverWait(browser, 60, poll_frequency=0.2).until(
-        lambda d: d.find_element(By.ID, "counts").text == "4 members · 4 complete"
-        and d.find_element(By.ID, "plots").get_attribute("data-drawn") == "3"
-        and {c.get_attribute("data-points") for c in d.find_elements(By.CSS_SELECTOR, "#plots canvas")} == {"4"},
-        "the page to show every member complete and a plot of each parameter with four points")
+    waitUntil(lambda d: d.find_element(By.ID, "counts").text == "4 members · 4 complete"
+              and d.find_element(By.ID, "plots").get_attribute("data-drawn") == "3"
+              and {c.get_attribute("data-points") for c in d.find_elements(By.CSS_SELECTOR, "#plots canvas")}
+              == {"4"}, "the page to show every member complete and a plot of each parameter with four points",
+              60)
     rows = browser.find_elements(By.CSS_SELECTOR, "#members tbody tr")
     assert [row.find_elements(By.TAG_NAME, "td")[2].text for row in rows] == NIFILM_DATA
     assert {row.find_element(By.CSS_SELECTOR, ".badge").text for row in rows} == {"COMPLETE"}

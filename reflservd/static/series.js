@@ -86,18 +86,23 @@
 
   function refresh(seriesId) {
     var opts = { cache: "no-store", credentials: "same-origin" };
-    return Promise.all([
-      fetch("/api/v1/series/" + seriesId + "/table.json", opts).then(function (r) { return r.json(); }),
-      fetch(location.href, opts).then(function (r) { return r.text(); })
-    ]).then(function (answers) {
-      var table = shown = answers[0];
-      window.reflservd.refreshFrom("#series", answers[1]);
-      drawAll(table);
-      var done = table.rows.every(function (row) { return FINISHED[row.status]; });
-      if (!done) { window.setTimeout(function () { refresh(seriesId); }, REFRESH); }
-    }, function () {
-      window.setTimeout(function () { refresh(seriesId); }, REFRESH * 4);
-    });
+    var table = null;
+    /* The page after the table: a page read later shows at least the members the table shows ended. */
+    return fetch("/api/v1/series/" + seriesId + "/table.json", opts)
+      .then(function (r) { return r.json(); })
+      .then(function (answer) {
+        table = shown = answer;
+        return fetch(location.href, opts);
+      })
+      .then(function (r) { return r.text(); })
+      .then(function (html) {
+        window.reflservd.refreshFrom("#series", html);
+        drawAll(table);
+        var done = table.rows.every(function (row) { return FINISHED[row.status]; });
+        if (!done) { window.setTimeout(function () { refresh(seriesId); }, REFRESH); }
+      }, function () {
+        window.setTimeout(function () { refresh(seriesId); }, REFRESH * 4);
+      });
   }
 
   document.addEventListener("DOMContentLoaded", function () {
