@@ -19,10 +19,18 @@
     var left = 70, right = 14, top = 22, bottom = 36;
     var plotW = width - left - right, plotH = height - top - bottom;
     var xs = points.map(function (p) { return p[0]; });
-    var lows = points.map(function (p) { return finite(p[2]) ? p[1] - p[2] : p[1]; });
-    var highs = points.map(function (p) { return finite(p[2]) ? p[1] + p[2] : p[1]; });
+    var values = points.map(function (p) { return p[1]; });
     var xMin = Math.min.apply(null, xs) - 0.5, xMax = Math.max.apply(null, xs) + 0.5;
-    var lo = Math.min.apply(null, lows), hi = Math.max.apply(null, highs);
+    /* The values set the range; error bars widen it at most to three times the
+       values' spread, so one member's huge uncertainty does not flatten the rest
+       (its bar runs off the plot, clipped). */
+    var vLo = Math.min.apply(null, values), vHi = Math.max.apply(null, values);
+    var spread = vHi - vLo || Math.abs(vHi) * 0.1 || 1;
+    var lo = vLo, hi = vHi;
+    points.forEach(function (p) {
+      if (finite(p[2])) { lo = Math.min(lo, p[1] - p[2]); hi = Math.max(hi, p[1] + p[2]); }
+    });
+    lo = Math.max(lo, vLo - spread); hi = Math.min(hi, vHi + spread);
     if (hi === lo) { lo -= Math.abs(lo) * 0.1 || 1; hi += Math.abs(hi) * 0.1 || 1; }
     var pad = (hi - lo) * 0.08;
     lo -= pad; hi += pad;
@@ -46,6 +54,8 @@
     g.fillText("member", left + plotW / 2, top + plotH + 20);
     g.textAlign = "left"; g.textBaseline = "alphabetic";
     g.fillText(name, left, top - 7);
+    g.save();
+    g.beginPath(); g.rect(left, top, plotW, plotH); g.clip();
     g.strokeStyle = "#1d64c8"; g.fillStyle = "#1d64c8"; g.lineWidth = 1.5;
     points.forEach(function (p) {
       var x = X(p[0]);
@@ -58,6 +68,7 @@
       }
       g.beginPath(); g.arc(x, Y(p[1]), 3.5, 0, 2 * Math.PI); g.fill();
     });
+    g.restore();
     canvas.dataset.points = String(points.length);
   }
 
