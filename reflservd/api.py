@@ -81,7 +81,7 @@ class JobAPI:
     @defer.inlineCallbacks
     def submit(self, request):
         origin, owner = submitter(self.access, request)
-        jobRequest, files = yield parseBody(self.server, request, self.maxUpload, _submitParts,
+        jobRequest, files = yield parseBody(self.server, request, self.maxUpload, submitParts,
                                             self.maxUpload)
         job, key = yield self.server.submit(jobRequest, files, origin, owner)
         record = job.toJSON(notify=True)
@@ -263,12 +263,12 @@ class JobAPI:
         return body
 
 
-def _submitParts(request, maxUpload):
-    """The job request and files of a ``POST /api/v1/jobs`` body."""
+def submitParts(request, maxUpload):
+    """The request and files of a ``POST /api/v1/jobs`` (or ``/api/v1/series``) body."""
     parts = formParts(request, maxUpload)
     requestParts = [f for name, _, f in parts if name == "request"]
     if len(requestParts) != 1:
-        raise APIError(400, "send exactly one part named 'request' (the job's JSON)")
+        raise APIError(400, "send exactly one part named 'request' (the job's or series' JSON)")
     jobRequest = limits.parseJSON(requestParts[0].read(), "the 'request' part")
     files = []
     for name, fileName, f in parts:

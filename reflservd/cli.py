@@ -30,6 +30,7 @@ from reflservd.names import LOG_NAMES, readSecret
 from reflservd.reflqoutput import Output, chisqText, progressLine, runTime, when
 from reflservd.rerun import compare, rerun
 from reflservd.viewer import ViewerUnavailable, view
+from reflservd.seriescli import addSeriesCommand, submitEach
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3, 4
 EXIT_INTERRUPTED = 130
@@ -44,6 +45,8 @@ class UsageError(Exception):
 
 
 def cmdSubmit(client, args, out):
+    if args.each:
+        return submitEach(client, args, out)
     if not os.path.isfile(args.model):
         raise UsageError("no such model file: %s" % (args.model,))
     if not args.model.endswith((".py", ".json")):
@@ -119,9 +122,7 @@ def cmdList(client, args, out):
         rows.append((str(r["id"]), r["status"], _clip(displayText(r.get("name")), 30),
                      _clip(displayText(r.get("owner")), 28), displayText(r.get("queue")) or "-",
                      when(r.get("submitted")), formatDuration(runTime(r, now))))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        out.text("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    out.table(rows)
     return EXIT_OK
 
 
@@ -381,6 +382,9 @@ def parser():
     submit.add_argument("--wait", action="store_true", help="then watch it until it ends")
     submit.add_argument("--no-cache", action="store_true",
                         help="run it even if an earlier job of the same inputs can answer it")
+    submit.add_argument("--each", metavar="PATTERN",
+                        help="a fit series: one job per data file matching PATTERN (quote it), each "
+                             "given its file as the model's first argument; DATA files are shared")
     submit.set_defaults(run=cmdSubmit)
 
     listing = commands.add_parser("list", parents=[common], help="list jobs, newest first")
@@ -427,6 +431,7 @@ def parser():
     logs.add_argument("id", type=int, metavar="ID")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing until the job ends")
     logs.set_defaults(run=cmdLogs)
+    addSeriesCommand(commands, common)
     return top
 
 

@@ -35,8 +35,7 @@ import urllib.request
 
 from reflservd.clienterrors import (  # noqa: F401 (the errors a user of Client catches)
     ClientError, ServerUnreachable, UnknownJob, WaitTimeout, httpError, reasonOf)
-from reflservd.clientfiles import CHUNK, KeyStore, multipartBody, rangeStarts
-from reflservd.names import VERSION
+from reflservd.clientfiles import CHUNK, KeyStore, fileNames, fitRequest, multipartBody, rangeStarts
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 FINISHED = ("COMPLETE", "ERROR", "CANCEL")
@@ -135,37 +134,41 @@ class Client:
         be answered from an earlier job's result (docs/client.md); ``cache=False``
         runs it anyway. Returns the `Job`."""
         paths = [model] + list(data)
-        names = [os.path.basename(p) for p in paths]
-        for path in paths:
-            if not os.path.isfile(path):
-                raise ClientError("no such file: %s" % (path,))
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ClientError("two files are named %s: the server keeps files by name" % (duplicates[0],))
-        fitOptions = {key: value for key, value in options.items() if value is not None}
-        if fit is not None:
-            fitOptions = dict(fit=fit, **fitOptions)
-        request = {
-            "name": name if name is not None else os.path.splitext(names[0])[0],
-            "notify": notify or "",
-            "service": service,
-            "version": VERSION,
-            "data": {"model": names[0], "options": fitOptions},
-        }
-        if queue is not None:
-            request["queue"] = queue
+        names = fileNames(paths)
+        request = fitRequest(names[0], fit, name, notify, service, queue, options)
         if not cache:
             request["cache"] = False
         if self.legacy:
             return self._submitLegacy(request, list(zip(names, paths)))
-        body, length, boundary = multipartBody(request, list(zip(names, paths)))
-        headers = {"Content-Type": "multipart/form-data; boundary=" + boundary,
-                   "Content-Length": str(length), "Accept": "application/json"}
-        response = self.open("POST", "/api/v1/jobs", body, headers, timeout=max(self.timeout, 600))
-        with response:
-            record = json.loads(response.read())
+        record = self.postFiles("/api/v1/jobs", request, list(zip(names, paths)))
         self._keep(record)
         return Job(self, record["id"], record)
+
+    def postFiles(self, path, request, files):
+        """POST ``request`` (the ``request`` part) and ``files`` (``[(name,
+        path)]``, streamed) as multipart to ``path``; the decoded answer."""
+        body, length, boundary = multipartBody(request, files)
+        headers = {"Content-Type": "multipart/form-data; boundary=" + boundary,
+                   "Content-Length": str(length), "Accept": "application/json"}
+        response = self.open("POST", path, body, headers, timeout=max(self.timeout, 600))
+        with response:
+            return json.loads(response.read())
+
+    def submitSeries(self, model, data, fit=None, name=None, notify="", service="refl1d",
+                     queue=None, shared=(), **options):
+        """Submit a fit series: one job per data file, each fitting ``model``
+        (with the ``shared`` files) to its file, given as its first argument
+        (``sys.argv[1]``). Returns the `reflservd.seriesclient.Series`."""
+        from reflservd.seriesclient import submitSeries
+        return submitSeries(self, model, data, fitRequest(os.path.basename(model), fit, name, notify,
+                                                          service, queue, options), shared)
+
+    def series(self, seriesId):
+        """The series ``seriesId`` (`reflservd.seriesclient.Series`)."""
+        from reflservd.seriesclient import Series
+        series = Series(self, int(seriesId))
+        series.refresh()
+        return series
 
     def _keep(self, answer):
         if isinstance(answer.get("key"), str):

@@ -1,10 +1,14 @@
 """The user side's files: the keys of the jobs this user submitted, the
-streamed ``multipart/form-data`` body of a submit, and the range check of a
-resumed download (for ``reflservd.client``)."""
+files of a fit and its request, the streamed ``multipart/form-data`` body of
+a submit, and the range check of a resumed download (for
+``reflservd.client``)."""
 
 import json
 import os
 import uuid
+
+from reflservd.clienterrors import ClientError
+from reflservd.names import VERSION
 
 CHUNK = 1 << 16
 
@@ -41,14 +45,45 @@ class KeyStore:
                 if name.startswith(prefix) and name[len(prefix):].isdigit()}
 
     def put(self, url, jobId, key):
-        keys = self._read()
-        keys["%s#%d" % (url, jobId)] = key
+        self.putAll(url, {jobId: key})
+
+    def putAll(self, url, keys):
+        """Keep the keys of ``{jobId: key}`` (a series' members, in one write)."""
+        held = self._read()
+        held.update(("%s#%d" % (url, jobId), key) for jobId, key in keys.items())
         os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         temporary = "%s.%d.tmp" % (self.path, os.getpid())
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(keys, f, indent=0, sort_keys=True)
+            json.dump(held, f, indent=0, sort_keys=True)
         os.replace(temporary, self.path)
+
+
+def fileNames(paths):
+    """The names the server keeps the files at ``paths`` by (their base
+    names); `ClientError` for a file that is not there or a name used twice."""
+    names = [os.path.basename(p) for p in paths]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ClientError("no such file: %s" % (path,))
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ClientError("two files are named %s: the server keeps files by name" % (duplicates[0],))
+    return names
+
+
+def fitRequest(model, fit, name, notify, service, queue, options):
+    """The job request of a fit of the model file named ``model`` (``None``
+    options are left out)."""
+    fitOptions = {key: value for key, value in options.items() if value is not None}
+    if fit is not None:
+        fitOptions = dict(fit=fit, **fitOptions)
+    request = {"name": name if name is not None else os.path.splitext(model)[0],
+               "notify": notify or "", "service": service, "version": VERSION,
+               "data": {"model": model, "options": fitOptions}}
+    if queue is not None:
+        request["queue"] = queue
+    return request
 
 
 def multipartBody(request, files):

@@ -305,6 +305,8 @@ class JobBody(Element):
         if job.cachedFrom is not None:
             items.append(("Answered from", tags.a("job %d (the result cache: no fit ran)" % (job.cachedFrom,),
                                                   href="/jobs/%d" % (job.cachedFrom,), id="cached-from")))
+        if job.series is not None:
+            items.insert(2, ("Series", tags.a("series %d" % (job.series,), href="/series/%d" % (job.series,))))
         out = []
         for label, value in items:
             dd = tags.dd(value)

@@ -35,6 +35,10 @@ OPTION_FIELDS = (
 OPTION_NAMES = tuple(name for name, *_ in OPTION_FIELDS)
 
 MAX_SEED = 2**32 - 1
+MAX_MODEL_ARGS = 100
+"""Arguments a refl1d model is given (``data.args``: its ``sys.argv[1:]``)."""
+MAX_MODEL_ARG = 1000
+"""Characters in one model argument."""
 RUNNER_OPTIONS = ("seed", "parallel", "resume")
 """Request options that are not bumps fit options but refl1d command-line ones."""
 
@@ -84,6 +88,27 @@ def runnerOption(name, value, cpus=None, processLimit=None):
         raise Refused("option parallel=%d needs about %d processes and threads, past this worker's process "
                       "limit of %d (parallel=%d at most)" % (value, parallelTasks(value), processLimit, most))
     return value
+
+
+def modelArgs(args):
+    """A model's arguments (``data.args``, what ``refl1d MODEL ARG...`` gives the
+    script as ``sys.argv[1:]``), checked: a list of at most ``MAX_MODEL_ARGS``
+    non-empty strings of at most ``MAX_MODEL_ARG`` characters, without NUL
+    (no argv holds one) and encodable; ``Refused`` saying which rule broke.
+    The door checks them (``limits.checkModelArgs``), and the runner again."""
+    if args is None:
+        return []
+    if not isinstance(args, list) or len(args) > MAX_MODEL_ARGS:
+        raise Refused("the model's args must be a list of at most %d strings" % (MAX_MODEL_ARGS,))
+    for arg in args:
+        if not isinstance(arg, str) or not arg or len(arg) > MAX_MODEL_ARG or "\0" in arg:
+            raise Refused("a model argument must be a non-empty string of at most %d characters "
+                          "without NUL, not %r" % (MAX_MODEL_ARG, arg if not isinstance(arg, str) else arg[:50]))
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            raise Refused("a model argument holds text that is not valid Unicode (a lone surrogate)") from None
+    return list(args)
 
 
 def fitOptions(values):

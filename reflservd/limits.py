@@ -12,6 +12,7 @@ import math
 
 from reflservd import journalframes
 from reflservd.errors import Refused, TooLarge
+from reflservd.fitoptions import modelArgs
 
 MAX_DEPTH = 32
 """Nesting of objects and arrays in any JSON a request carries."""
@@ -27,6 +28,8 @@ MAX_LABEL = 200
 """Characters in a parameter's label."""
 MAX_PROGRESS_BYTES = 16 * 1024
 """Bytes of one progress report, as its labels and numbers add up."""
+MAX_SERIES = 1000
+"""Members of one fit series (``reflservd.series``)."""
 
 
 def parseJSON(data, what="the body"):
@@ -151,6 +154,15 @@ def _number(value, what):
     except OverflowError:
         return None
     return number if math.isfinite(number) else None
+
+
+def checkModelArgs(request):
+    """The model arguments of a refl1d job request (``data.args``), held to
+    ``fitoptions.modelArgs``: ``Refused`` naming the rule."""
+    data = request.get("data")
+    if isinstance(data, dict) and "args" in data:
+        return modelArgs(data["args"])
+    return []
 
 
 def checkQueueName(name):

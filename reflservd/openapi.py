@@ -95,7 +95,15 @@ _SCHEMAS = {
         cachedFrom={"type": "integer", "nullable": True,
                     "description": "the job whose result answered this one (the result cache)"}),
     "Event": _object(["seq", "type", "status"], seq=_INT, type=_STR, status=_STR),
+    "Series": _object(
+        ["id", "total", "counts", "members"], id=_INT, name=_NSTR, owner=_NSTR, submitted=_NNUM,
+        total=_INT, counts={"type": "object", "additionalProperties": _INT},
+        members={"type": "array", "items": _object(["member", "id", "data", "status"], member=_INT,
+                                                    id=_INT, data=_NSTR, status=_STR)},
+        key={"type": "string", "description": "the series' key (its members' too), answered once"}),
 }
+_SERIES = {"$ref": "#/components/schemas/Series"}
+_SERIES_ID = _param("seriesId", "path", {"type": "integer", "minimum": 0})
 
 # (path, method) -> operation
 OPERATIONS = {
@@ -186,6 +194,37 @@ OPERATIONS = {
         "cluster) the attempt counts", {"200": _json("the job", _JOB)}, [_ID],
         _jsonBody(_object(["lease"], lease=_LEASE, lost=_STR)),
         errors=("400", "404", "409", "413", "415", "503"), worker=True),
+    ("/api/v1/series", "post"): _op(
+        "Submit a fit series: a job per member sharing the job request and the 'shared' files, "
+        "each with its own files and model arguments",
+        {"201": _json("the series", _SERIES)},
+        body={"required": True, "content": {
+            "multipart/form-data": {"schema": _object(
+                ["request"], request={"type": "string", "description": "the series' JSON: "
+                                      "{job, shared: [names], members: [{args, files}]}"},
+                file={"type": "array", "items": {"type": "string", "format": "binary"}})},
+            "application/json": {"schema": _object(
+                ["job", "members"], job={"type": "object"}, shared={"type": "array"},
+                members={"type": "array"})}}},
+        errors=("400", "403", "413", "415", "429", "503")),
+    ("/api/v1/series/{seriesId}", "get"): _op(
+        "A series: its counts by state and its members", {"200": _json("the series", _SERIES)},
+        [_SERIES_ID]),
+    ("/api/v1/series/{seriesId}", "delete"): _op(
+        "Delete every member of a series and its files", {"200": _json("the series", _SERIES)},
+        [_SERIES_ID, _KEY], errors=("400", "403", "404", "503")),
+    ("/api/v1/series/{seriesId}/cancel", "post"): _op(
+        "Cancel every member of a series that has not ended", {"200": _json("the series", _SERIES)},
+        [_SERIES_ID, _KEY], errors=("400", "403", "404", "503")),
+    ("/api/v1/series/{seriesId}/table.json", "get"): _op(
+        "A series' results: a row per member (χ², each parameter's value and uncertainty)",
+        {"200": _json("the table", _object(["id", "parameters", "rows"], id=_INT, name=_NSTR,
+                                           parameters={"type": "array", "items": _STR},
+                                           rows={"type": "array", "items": {"type": "object"}}))},
+        [_SERIES_ID]),
+    ("/api/v1/series/{seriesId}/table.csv", "get"): _op(
+        "A series' results as CSV", {"200": {"description": "the table", "content": {"text/csv": {}}}},
+        [_SERIES_ID]),
     ("/api/v1/openapi.json", "get"): {
         "summary": "This document", "tags": ["ops"],
         "responses": {"200": _json("OpenAPI 3", {"type": "object"})}},

@@ -1,5 +1,5 @@
-"""The HTML pages: the jobs, one job (live), and a form to submit a fit,
-and the files they load (``/static/…``).
+"""The HTML pages: the jobs, one job (live), a fit series (``seriespage``)
+and a form to submit a fit, and the files they load (``/static/…``).
 
 Pages are rendered on the server from the elements of
 ``reflservd.elements``; what changes while a page is open (progress, χ²
@@ -31,6 +31,7 @@ from reflservd.faces import answerRefusals, parseBody, submitter
 from reflservd.fitoptions import fitOptions
 from reflservd.format import displayText
 from reflservd.names import LOG_NAMES, VERSION
+from reflservd.seriespage import SeriesBody
 from reflservd.store import checkName
 from reflservd.web import APIError, formParts, statusOf
 
@@ -109,8 +110,8 @@ def loadStatic(folder=STATIC):
 
 
 class JobPages:
-    """The human pages of the site (``/``, ``/jobs/<id>``, ``/submit``) and
-    the files they load (``/static/…``)."""
+    """The human pages of the site (``/``, ``/jobs/<id>``, ``/series/<id>``,
+    ``/submit``) and the files they load (``/static/…``)."""
 
     _log = Logger()
     app = Klein()
@@ -169,6 +170,20 @@ class JobPages:
         title = "Job %d · %s" % (job.id, displayText(job.name, limit=NAME_LIMIT))
         page = yield self.render(request, Page(title, body, scripts=["chart.js", "job.js"]))
         return page
+
+    @app.route("/series/<int:seriesId>", methods=["GET"])
+    def seriesPage(self, request, seriesId):
+        """A fit series: its members' table and parameter plots (``seriespage``)."""
+        _pageHeaders(request)
+        try:
+            series = self.server.queue.series.get(seriesId)
+        except UnknownJob as e:
+            request.setResponseCode(404)
+            return self.render(request, Page("No series %d" % (seriesId,),
+                                             ErrorBody("No series %d" % (seriesId,), e.message)))
+        title = "Series %d · %s" % (series.id, displayText(series.name, limit=NAME_LIMIT))
+        body = SeriesBody(self.server.queue, series)
+        return self.render(request, Page(title, body, scripts=["chart.js", "series.js"]))
 
     @app.route("/submit", methods=["GET"])
     def submitPage(self, request):

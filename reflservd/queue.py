@@ -16,6 +16,7 @@ from collections import deque
 from sys import intern
 
 from reflservd.errors import Conflict, Refused, UnknownJob
+from reflservd.series import SeriesBook
 
 PENDING, ACTIVE, COMPLETE, ERROR, CANCEL = "PENDING", "ACTIVE", "COMPLETE", "ERROR", "CANCEL"
 STATUSES = (PENDING, ACTIVE, COMPLETE, ERROR, CANCEL)
@@ -39,7 +40,7 @@ class Job:
         "status", "priority", "queue", "attempts", "lease", "leaseExpires",
         "legacy", "worker", "submitted", "started", "finished", "progress",
         "confinement", "cancelRequested", "resultJSON", "error", "trace",
-        "resultPosted", "events", "eventSeq", "keyHash", "postedJSON",
+        "resultPosted", "events", "eventSeq", "keyHash", "postedJSON", "series",
         "inputKey", "cachedFrom",
     )
 
@@ -65,7 +66,9 @@ class Job:
             "confinement": self.confinement,
             "cancelRequested": self.cancelRequested,
             "result": self.result, "error": self.error, "cachedFrom": self.cachedFrom,
+            "series": self.series,
         }
+
 
 class Queue:
     """Jobs in memory, the fair-share pending heap and the leases."""
@@ -84,6 +87,7 @@ class Queue:
         self._pendingOf = {}        # owner -> number of PENDING jobs
         self._counts = dict.fromkeys(STATUSES, 0)
         self.onEvent = None         # called (job, event) after each job event
+        self.series = SeriesBook()
 
     # ---- reading
 
@@ -300,6 +304,7 @@ class Queue:
         job.keyHash = r.get("keyHash")
         job.postedJSON = None
         job.inputKey, job.cachedFrom = r.get("inputKey"), r.get("cachedFrom")
+        job.series = r.get("series")
         self.jobs[job.id] = job
         self.nextId = max(self.nextId, job.id + 1)
         self._counts[PENDING] += 1
@@ -322,6 +327,12 @@ class Queue:
         self._setStatus(job, COMPLETE)
         self._event(job, now, "status")
         self._forgetEvents(job)
+
+    def _apply_series(self, r):
+        """A fit series: its members' submits, then the series (``reflservd.series``)."""
+        for member in r["members"]:
+            self._apply_submit(member)
+        self.series.add(r)
 
     def _apply_lease(self, r):
         job = self.jobs[r["id"]]

@@ -92,6 +92,7 @@ def snapshotOf(queue):
         "jobs": [list(_snapshotFields(job)) for job in queue.jobs.values()],
         "deleted": sorted(queue.deleted),
         "owners": queue.submitTimes(),
+        "series": queue.series.snapshot(),
     }
 
 
@@ -107,6 +108,7 @@ def queueFromSnapshot(state, leaseTimeout=60.0, maxAttempts=3,
     _rowsLoader(state["fields"], state.get("shared", ()), state.get("strings", ()))(
         state["jobs"], queue.jobs)
     queue.adopt(state["nextId"], state["deleted"], state["owners"])
+    queue.series.restore(state.get("series", ()))
     return queue
 
 

@@ -36,6 +36,12 @@ class Output:
             self.stdout.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
             self.stdout.flush()
 
+    def table(self, rows):
+        """Rows of text cells as columns, each as wide as its widest cell."""
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            self.text("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
     def note(self, line):
         """A message for the person (on stderr), in either mode."""
         self.clearLive()

@@ -237,10 +237,10 @@ class QueueServer(service.Service):
         if len(set(names)) != len(names):
             raise Refused("two files have the same name")
         quotas = self.quotas
-        limits.checkFiles([(n, _sourceSize(source)) for n, source in files], quotas.maxFiles,
+        limits.checkFiles([(n, sourceSize(source)) for n, source in files], quotas.maxFiles,
                           quotas.maxFileBytes, quotas.maxJobBytes)
         owner = owner or origin
-        self._checkSubmitter(owner)
+        self.checkSubmitter(owner)
         inputKey, answeredBy = yield self.resultCache.lookUp(self, request, files)
         key, keyHash = newJobKey()
         jobId = self.queue.reserveId()
@@ -270,7 +270,7 @@ class QueueServer(service.Service):
             if written is None:
                 self.inThread(self.store.remove, jobId)
             raise
-        self._submitTimes.setdefault(owner, collections.deque()).append(self._now())
+        self.countSubmit(owner)
         if written is not None:
             self._smallWrites.write(self.store.writeJob, jobId, request, files).chainDeferred(written)
             self._unstored[jobId] = request
@@ -281,14 +281,23 @@ class QueueServer(service.Service):
             self.metrics.submits.inc()
         return self.queue.get(jobId), key
 
-    def _checkSubmitter(self, owner):
-        """``RateLimited`` when ``owner`` has too many jobs pending or has
-        submitted too many in the last minute."""
+    def countSubmit(self, owner):
+        """One more submit of ``owner`` in the last minute (``checkSubmitter``)."""
+        self._submitTimes.setdefault(owner, collections.deque()).append(self._now())
+
+    def checkSubmitter(self, owner, jobs=1):
+        """``RateLimited`` when ``owner`` would have too many jobs pending with
+        ``jobs`` more, or has submitted too many times in the last minute."""
         quotas = self.quotas
-        if quotas.maxPending and self.queue.pendingOf(owner) >= quotas.maxPending:
-            raise RateLimited("you have %d jobs pending, the most this server takes from one "
-                                "submitter; submit more when some have started"
-                                % (quotas.maxPending,), 60)
+        pending = self.queue.pendingOf(owner)
+        if quotas.maxPending and pending + jobs > quotas.maxPending:
+            if jobs > quotas.maxPending:
+                raise TooLarge("a series of %d members is more than the %d pending jobs this server "
+                               "takes from one submitter (--max-pending)" % (jobs, quotas.maxPending))
+            raise RateLimited("you have %d jobs pending%s, the most this server takes from one "
+                              "submitter is %d; submit more when some have started"
+                              % (pending, " and this series has %d" % (jobs,) if jobs > 1 else "",
+                                 quotas.maxPending), 60)
         times = self._submitTimes.get(owner)
         if not times:
             return
@@ -400,7 +409,7 @@ class QueueServer(service.Service):
         if sizes is None:
             listed = yield self.inThread(self.store.files, jobId, "result")
             sizes = self._resultSizes.setdefault(jobId, dict(listed))
-        self._checkResultQuota(sizes, name, offset + _sourceSize(source))
+        self._checkResultQuota(sizes, name, offset + sourceSize(source))
         try:
             size = yield self.inThread(self.store.writeResultPart, jobId, name, offset, source, last)
         except OSError as e:
@@ -482,7 +491,7 @@ def _inlineSize(source):
     return float("inf")
 
 
-def _sourceSize(source):
+def sourceSize(source):
     """The size of an upload, in memory or in a file (left at its start)."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         return len(source)
@@ -505,6 +514,7 @@ def checkRequest(request):
     notify = limits.checkText(request["notify"], "'notify'")
     serviceName = limits.checkText(request.get("service", "refl1d"), "'service'")
     version = limits.checkText(request.get("version", ""), "'version'")
+    limits.checkModelArgs(request)
     if serviceName == "fitter":
         raise Refused("the legacy 'fitter' service sends a pickled problem; this server "
                         "never unpickles (unpickling runs code on the server). Submit the "

@@ -1,10 +1,11 @@
-"""The whole HTTP site of a server: its three faces, each with its own Klein
+"""The whole HTTP site of a server: its four faces, each with its own Klein
 app, composed under one root.
 
 ``api.JobAPI`` serves ``/api/v1/…``, ``/healthz`` and ``/metrics``;
+``seriesapi.SeriesAPI`` ``/api/v1/series…``;
 ``legacy.LegacyAPI`` the old jobqueue's ``/jobs.json``, ``/jobs/<id>.json``
 and the rest; ``pages.JobPages`` the pages (``/``, ``/jobs/<id>``,
-``/submit``) and ``/static/…``. The legacy routes and the pages share the
+``/series/<id>``, ``/submit``) and ``/static/…``. The legacy routes and the pages share the
 ``/jobs`` prefix, so the root does not branch by prefix: it hands a request
 to the first face whose routes match its path and method. A path no face
 has is answered 404, and a method no face takes on that path 405 with the
@@ -19,6 +20,7 @@ from reflservd.access import Access
 from reflservd.api import JobAPI
 from reflservd.legacy import LegacyAPI
 from reflservd.pages import JobPages
+from reflservd.seriesapi import SeriesAPI
 from reflservd.web import Site, UTF8Paths, jsonBody
 
 
@@ -81,6 +83,7 @@ def makeSite(server, maxUpload, access=None, metrics=None, **limits):
     are `web.Site`'s bounds on connections (and its ``reactor``)."""
     access = access or Access()
     faces = [JobAPI(server, maxUpload=maxUpload, access=access, metrics=metrics),
+             SeriesAPI(server, maxUpload=maxUpload, access=access),
              LegacyAPI(server, maxUpload=maxUpload, access=access),
              JobPages(server, maxUpload=maxUpload, access=access)]
     site = Site(UTF8Paths(Faces(faces)), maxBody=maxUpload + (1 << 20), **limits)

@@ -8,9 +8,10 @@ when the error is a MemoryError or a file too large), turning exceptions into an
 that record through ``jobDir/.outcome.json`` (written by the child when it ends,
 read by the worker when the child's process group is gone).
 
-The ``refl1d`` service is the batch path of ``refl1d --batch MODEL --fit=…
+The ``refl1d`` service is the batch path of ``refl1d --batch MODEL [ARG…] --fit=…
 --export=results --session=results/session.h5`` (``bumps.webview.server.cli.main``
-with ``mode="batch"``, after refl1d's plugin is installed), run in this process,
+with ``mode="batch"``, after refl1d's plugin is installed; ``data.args`` are the
+model's ``sys.argv[1:]``), run in this process,
 so the files in ``results/`` are the ones the command line writes. On top of it:
 options checked before anything runs, a recorded seed that also seeds numba's
 own random state in the fit thread (DREAM draws from it), progress from bumps'
@@ -36,7 +37,7 @@ import time
 import traceback
 
 from reflservd.errors import Refused
-from reflservd.fitoptions import MAX_SEED, RUNNER_OPTIONS, runnerOption
+from reflservd.fitoptions import MAX_SEED, RUNNER_OPTIONS, modelArgs, runnerOption
 from reflworkerd import outcome
 from reflworkerd.preload import preload
 from reflworkerd.provenance import fitProvenance
@@ -180,9 +181,9 @@ def _checkFitValue(name, value, stype, Range):
 def _modelPath(jobDir, data):
     if not isinstance(data, dict):
         raise JobError('refl1d: data must be {"model": NAME, "options": {...}}, not %s' % (type(data).__name__,))
-    unknown = sorted(set(data) - {"model", "options"})
+    unknown = sorted(set(data) - {"model", "options", "args"})
     if unknown:
-        raise JobError("refl1d: unknown data field(s) %s (expected model, options)" % (", ".join(unknown),))
+        raise JobError("refl1d: unknown data field(s) %s (expected model, options, args)" % (", ".join(unknown),))
     model = data.get("model")
     if not isinstance(model, str) or not model or "/" in model or "\\" in model or model.startswith("."):
         raise JobError("refl1d: model must be the name of an uploaded .py or .json file, not %r" % (model,))
@@ -279,6 +280,10 @@ def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
     and a retry can resume from it (option ``resume``).
     """
     modelPath = _modelPath(jobDir, data)
+    try:
+        args = modelArgs(data.get("args"))
+    except Refused as refused:
+        raise JobError("refl1d: " + refused.message)
     options = checkOptions(data.get("options"))
     seed = options.pop("seed", None) or drawSeed()
     parallel = options.pop("parallel", 1)
@@ -344,6 +349,7 @@ def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
 
     batch = cli.BumpsOptions(
         filename=modelPath,
+        args=args,
         fit_options=dict(options),
         session=sessionPath,
         export=resultsDir,

@@ -353,7 +353,8 @@ class StubTreqTests(unittest.TestCase):
                       for method in ops}
         routes = set()
         from reflservd.api import JobAPI
-        for rule in JobAPI.app.url_map.iter_rules():
+        from reflservd.seriesapi import SeriesAPI
+        for rule in list(JobAPI.app.url_map.iter_rules()) + list(SeriesAPI.app.url_map.iter_rules()):
             if not rule.rule.startswith("/api/v1"):
                 continue
             path = rule.rule

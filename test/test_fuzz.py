@@ -34,7 +34,7 @@ EXAMPLES = int(os.environ.get("REFLSERVD_FUZZ_EXAMPLES", "80"))
 TOKEN = "fuzz-token"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
           response_headers_conformance, response_schema_conformance]
-OPERATIONS = 14
+OPERATIONS = 20
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,8 @@ def fuzzServer(tmp_path_factory):
     jobs = [api.submit(dict(request, queue="q"), {"model.py": b"x = 1\n"}) for _ in range(4)]
     lease = api.ok("POST", "/api/v1/queues/q/lease")
     assert lease["lease"] == 1 and lease["id"] == jobs[0]["id"]
+    api.ok("POST", "/api/v1/series", body={"job": {"name": "fuzzed series", "notify": "", "service": "count",
+                                                   "data": 0, "queue": "q"}, "members": [{}, {}]})
     yield process
     process.stop(timeout=30)
 

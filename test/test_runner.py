@@ -258,3 +258,18 @@ def test_resumeWithoutASessionIsRefused(jobDir):
     result, _ = outcome(jobDir, {"service": "refl1d", "data": {"model": "model.py", "options": {"fit": "dream", "resume": True}}})
     assert result["status"] == "ERROR"
     assert result["error"] == "resume: there is no session file results/session.h5 to resume from"
+
+
+@pytest.mark.parametrize("args, message", [
+    ("run-1.dat", "refl1d: the model's args must be a list"),
+    (["run-1.dat", "a\0b"], "refl1d: a model argument must be a non-empty string"),
+    ([""], "refl1d: a model argument must be a non-empty string"),
+])
+def test_refl1dHoldsModelArgumentsToTheDoorsRules(jobDir, args, message):
+    """``data.args`` (the model's sys.argv[1:]) is checked by the runner as at
+    the door (fitoptions.modelArgs), before anything runs."""
+    with open(os.path.join(jobDir, "model.py"), "w") as f:
+        f.write("raise SystemExit('the model must not run')\n")
+    result, _ = outcome(jobDir, {"service": "refl1d", "data": {"model": "model.py", "args": args}})
+    assert result["status"] == "ERROR"
+    assert message in result["error"]

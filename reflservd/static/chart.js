@@ -32,17 +32,24 @@
     this.draw();
   };
 
-  ChiChart.prototype.draw = function () {
-    var canvas = this.canvas;
+  /* A canvas sized to its box at the screen's pixel ratio, cleared: its
+     context and its size in CSS pixels. */
+  function prepare(canvas, width, height) {
     var ratio = window.devicePixelRatio || 1;
-    var width = canvas.clientWidth || 640;
-    var height = canvas.clientHeight || 260;
+    width = canvas.clientWidth || width;
+    height = canvas.clientHeight || height;
     canvas.width = Math.round(width * ratio);
     canvas.height = Math.round(height * ratio);
     var g = canvas.getContext("2d");
     g.setTransform(ratio, 0, 0, ratio, 0, 0);
     g.clearRect(0, 0, width, height);
     g.font = "12px system-ui, sans-serif";
+    return { g: g, width: width, height: height };
+  }
+
+  ChiChart.prototype.draw = function () {
+    var area = prepare(this.canvas, 640, 260);
+    var g = area.g, width = area.width, height = area.height;
     var points = this.points.filter(function (p) { return isFinite(p[0]) && isFinite(p[1]); });
     var left = 62, right = 16, top = 14, bottom = 38;
     var plotW = width - left - right, plotH = height - top - bottom;
@@ -115,4 +122,7 @@
   };
 
   window.ChiChart = ChiChart;
+  window.ChiChart.niceTicks = niceTicks;
+  window.ChiChart.prepare = prepare;
+  window.ChiChart.label = label;
 }());
