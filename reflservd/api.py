@@ -12,7 +12,7 @@ from reflservd.access import Access
 from reflservd.faces import answerRefusals, parseBody, submitter, workerRoute
 from reflservd.longpoll import MAX_LONG_POLL
 from reflservd.names import SESSION_NAME
-from reflservd.queue import selectJobs
+from reflservd.job import selectJobs
 from reflservd.store import checkName
 from reflservd.web import APIError, downloadable, formParts, jsonBody, readJSON
 

@@ -17,7 +17,7 @@ from twisted.python.filepath import FilePath
 from twisted.web.template import Element, XMLFile, renderer, tags
 
 from reflservd import queue as Q
-from reflservd.queue import selectJobs
+from reflservd.job import selectJobs
 from reflservd.fitoptions import FITTERS, OPTION_FIELDS
 from reflservd.format import (
     displayText, field, fitSteps, formatDuration, formatParameter, formatValue, provenanceLines)

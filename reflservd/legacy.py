@@ -19,7 +19,7 @@ from twisted.internet import defer
 
 from reflservd import limits
 from reflservd import queue as Q
-from reflservd.queue import selectJobs
+from reflservd.job import selectJobs
 from reflservd.access import Access
 from reflservd.errors import Forbidden, Refused, TooLarge
 from reflservd.faces import answerRefusals, parseBody, submitter, workerRoute

@@ -171,3 +171,46 @@ def checkQueueName(name):
             or not name.replace("-", "").replace("_", "").replace(".", "").isalnum()):
         raise Refused("a queue name is 1-100 letters, digits, '-', '_' or '.'")
     return name
+
+
+class Quotas:
+    """What one submitter and one job may use (``twistd reflservd --help``);
+    0 for a count or a rate means no limit."""
+
+    def __init__(self, maxFiles=MAX_FILES, maxFileBytes=200 << 20, maxJobBytes=200 << 20,
+                 maxResultFiles=1000, maxResultBytes=1 << 30, maxPending=500,
+                 submitsPerMinute=120):
+        self.maxFiles, self.maxFileBytes, self.maxJobBytes = maxFiles, maxFileBytes, maxJobBytes
+        self.maxResultFiles, self.maxResultBytes = maxResultFiles, maxResultBytes
+        self.maxPending, self.submitsPerMinute = maxPending, submitsPerMinute
+
+
+def sourceSize(source):
+    """The size of an upload, in memory or in a file (left at its start)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return len(source)
+    here = source.tell()
+    size = source.seek(0, 2) - here
+    source.seek(here)
+    return size
+
+
+def checkRequest(request):
+    """The request's name, notify, service and version, or ``Refused`` saying
+    what is wrong. All of the request is held to ``checkJSON``."""
+    if not isinstance(request, dict):
+        raise Refused("the request must be a JSON object")
+    checkJSON(request, "the request")
+    for field in ("name", "notify"):
+        if field not in request:
+            raise Refused("the request needs a %r field" % (field,))
+    name = checkText(request["name"], "'name'")
+    notify = checkText(request["notify"], "'notify'")
+    serviceName = checkText(request.get("service", "refl1d"), "'service'")
+    version = checkText(request.get("version", ""), "'version'")
+    checkModelArgs(request)
+    if serviceName == "fitter":
+        raise Refused("the legacy 'fitter' service sends a pickled problem; this server "
+                        "never unpickles (unpickling runs code on the server). Submit the "
+                        "model script or its JSON serialization to the 'refl1d' service")
+    return name, notify, serviceName, version

@@ -11,11 +11,11 @@ through the records and through the ``now`` arguments.
 """
 
 import heapq
-import json
 from collections import deque
 from sys import intern
 
 from reflservd.errors import Conflict, Refused, UnknownJob
+from reflservd.job import Job, encodeResult
 from reflservd.series import SeriesBook
 
 PENDING, ACTIVE, COMPLETE, ERROR, CANCEL = "PENDING", "ACTIVE", "COMPLETE", "ERROR", "CANCEL"
@@ -30,44 +30,6 @@ LEGACY_LEASE_TIMEOUT = 24 * 3600.0
 """Seconds a legacy worker's lease lasts without a sign of life from that
 worker (docs/legacy.md): the old worker sends no heartbeat and holds a
 prefetched job, unread, while it runs a long one."""
-
-
-class Job:
-    """One job as the queue sees it. The request itself lives in the store."""
-
-    __slots__ = (
-        "id", "name", "owner", "notify", "origin", "service", "version",
-        "status", "priority", "queue", "attempts", "lease", "leaseExpires",
-        "legacy", "worker", "submitted", "started", "finished", "progress",
-        "confinement", "cancelRequested", "resultJSON", "error", "trace",
-        "resultPosted", "events", "eventSeq", "keyHash", "postedJSON", "series",
-        "inputKey", "cachedFrom",
-    )
-
-    @property
-    def result(self):
-        """The result the worker sent (a fresh dict each time), or None. It is
-        kept as its JSON text: a long history of finished jobs takes a fifth
-        of the memory, and a snapshot of them decodes twice as fast."""
-        text = self.resultJSON
-        return None if text is None else json.loads(text)
-
-    def toJSON(self, notify=False):
-        """The job record of the API (docs/api.md), without the request; the
-        notify address only with ``notify`` (for its key holder and admins)."""
-        return {
-            "id": self.id, "name": self.name, "owner": self.owner,
-            "notify": self.notify if notify else None, "origin": self.origin,
-            "service": self.service, "version": self.version,
-            "status": self.status, "priority": self.priority,
-            "queue": self.queue, "attempts": self.attempts, "lease": self.lease,
-            "submitted": self.submitted, "started": self.started,
-            "finished": self.finished, "progress": self.progress,
-            "confinement": self.confinement,
-            "cancelRequested": self.cancelRequested,
-            "result": self.result, "error": self.error, "cachedFrom": self.cachedFrom,
-            "series": self.series,
-        }
 
 
 class Queue:
@@ -509,31 +471,11 @@ class Queue:
                 self.restartLease(job, now)
 
 
-def selectJobs(queue, status=None, owner=None, queueName=None):
-    """The jobs matching the filters, newest first."""
-    if status is not None:
-        status = status.upper()
-    jobs = [job for job in queue.jobs.values()
-            if (status is None or job.status == status)
-            and (owner is None or job.owner == owner)
-            and (queueName is None or job.queue == queueName)]
-    jobs.sort(key=lambda job: job.id, reverse=True)
-    return jobs
-
-
 def _forget(times, now):
     """Drop the submit times that have left the fair-share window."""
     horizon = now - FAIR_SHARE_WINDOW
     while times and times[0] <= horizon:
         times.popleft()
-
-
-_encodeJSON = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def encodeResult(result):
-    """A result as the compact JSON text a job keeps (None for none)."""
-    return None if result is None else _encodeJSON(result)
 
 
 def _clip(text):

@@ -12,7 +12,8 @@ import json
 import operator
 from sys import intern
 
-from reflservd.queue import LEGACY_LEASE_TIMEOUT, Job, Queue, encodeResult
+from reflservd.job import Job, encodeResult
+from reflservd.queue import LEGACY_LEASE_TIMEOUT, Queue
 
 SNAPSHOT_VERSION = 4
 

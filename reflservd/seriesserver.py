@@ -20,7 +20,7 @@ from reflservd.access import newJobKey
 from reflservd.errors import DomainError, Refused, TooLarge, Unavailable
 from reflservd.fitoptions import modelArgs
 from reflservd.journalfiles import JournalWriteError
-from reflservd.server import checkRequest, sourceSize
+from reflservd.limits import checkRequest, sourceSize
 from reflservd.store import checkName
 
 

@@ -56,18 +56,6 @@ def collectorPaused():
         gc.freeze()
 
 
-class Quotas:
-    """What one submitter and one job may use (``twistd reflservd --help``);
-    0 for a count or a rate means no limit."""
-
-    def __init__(self, maxFiles=limits.MAX_FILES, maxFileBytes=200 << 20, maxJobBytes=200 << 20,
-                 maxResultFiles=1000, maxResultBytes=1 << 30, maxPending=500,
-                 submitsPerMinute=120):
-        self.maxFiles, self.maxFileBytes, self.maxJobBytes = maxFiles, maxFileBytes, maxJobBytes
-        self.maxResultFiles, self.maxResultBytes = maxResultFiles, maxResultBytes
-        self.maxPending, self.submitsPerMinute = maxPending, submitsPerMinute
-
-
 class QueueServer(service.Service):
     """The state of one site's queue, and the only code that changes it."""
 
@@ -84,7 +72,7 @@ class QueueServer(service.Service):
         self.leaseTimeout = leaseTimeout
         self.legacyLeaseTimeout = legacyLeaseTimeout
         self.maxAttempts = maxAttempts
-        self.quotas = quotas or Quotas()
+        self.quotas = quotas or limits.Quotas()
         self.salvage = salvage
         self.snapshotEvery = snapshotEvery
         self.metrics = metrics
@@ -232,12 +220,12 @@ class QueueServer(service.Service):
         bytes or file)]``; ``owner`` is who submits (by default ``origin``,
         the client's address). Every limit is checked before anything is
         written."""
-        name, notify, serviceName, version = checkRequest(request)
+        name, notify, serviceName, version = limits.checkRequest(request)
         names = [checkName(n) for n, _ in files]
         if len(set(names)) != len(names):
             raise Refused("two files have the same name")
         quotas = self.quotas
-        limits.checkFiles([(n, sourceSize(source)) for n, source in files], quotas.maxFiles,
+        limits.checkFiles([(n, limits.sourceSize(source)) for n, source in files], quotas.maxFiles,
                           quotas.maxFileBytes, quotas.maxJobBytes)
         owner = owner or origin
         self.checkSubmitter(owner)
@@ -401,7 +389,7 @@ class QueueServer(service.Service):
     @defer.inlineCallbacks
     def putFile(self, jobId, lease, name, offset, source, last):
         """Store one part of a result file; journal it when it is whole.
-        A job's results are held to the result quotas (``Quotas``): a part
+        A job's results are held to the result quotas (``limits.Quotas``): a part
         that would pass them is refused before it is written."""
         checkName(name)
         self.queue.checkLease(jobId, lease)
@@ -409,7 +397,7 @@ class QueueServer(service.Service):
         if sizes is None:
             listed = yield self.inThread(self.store.files, jobId, "result")
             sizes = self._resultSizes.setdefault(jobId, dict(listed))
-        self._checkResultQuota(sizes, name, offset + sourceSize(source))
+        self._checkResultQuota(sizes, name, offset + limits.sourceSize(source))
         try:
             size = yield self.inThread(self.store.writeResultPart, jobId, name, offset, source, last)
         except OSError as e:
@@ -489,34 +477,3 @@ def _inlineSize(source):
     if isinstance(source, (bytes, bytearray, memoryview)):
         return len(source)
     return float("inf")
-
-
-def sourceSize(source):
-    """The size of an upload, in memory or in a file (left at its start)."""
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return len(source)
-    here = source.tell()
-    size = source.seek(0, 2) - here
-    source.seek(here)
-    return size
-
-
-def checkRequest(request):
-    """The request's name, notify, service and version, or ``Refused`` saying
-    what is wrong. All of the request is held to ``limits.checkJSON``."""
-    if not isinstance(request, dict):
-        raise Refused("the request must be a JSON object")
-    limits.checkJSON(request, "the request")
-    for field in ("name", "notify"):
-        if field not in request:
-            raise Refused("the request needs a %r field" % (field,))
-    name = limits.checkText(request["name"], "'name'")
-    notify = limits.checkText(request["notify"], "'notify'")
-    serviceName = limits.checkText(request.get("service", "refl1d"), "'service'")
-    version = limits.checkText(request.get("version", ""), "'version'")
-    limits.checkModelArgs(request)
-    if serviceName == "fitter":
-        raise Refused("the legacy 'fitter' service sends a pickled problem; this server "
-                        "never unpickles (unpickling runs code on the server). Submit the "
-                        "model script or its JSON serialization to the 'refl1d' service")
-    return name, notify, serviceName, version

@@ -153,7 +153,8 @@ def makeService(config, reactor=None):
     from reflservd.listen import GuardedListeners
     from reflservd.metrics import Metrics
     from reflservd.notify import Notifier
-    from reflservd.server import QueueServer, Quotas
+    from reflservd.limits import Quotas
+    from reflservd.server import QueueServer
     from reflservd.site import makeSite
 
     metrics = Metrics()

@@ -29,7 +29,7 @@ import shutil
 from twisted.internet import defer
 from twisted.logger import Logger
 
-from reflworkerd import jobfiles, outcome
+from reflworkerd import outcome
 from reflworkerd.jobfiles import finite
 from reflworkerd.checkpoint import Checkpoints, resumeFrom
 from reflworkerd.heartbeat import Heartbeats

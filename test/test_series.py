@@ -7,7 +7,6 @@ import json
 import os
 
 import pytest
-import treq
 from twisted.internet import defer, reactor
 from twisted.internet.task import Clock
 
@@ -17,7 +16,7 @@ from reflservd import series as S
 from reflservd.fitoptions import modelArgs
 from reflservd.journal import Journal
 from reflservd.seriesserver import SeriesDesk
-from reflservd.server import Quotas
+from reflservd.limits import Quotas
 from test.test_api import SCRIPT, ServerCase
 from test.test_server import _comparable, makeServer, result, submit
 
