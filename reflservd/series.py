@@ -159,15 +159,18 @@ def _number(value):
 
 
 def tableCSV(answer):
-    """The ``table`` as CSV text: a header, then a row per member."""
+    """The ``table`` as CSV text: a header, then a row per member. A text
+    cell a spreadsheet would read as a formula (a data file or parameter
+    named ``=HYPERLINK(…)``) starts with a ``'``, as OWASP advises, so that
+    opening the table runs nothing."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     header = ["member", "job", "data", "status", "chisq"]
     for name in answer["parameters"]:
         header += [name, name + " uncertainty"]
-    writer.writerow(header)
+    writer.writerow([_text(cell) for cell in header])
     for row in answer["rows"]:
-        cells = [row["member"], row["id"], row["data"], row["status"], _cell(row["chisq"])]
+        cells = [row["member"], row["id"], _text(row["data"]), row["status"], _cell(row["chisq"])]
         for name in answer["parameters"]:
             fit = row["parameters"].get(name, {})
             cells += [_cell(fit.get("value")), _cell(fit.get("uncertainty"))]
@@ -177,3 +180,12 @@ def tableCSV(answer):
 
 def _cell(value):
     return "" if value is None else repr(float(value))
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+"""What makes a spreadsheet read a CSV cell as a formula."""
+
+
+def _text(value):
+    value = str(value)
+    return "'" + value if value.startswith(FORMULA_STARTS) else value

@@ -3,6 +3,8 @@ domain on a Clock with the real journal run inline (one record for a whole
 series, fair share, limits, refusals that change nothing, cancel, replay
 after a restart), and the routes on a real loopback server with treq."""
 
+import csv
+import io
 import json
 import os
 
@@ -196,6 +198,19 @@ def test_the_table_has_a_row_per_member_with_chisq_and_each_parameter(tmp_path):
     result(server.stopService())
 
 
+def test_csv_cells_a_spreadsheet_would_run_start_with_a_quote():
+    """A data file or parameter named like a formula is written as text in the
+    table's CSV (a leading quote); numbers, negative ones too, stay numbers."""
+    table = {"parameters": ["=cmd|' /C calc'!A0"], "rows": [
+        {"member": 1, "id": 7, "data": "=HYPERLINK(\"http://x\")", "status": "COMPLETE", "chisq": 1.5,
+         "parameters": {"=cmd|' /C calc'!A0": {"value": -2.5, "uncertainty": 0.1}}},
+        {"member": 2, "id": 8, "data": "@SUM(A1)", "status": "PENDING", "chisq": None, "parameters": {}}]}
+    rows = list(csv.reader(io.StringIO(S.tableCSV(table))))
+    assert rows[0][5:] == ["'=cmd|' /C calc'!A0", "'=cmd|' /C calc'!A0 uncertainty"]
+    assert rows[1][2:] == ["'=HYPERLINK(\"http://x\")", "COMPLETE", "1.5", "-2.5", "0.1"]
+    assert rows[2][2] == "'@SUM(A1)"
+
+
 def test_model_arguments_rules():
     assert modelArgs(None) == [] and modelArgs(["run-1.refl", "--x=1"]) == ["run-1.refl", "--x=1"]
     for bad in ("a", [1], [""], ["a\0"], ["x" * 1001], ["a"] * 101, ["\ud800"]):
@@ -288,7 +303,6 @@ def test_reflq_submits_each_file_as_a_member_and_prints_the_series(server, worke
     and its own file, its file as the model's argument; ``reflq series`` prints
     the table (a member that a worker completed with its χ² and parameters),
     ``--csv`` the CSV, and ``--cancel`` cancels the rest with the key reflq kept."""
-    import io
     from reflservd import cli
     from reflservd.client import Client
     from test.support import RESULT, writeModel
