@@ -39,6 +39,9 @@ setup(
             "aiosmtpd==1.4.6",
             "selenium==4.38.0",
         ],
+        # Fits with the job option mpi (the slurm backend): built against the
+        # node's Open MPI (Debian: libopenmpi-dev), which `make venv` installs first.
+        "mpi": ["mpi4py==4.1.2"],
     },
     entry_points={
         "console_scripts": [

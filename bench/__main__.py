@@ -20,7 +20,7 @@ import traceback
 
 from bench import formatMarkdown, formatTable
 
-MODULES = ("server", "forkserver", "sandbox", "worker", "slurm", "parallel")
+MODULES = ("server", "forkserver", "sandbox", "worker", "slurm", "parallel", "mpi")
 
 
 def machineDescription():
