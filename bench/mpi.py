@@ -22,7 +22,6 @@ than a fork does before its first evaluation.
 slurm-wlm, munge, openmpi-bin and mpi4py in this Python).
 """
 
-import argparse
 import os
 import shutil
 import statistics
@@ -31,7 +30,8 @@ import tempfile
 import time
 
 from bench import Result, formatTable
-from bench.parallel import jobFiles, load
+from bench.parallel import dreamArguments, jobFiles, load
+from bench.slurm import slurmCluster
 from bench.worker import namespacesMissing
 
 SAMPLES = 8000
@@ -54,20 +54,31 @@ def timeJob(api, options):
 
 def run(say=print, rounds=ROUNDS, samples=SAMPLES, burn=BURN):
     from reflworkerd import mpifit
-    from test.conftest import ServerProcess, WorkerProcess
-    from test.slurmcluster import SlurmCluster, unavailableReason
 
-    reason = unavailableReason()
-    if reason:
-        raise RuntimeError("the MPI benchmark cannot run here: " + reason)
     if not mpifit.launcherAvailable():
         raise RuntimeError("the MPI benchmark cannot run here: no Open MPI launcher or no mpi4py "
                            "(apt-get install openmpi-bin libopenmpi-dev; pip install -e '.[mpi]')")
     mode = "none" if namespacesMissing() else "namespaces"
+    with slurmCluster("MPI benchmark") as cluster:
+        times, confinement = _timeAll(say, cluster, mode, rounds, samples, burn)
+    say("confinement: %s" % (confinement,))
+    serial = statistics.median(times["serial"])
+    what = "brush DREAM (16 parameters, samples %d, burn %d) through Slurm, --sandbox %s" % (samples, burn, mode)
+    results = []
+    for name, _ in KINDS[1:]:
+        median = statistics.median(times[name])
+        results.append(Result("%s, %s (median of %d)" % (what if not results else "   ", name, rounds),
+                              "%.1f s (%.2f× faster)" % (median, serial / median),
+                              "%.1f s serial" % (serial,), "", None))
+    for row in results:
+        say("%s: %s vs %s" % (row.name, row.figure, row.reference))
+    return results
+
+
+def _timeAll(say, cluster, mode, rounds, samples, burn):
+    from test.conftest import ServerProcess, WorkerProcess
+
     base = tempfile.mkdtemp(prefix="bench-mpi-")
-    cluster = SlurmCluster(tempfile.mkdtemp(prefix="reflslurm-")).start()
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = cluster.conf
     times = {name: [] for name, _ in KINDS}
     confinement = None
     server = ServerProcess(os.path.join(base, "server")).start()
@@ -89,33 +100,12 @@ def run(say=print, rounds=ROUNDS, samples=SAMPLES, burn=BURN):
             worker.stop(timeout=30)
     finally:
         server.stop(timeout=30)
-        cluster.stop()
-        if previous is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = previous
         shutil.rmtree(base, ignore_errors=True)
-    say("confinement: %s" % (confinement,))
-    serial = statistics.median(times["serial"])
-    what = "brush DREAM (16 parameters, samples %d, burn %d) through Slurm, --sandbox %s" % (samples, burn, mode)
-    results = []
-    for name, _ in KINDS[1:]:
-        median = statistics.median(times[name])
-        results.append(Result("%s, %s (median of %d)" % (what if not results else "   ", name, rounds),
-                              "%.1f s (%.2f× faster)" % (median, serial / median),
-                              "%.1f s serial" % (serial,), "", None))
-    for row in results:
-        say("%s: %s vs %s" % (row.name, row.figure, row.reference))
-    return results
+    return times, confinement
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.mpi", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=ROUNDS, help="runs of each kind (default %(default)s)")
-    parser.add_argument("--samples", type=int, default=SAMPLES, help="DREAM samples (default %(default)s)")
-    parser.add_argument("--burn", type=int, default=BURN, help="DREAM burn-in steps (default %(default)s)")
-    args = parser.parse_args(argv)
-    return run(rounds=args.rounds, samples=args.samples, burn=args.burn)
+    return run(**dreamArguments(sys.modules[__name__], argv, samples=SAMPLES, burn=BURN))
 
 
 if __name__ == "__main__":

@@ -235,6 +235,7 @@ def main(specPath):
     with open(specPath) as f:
         spec = json.load(f)
     comm = MPI.COMM_WORLD
+    size = comm.size        # rank 0 finalizes MPI when the fit ends (MPIMapper.stop_mapper)
     os.chdir(spec["jobDir"])
     if comm.rank != 0:
         try:
@@ -251,10 +252,10 @@ def main(specPath):
                               checkpointEvery=spec["checkpointEvery"], checkpoint=messages.checkpoint,
                               backend=spec["backend"], rank=0)
     if record.get("status") == "COMPLETE" and isinstance(record.get("result"), dict):
-        record["result"]["mpi"] = comm.size
+        record["result"]["mpi"] = size
     outcome.write(work, record, OUTCOME_NAME)
     os.close(messages.fd)
-    if record.get("status") != "COMPLETE":
+    if record.get("status") != "COMPLETE" and not MPI.Is_finalized():
         comm.Abort(1)       # the other ranks may still wait for points to evaluate
     return 0
 
