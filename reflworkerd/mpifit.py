@@ -53,7 +53,7 @@ MPI_ENVIRONMENT = {
     "OMPI_MCA_mca_base_component_show_load_errors": "0",
     "OMPI_MCA_rmaps_base_oversubscribe": "1",
     "OMPI_MCA_hwloc_base_binding_policy": "none",
-    "HWLOC_HIDE_ERRORS": "1",
+    "HWLOC_HIDE_ERRORS": "2",
 }
 """What Open MPI is told inside the fit: one node, ranks talking through
 shared memory only (``vader``, copying through it: reading another rank's
@@ -87,6 +87,10 @@ def runRanks(jobDir, request, ranks, progress, checkpoint=None, checkpointEvery=
             "option mpi=%d cannot run here: this node has no Open MPI launcher (%s) or no mpi4py for %s "
             "(Debian: apt-get install openmpi-bin libopenmpi-dev; pip install 'reflservd[mpi]')"
             % (ranks, MPIRUN, sys.executable)))
+    if os.getpid() != 1:
+        raise RanksFailed(outcome.error(
+            "option mpi=%d needs a worker whose fits run in namespaces (--sandbox namespaces or apparmor): "
+            "there the fit is pid 1 of its own pid namespace, and every rank ends with it" % (ranks,)))
     work = tempfile.mkdtemp(prefix="reflfit-mpi-")
     try:
         with open(os.path.join(work, SPEC_NAME), "w") as f:
@@ -109,10 +113,12 @@ def runRanks(jobDir, request, ranks, progress, checkpoint=None, checkpointEvery=
 
 def rankEnvironment(work):
     """The ranks' environment: the fit's, Open MPI's settings, this Python's path
-    (the packages bound into the fit's root) and numba's cache in ``work``."""
+    (the packages bound into the fit's root), and the caches of numba and
+    fontconfig in ``work`` (the fork host's preload spares a forked fit both)."""
     env = dict(os.environ, **MPI_ENVIRONMENT)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
     env["NUMBA_CACHE_DIR"] = os.path.join(work, "numba")
+    env["XDG_CACHE_HOME"] = os.path.join(work, "cache")     # fontconfig's, as matplotlib starts
     if os.geteuid() == 0:
         # A fit without a slot uid (--slot-uid-base 0) is uid 0 without capabilities.
         env["OMPI_ALLOW_RUN_AS_ROOT"] = env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
