@@ -21,7 +21,7 @@ from test.test_worker_e2e import ENDLESS_DREAM, LM, ended, hasProgress, nifilmRe
 SEEDED_LM = dict(LM, seed=11)
 SLURM_DREAM = {"fit": "dream", "samples": 40000, "burn": 50, "seed": 7}
 """A DREAM fit of tens of seconds: long enough to restart a worker under it."""
-MPI_DREAM = {"fit": "dream", "samples": 4000, "burn": 20, "seed": 4321}
+MPI_DREAM = {"fit": "dream", "samples": 2000, "burn": 20, "seed": 4321}
 
 
 @pytest.fixture(autouse=True)
