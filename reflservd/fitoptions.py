@@ -53,8 +53,9 @@ MPI_RANK_TASKS = 4
 MPI_LAUNCHER_TASKS = 8
 """Processes and threads of a fit with ``mpi: N``: each rank with the threads
 of Open MPI and PMIx (``MPI_RANK_TASKS``), and the confined fit with
-``mpirun`` and its threads (``MPI_LAUNCHER_TASKS``); 14 and 18 counted for
-N = 2 and 3 (``test_mpi``)."""
+``mpirun`` and its threads (``MPI_LAUNCHER_TASKS``); at most 13 of the slot's
+uid were seen at once for N = 2 (``ps -eLo uid`` every 0.2 s), against 16
+counted."""
 
 
 def parallelTasks(parallel):
