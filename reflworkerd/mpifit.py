@@ -53,6 +53,7 @@ MPI_ENVIRONMENT = {
     "OMPI_MCA_mca_base_component_show_load_errors": "0",
     "OMPI_MCA_rmaps_base_oversubscribe": "1",
     "OMPI_MCA_hwloc_base_binding_policy": "none",
+    "OMPI_MCA_mpi_yield_when_idle": "1",
     "HWLOC_HIDE_ERRORS": "2",
 }
 """What Open MPI is told inside the fit: one node, ranks talking through
@@ -114,7 +115,8 @@ def runRanks(jobDir, request, ranks, progress, checkpoint=None, checkpointEvery=
 def rankEnvironment(work):
     """The ranks' environment: the fit's, Open MPI's settings, this Python's path
     (the packages bound into the fit's root), and the caches of numba and
-    fontconfig in ``work`` (the fork host's preload spares a forked fit both)."""
+    fontconfig in ``work`` (the fork host's preload spares a forked fit both;
+    `seedNumbaCache` fills numba's)."""
     env = dict(os.environ, **MPI_ENVIRONMENT)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
     env["NUMBA_CACHE_DIR"] = os.path.join(work, "numba")
@@ -125,10 +127,46 @@ def rankEnvironment(work):
     return env
 
 
+NUMBA_PACKAGES = ("refl1d", "bumps")
+"""The packages whose numba kernels the ranks find compiled (`seedNumbaCache`)."""
+
+
+def seedNumbaCache(cacheDir, packages=NUMBA_PACKAGES):
+    """Copy the numba kernels of ``packages`` that are compiled in their source
+    tree (each ``__pycache__``'s ``.nbi``/``.nbc``, as the node program's preload
+    left or found them) into ``cacheDir``, where numba looks for them with
+    ``NUMBA_CACHE_DIR`` set; the number of files copied.
+
+    A rank is a fresh interpreter: without them it compiles refl1d's and
+    DREAM's kernels again (about 25 s of CPU here), in every rank of every
+    fit. In the fit's root the source tree is read-only, and numba uses no
+    cache directory it cannot write to."""
+    import importlib
+
+    from numba.core.caching import UserProvidedCacheLocator
+
+    copied = 0
+    for name in packages:
+        root = os.path.dirname(importlib.import_module(name).__file__)
+        for directory, _, files in os.walk(root):
+            kernels = [f for f in files if f.endswith((".nbi", ".nbc"))]
+            if os.path.basename(directory) != "__pycache__" or not kernels:
+                continue
+            source = os.path.join(os.path.dirname(directory), "kernels.py")
+            target = os.path.join(cacheDir, UserProvidedCacheLocator.get_suitable_cache_subpath(source))
+            os.makedirs(target, exist_ok=True)
+            for kernel in kernels:
+                shutil.copyfile(os.path.join(directory, kernel), os.path.join(target, kernel))
+                copied += 1
+    return copied
+
+
 def _launch(work, ranks, reader, progress, checkpoint):
     command = [MPIRUN, "-n", str(ranks), sys.executable, "-m", "reflworkerd.mpifit",
                os.path.join(work, SPEC_NAME)]
-    launcher = subprocess.Popen(command, env=rankEnvironment(work), stdin=subprocess.DEVNULL, cwd=work)
+    env = rankEnvironment(work)
+    seedNumbaCache(env["NUMBA_CACHE_DIR"])
+    launcher = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, cwd=work)
     lines = LineBuffer(MAX_CHILD_LINE)
     poller = select.poll()
     poller.register(reader, select.POLLIN)
