@@ -160,6 +160,26 @@ def test_anOverlongTemporaryDirectoryIsRefusedForParallelNotCrashed():
     assert "the worker's --work-dir must be shorter" in str(caught.value)
 
 
+def test_mpiNeedsTheFitsOwnPidNamespace(jobDir, monkeypatch):
+    """A fit with mpi on a slurm worker that confines it without namespaces (this
+    process is not pid 1 of a namespace of its own) ends ERROR saying why, and
+    starts no rank: nothing would end them with it."""
+    from reflworkerd import mpifit, requestcheck
+
+    monkeypatch.setattr(requestcheck, "fitCpus", lambda: 2)
+    monkeypatch.setattr(mpifit, "launcherAvailable", lambda: True)
+    monkeypatch.setattr(mpifit.subprocess, "Popen", None)
+    with open(os.path.join(jobDir, "model.py"), "w") as f:
+        f.write("raise SystemExit('the model is not run')\n")
+    request = {"service": "refl1d", "data": {"model": "model.py", "options": {"fit": "dream", "mpi": 2}}}
+    record = runner.outcomeOf(jobDir, request, [].append, backend="slurm")
+    assert record["status"] == "ERROR"
+    assert record["error"] == ("option mpi=2 needs a worker whose fits run in namespaces (--sandbox namespaces "
+                               "or apparmor): there the fit is pid 1 of its own pid namespace, and every rank "
+                               "ends with it")
+    assert os.listdir(jobDir) == ["model.py"]
+
+
 def test_countServiceCountsToItsData(jobDir):
     """The count service returns the number it was asked to count to, and reports it as progress."""
     result, progress = outcome(jobDir, {"service": "count", "data": 1234})
