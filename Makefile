@@ -18,7 +18,7 @@ $(STAMP): setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	extras=test; if [ -e "$$(mpicc -showme:incdirs 2>/dev/null | cut -d' ' -f1)/mpi.h" ]; then extras=test,mpi; fi; \
-	$(BIN)/pip install -q -e ".[$$extras]" --config-settings editable_mode=compat
+	PIP_NO_BINARY=mpi4py $(BIN)/pip install -q -e ".[$$extras]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -86,7 +86,7 @@ def runRanks(jobDir, request, ranks, progress, checkpoint=None, checkpointEvery=
     if not launcherAvailable():
         raise RanksFailed(outcome.error(
             "option mpi=%d cannot run here: this node has no Open MPI launcher (%s) or no mpi4py for %s "
-            "(Debian: apt-get install openmpi-bin libopenmpi-dev; pip install 'reflservd[mpi]')"
+            "(Debian: apt-get install openmpi-bin libopenmpi-dev; pip install --no-binary mpi4py 'reflservd[mpi]')"
             % (ranks, MPIRUN, sys.executable)))
     if os.getpid() != 1:
         raise RanksFailed(outcome.error(
