@@ -69,7 +69,8 @@ def run(say=print, rounds=ROUNDS, samples=SAMPLES, burn=BURN):
                Result("    of which the fit (its process, from its start)", "%.1f s" % (serialFit,), "", "", None)]
     for name, _ in KINDS[1:]:
         median, fit = statistics.median(times[name]), statistics.median(fits[name])
-        results.append(Result("    %s (median of %d)" % (name, rounds), "%.1f s (%.2f× faster)" % (median, serial / median),
+        results.append(Result("    %s (median of %d)" % (name, rounds),
+                              "%.1f s (%.2f× faster)" % (median, serial / median),
                               "%.1f s serial" % (serial,), "", None))
         results.append(Result("    of which the fit (rank 0 from its start)" if name.startswith("mpi")
                               else "    of which the fit", "%.1f s (%.2f× faster)" % (fit, serialFit / fit),
