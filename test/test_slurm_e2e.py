@@ -184,6 +184,9 @@ def test_a_seeded_dream_fit_over_two_mpi_ranks_gives_the_serial_parameters(
     assert record["confinement"] == serialRecord["confinement"]
     assert record["confinement"].startswith("namespaces(mount,pid,net,ipc,uts)+seccomp+"), record
     assert record["result"]["mpi"] == 2 and "mpi" not in serialRecord["result"]
+    # Rank 0's progress came through the fit (its FIFO) and the node's events, as a serial fit's does.
+    progress = [{k: v for k, v in r["progress"].items() if k != "elapsed"} for r in (record, serialRecord)]
+    assert progress[0] == progress[1] and progress[0]["step"] > 0, progress
     assert record["result"]["chisq"] == serialRecord["result"]["chisq"]
     assert record["result"]["parameters"] == serialRecord["result"]["parameters"]
     [(slurmId, state)] = ourSlurmJobs(slurm, tmp_path, ranks["id"])
