@@ -7,9 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the tests use: AppArmor's compiler, Chromium for the pages, systemd-analyze
 # for the units, a one-node Slurm with MPI (libpmix-dev: slurm-wlm's mpi/pmix loads libpmix.so,
-# which only it ships).
+# which only it ships; libopenmpi-dev: the venv's mpi4py is built against Debian's Open MPI).
 DEBS   := apparmor chromium chromium-driver util-linux iproute2 shellcheck logrotate python3-venv adduser openssl curl \
-          systemd slurm-wlm munge openmpi-bin python3-mpi4py libpmix-dev
+          systemd slurm-wlm munge openmpi-bin python3-mpi4py libpmix-dev libopenmpi-dev
 
 .PHONY: venv sysdeps test fuzz demo bench clean
 
@@ -17,7 +17,8 @@ $(STAMP): setup.py
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) is needed (CPython 3.11)"; exit 2; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]' --config-settings editable_mode=compat
+	extras=test; if [ -e "$$(mpicc -showme:incdirs 2>/dev/null | cut -d' ' -f1)/mpi.h" ]; then extras=test,mpi; fi; \
+	PIP_NO_BINARY=mpi4py $(BIN)/pip install -q -e ".[$$extras]" --config-settings editable_mode=compat
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -33,7 +34,7 @@ sysdeps:
 	  fi; \
 	fi
 
-test: venv sysdeps
+test: sysdeps venv
 	$(BIN)/python -m pytest -q test
 
 # The fuzzing of test/test_fuzz.py at 1,000 cases per operation (make test runs 80).

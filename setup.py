@@ -39,6 +39,10 @@ setup(
             "aiosmtpd==1.4.6",
             "selenium==4.38.0",
         ],
+        # Fits with the job option mpi (the slurm backend): built from source against
+        # the node's Open MPI (Debian: libopenmpi-dev; pip --no-binary mpi4py, as
+        # `make venv` does: PyPI's wheel brings no Open MPI of Debian's).
+        "mpi": ["mpi4py==4.1.2"],
     },
     entry_points={
         "console_scripts": [

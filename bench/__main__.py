@@ -20,7 +20,7 @@ import traceback
 
 from bench import formatMarkdown, formatTable
 
-MODULES = ("server", "forkserver", "sandbox", "worker", "slurm", "parallel", "cache", "series")
+MODULES = ("server", "forkserver", "sandbox", "worker", "slurm", "parallel", "mpi", "cache", "series")
 
 
 def machineDescription():

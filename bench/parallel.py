@@ -150,13 +150,19 @@ def run(say=print, rounds=ROUNDS, samples=SAMPLES, burn=BURN):
     return results
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m bench.parallel", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=ROUNDS, help="runs of each kind (default %(default)s)")
-    parser.add_argument("--samples", type=int, default=SAMPLES, help="DREAM samples (default %(default)s)")
-    parser.add_argument("--burn", type=int, default=BURN, help="DREAM burn-in steps (default %(default)s)")
+def dreamArguments(module, argv, rounds=ROUNDS, samples=SAMPLES, burn=BURN):
+    """``--rounds``, ``--samples`` and ``--burn`` of a DREAM benchmark ``module`` read from ``argv``."""
+    parser = argparse.ArgumentParser(prog="python -m " + module.__name__,
+                                     description=module.__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=rounds, help="runs of each kind (default %(default)s)")
+    parser.add_argument("--samples", type=int, default=samples, help="DREAM samples (default %(default)s)")
+    parser.add_argument("--burn", type=int, default=burn, help="DREAM burn-in steps (default %(default)s)")
     args = parser.parse_args(argv)
-    return run(rounds=args.rounds, samples=args.samples, burn=args.burn)
+    return {"rounds": args.rounds, "samples": args.samples, "burn": args.burn}
+
+
+def main(argv=None):
+    return run(**dreamArguments(sys.modules[__name__], argv))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ installed; otherwise it says why it cannot run).
 """
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -48,17 +49,38 @@ def timeJobs(api, runs):
     return samples
 
 
-def run(runs=RUNS):
-    from test.conftest import ServerProcess, WorkerProcess
+@contextlib.contextmanager
+def slurmCluster(what):
+    """A started one-node `test.slurmcluster.SlurmCluster`, its ``SLURM_CONF`` in this
+    process's environment (the daemons started meanwhile inherit it) until it stops;
+    ``RuntimeError`` saying why where it cannot run (``what``: the benchmark)."""
     from test.slurmcluster import SlurmCluster, unavailableReason
 
     reason = unavailableReason()
     if reason:
-        raise RuntimeError("the Slurm benchmark cannot run here: " + reason)
-    base = tempfile.mkdtemp(prefix="bench-slurm-")
+        raise RuntimeError("the %s cannot run here: %s" % (what, reason))
     cluster = SlurmCluster(tempfile.mkdtemp(prefix="reflslurm-")).start()
     previous = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = cluster.conf
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        if previous is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = previous
+
+
+def run(runs=RUNS):
+    with slurmCluster("Slurm benchmark") as cluster:
+        return _run(cluster, runs)
+
+
+def _run(cluster, runs):
+    from test.conftest import ServerProcess, WorkerProcess
+
+    base = tempfile.mkdtemp(prefix="bench-slurm-")
     server = ServerProcess(os.path.join(base, "server")).start()
     try:
         local = WorkerProcess(os.path.join(base, "local"), server, queue="local").start()
@@ -75,11 +97,6 @@ def run(runs=RUNS):
             slurm.stop(timeout=30)
     finally:
         server.stop(timeout=30)
-        cluster.stop()
-        if previous is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = previous
         shutil.rmtree(base, ignore_errors=True)
     slurmMedian, localMedian = statistics.median(slurmTimes), statistics.median(localTimes)
     overhead = slurmMedian - localMedian

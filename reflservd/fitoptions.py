@@ -4,9 +4,10 @@ to. The submit page builds its form from them and reads it back with
 ``fitOptions``; ``reflq submit`` takes the same options.
 
 The rules of the options that are not bumps' fit options but refl1d
-command-line ones (``seed``, ``parallel``, ``resume``: ``RUNNER_OPTIONS``)
-are here too, in ``runnerOption``: the form applies what it can know, the
-worker's runner the whole rule with the CPUs and process limit of the fit.
+command-line ones (``seed``, ``parallel``, ``mpi``, ``resume``:
+``RUNNER_OPTIONS``) are here too, in ``runnerOption`` and
+``runnerOptions``: the form applies what it can know, the worker's runner
+the whole rule with the CPUs, the process limit and the backend of the fit.
 bumps' own options are checked by the runner against bumps itself. Only the
 standard library and ``reflservd.errors``, so that ``reflworkerd`` may
 import it.
@@ -30,6 +31,7 @@ OPTION_FIELDS = (
     ("init", "Initializer", ("eps", "lhs", "cov", "random"), {}, "dream"),
     ("seed", "Seed", int, {"min": "1"}, ""),
     ("parallel", "Processes", int, {"min": "1"}, ""),
+    ("mpi", "MPI ranks (Slurm workers)", int, {"min": "2"}, ""),
     ("time", "Time limit (hours)", float, {"min": "0", "step": "any"}, ""),
 )
 OPTION_NAMES = tuple(name for name, *_ in OPTION_FIELDS)
@@ -39,7 +41,7 @@ MAX_MODEL_ARGS = 100
 """Arguments a refl1d model is given (``data.args``: its ``sys.argv[1:]``)."""
 MAX_MODEL_ARG = 1000
 """Characters in one model argument."""
-RUNNER_OPTIONS = ("seed", "parallel", "resume")
+RUNNER_OPTIONS = ("seed", "parallel", "mpi", "resume")
 """Request options that are not bumps fit options but refl1d command-line ones."""
 
 MAPPER_TASKS = 10
@@ -49,12 +51,28 @@ multiprocessing manager, plus the manager, the pool's threads and the fit's
 own; 11 to 17 counted for N = 2 to 4)."""
 
 
+MPI_BACKENDS = ("slurm",)
+"""The worker backends that run a fit with ``mpi: N``."""
+MPI_RANK_TASKS = 4
+MPI_LAUNCHER_TASKS = 8
+"""Processes and threads of a fit with ``mpi: N``: each rank with the threads
+of Open MPI and PMIx (``MPI_RANK_TASKS``), and the confined fit with
+``mpirun`` and its threads (``MPI_LAUNCHER_TASKS``); at most 13 of the slot's
+uid were seen at once for N = 2 (``ps -eLo uid`` every 0.2 s), against 16
+counted."""
+
+
 def parallelTasks(parallel):
     """The processes and threads a fit with ``parallel`` processes counts against RLIMIT_NPROC."""
     return 1 if parallel == 1 else 2 * parallel + MAPPER_TASKS
 
 
-def runnerOption(name, value, cpus=None, processLimit=None):
+def mpiTasks(ranks):
+    """The processes and threads a fit with ``mpi: ranks`` counts against RLIMIT_NPROC."""
+    return MPI_RANK_TASKS * ranks + MPI_LAUNCHER_TASKS
+
+
+def runnerOption(name, value, cpus=None, processLimit=None, backend=None):
     """The value of the runner option ``name`` (one of ``RUNNER_OPTIONS``), checked;
     ``Refused`` saying why it is not valid.
 
@@ -65,6 +83,12 @@ def runnerOption(name, value, cpus=None, processLimit=None):
     the number of CPUs the fit may run on and ``processLimit`` its
     RLIMIT_NPROC; each bounds ``parallel`` where it is given (the worker
     knows them, the server does not).
+
+    ``mpi`` is the number of MPI ranks (2 or more: rank 0 drives the fit,
+    the others evaluate the model with bumps' MPI mapper), bounded the same
+    way; only the backends of ``MPI_BACKENDS`` run it, so a worker with
+    another ``backend`` refuses it (the server, which does not know the
+    backend, passes None).
     """
     if name == "resume":
         if not isinstance(value, bool):
@@ -78,6 +102,8 @@ def runnerOption(name, value, cpus=None, processLimit=None):
         if not 1 <= value <= MAX_SEED:
             raise Refused("option seed must be in 1..%d, not %d" % (MAX_SEED, value))
         return value
+    if name == "mpi":
+        return _mpiRanks(value, cpus, processLimit, backend)
     if value < 1:
         raise Refused("option parallel must be a number of processes, 1 or more, not %d (refl1d's 0, "
                       "every CPU, is not offered: a worker's CPUs are shared)" % (value,))
@@ -111,6 +137,55 @@ def modelArgs(args):
     return list(args)
 
 
+def _mpiRanks(ranks, cpus, processLimit, backend):
+    if ranks < 2:
+        raise Refused("option mpi must be a number of MPI ranks, 2 or more, not %d (leave it out for a fit in "
+                      "one process)" % (ranks,))
+    if backend is not None and backend not in MPI_BACKENDS:
+        raise Refused("option mpi runs a fit under MPI on a worker with the slurm backend (--backend slurm); "
+                      "this worker's backend is %s: use parallel for processes on one machine" % (backend,))
+    if cpus is not None and ranks > cpus:
+        raise Refused("option mpi=%d is more than the %d CPUs this fit was given" % (ranks, cpus))
+    if processLimit is not None and mpiTasks(ranks) > processLimit:
+        most = (processLimit - MPI_LAUNCHER_TASKS) // MPI_RANK_TASKS
+        raise Refused("option mpi=%d needs about %d processes and threads, past this worker's process limit "
+                      "of %d (mpi=%d at most)" % (ranks, mpiTasks(ranks), processLimit, most))
+    return ranks
+
+
+def runnerOptions(options):
+    """Check what the runner options of ``options`` (already each checked) ask
+    together: ``mpi`` and ``parallel`` above 1 are two ways of spreading the
+    evaluations, one at a time. ``Refused`` where both are asked."""
+    if options.get("mpi") and options.get("parallel", 1) > 1:
+        raise Refused("options mpi=%d and parallel=%d cannot be combined: ask for one of them"
+                      % (options["mpi"], options["parallel"]))
+    return options
+
+
+MOST_CPUS_ASKED = 1024
+"""A job asking for more CPUs than this is given 1 (and its runner says why it is refused)."""
+
+
+def requestedCpus(request):
+    """The CPUs a fit ``request`` asks for by its ``parallel`` or ``mpi`` option
+    (1 where it asks for neither, or for something the runner will refuse)."""
+    data = request.get("data") if isinstance(request, dict) else None
+    options = data.get("options") if isinstance(data, dict) else None
+    if not isinstance(options, dict):
+        return 1
+    cpus = 1
+    for name in ("parallel", "mpi"):
+        if name in options:
+            try:
+                asked = runnerOption(name, options[name])
+            except Refused:
+                continue
+            if asked < MOST_CPUS_ASKED:
+                cpus = max(cpus, asked)
+    return cpus
+
+
 def fitOptions(values):
     """The fit options of a form's text ``values`` (``{name: text}``): the
     fitter, and each option that is filled in and applies to that fitter,
@@ -139,4 +214,4 @@ def fitOptions(values):
             raise Refused("%s must be a finite number" % (label,))
         if name in RUNNER_OPTIONS:
             options[name] = runnerOption(name, options[name])
-    return options
+    return runnerOptions(options)

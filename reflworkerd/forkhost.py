@@ -208,6 +208,7 @@ class ForkHost:
                 reporter.progress,
                 checkpointEvery=command.get("checkpointEvery", 300),
                 checkpoint=reporter.checkpoint,
+                backend=command.get("backend") or "local",
             )
             outcome.write(jobDir, record)
             code = 0

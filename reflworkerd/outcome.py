@@ -90,14 +90,14 @@ def deathMessage(event, limits):
     return "the fit process exited with code %s without a result" % (code,)
 
 
-def write(jobDir, outcome):
-    """Write the outcome record where the worker looks for it, whole or not at all.
+def write(jobDir, outcome, name=OUTCOME_NAME):
+    """Write the outcome record where the worker looks for it (or as ``name``), whole or not at all.
 
     Not fsynced: the worker reads it from the page cache right after the child
     exits, and a machine that crashes loses the job's lease anyway (the server
     hands the job out again).
     """
-    path = os.path.join(jobDir, OUTCOME_NAME)
+    path = os.path.join(jobDir, name)
     temporary = path + ".tmp"
     with open(temporary, "w") as f:
         json.dump(outcome, f, allow_nan=False, default=_jsonDefault)

@@ -21,15 +21,16 @@ fit events, and the fit thread's exception surfaced as the job's error.
 manager process) evaluates the model, inside the fit's own confinement and
 limits; N is bounded by the fit's CPUs and process limit, and a model bumps
 cannot copy to those processes is refused rather than quietly run in one.
+``mpi: N`` (on the backends that offer it) runs the fit over N MPI ranks
+started inside the same confinement (``mpifit``): rank 0 runs this same
+function with bumps' ``MPIMapper``.
 
 This module imports nothing heavy at import time: the fork server preloads
 bumps and refl1d (``preload``) so that each forked child finds them in memory.
 """
 
 import errno
-import math
 import os
-import resource
 import secrets
 import sys
 import tempfile
@@ -37,8 +38,9 @@ import time
 import traceback
 
 from reflservd.errors import Refused
-from reflservd.fitoptions import MAX_SEED, RUNNER_OPTIONS, modelArgs, runnerOption
-from reflworkerd import outcome
+from reflservd.fitoptions import MAX_SEED, RUNNER_OPTIONS, modelArgs  # noqa: F401 (RUNNER_OPTIONS: the runner's too)
+from reflworkerd import mpifit, outcome
+from reflworkerd.requestcheck import JobError, checkOptions, fitCpus, fitProcessLimit, modelPath  # noqa: F401
 from reflworkerd.preload import preload
 from reflworkerd.provenance import fitProvenance
 from reflworkerd.shared import RESULTS_DIR, RESUMABLE_FITTERS, SESSION_NAME, STDERR_NAME
@@ -51,10 +53,6 @@ SOCKET_PATH_MAX = 107
 """The longest AF_UNIX socket path (sun_path less its NUL): multiprocessing's
 manager listens at TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX."""
 MANAGER_SOCKET_SUFFIX = len("/pymp-12345678/listener-12345678")
-
-
-class JobError(Exception):
-    """The request cannot be run as given; the message says why (no traceback is useful)."""
 
 
 class _FitThreadError(Exception):
@@ -83,116 +81,6 @@ def runCount(jobDir, data, progress, **kw):
 def drawSeed():
     """A fresh seed for a job that did not ask for one (recorded in its result)."""
     return 1 + secrets.randbelow(MAX_SEED)
-
-
-def fitCpus():
-    """The CPUs this process may run on (its affinity: what Slurm or taskset gave it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def fitProcessLimit():
-    """This process's RLIMIT_NPROC, or None where none holds (unlimited, or uid 0,
-    which the kernel does not hold to it)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NPROC)
-    if soft == resource.RLIM_INFINITY or os.getuid() == 0:
-        return None
-    return soft
-
-
-def checkOptions(options, cpus=None, processLimit=None):
-    """Check refl1d fit options by bumps' own names and types; return them cleaned.
-
-    Unknown names, options the chosen fitter does not use, values of the wrong
-    type or out of range are refused with a `JobError` naming the problem
-    (where the command line would warn and carry on, a queued job would
-    silently run something else than asked). The runner options (``seed``,
-    ``parallel``, ``resume``) follow ``reflservd.fitoptions.runnerOption``,
-    ``parallel`` bounded by ``cpus`` and ``processLimit`` (by default this
-    process's: ``fitCpus()``, ``fitProcessLimit()``).
-    """
-    from bumps.fitters import FIT_AVAILABLE_IDS
-    from bumps.webview.server import fit_options
-
-    if options is None:
-        options = {}
-    if not isinstance(options, dict):
-        raise JobError("options must be an object of refl1d fit options, not %s" % (type(options).__name__,))
-    fitterId = options.get("fit", fit_options.DEFAULT_FITTER_ID)
-    if fitterId not in FIT_AVAILABLE_IDS:
-        raise JobError("unknown fitter fit=%r (one of %s)" % (fitterId, ", ".join(FIT_AVAILABLE_IDS)))
-    fitter = fit_options.lookup_fitter(fitterId)
-    usable = ["fit", "time"] + [name for name, _ in fitter.settings]
-    cleaned = {"fit": fitterId}
-    for name, value in options.items():
-        if name == "fit":
-            continue
-        if name in RUNNER_OPTIONS:
-            try:
-                cleaned[name] = runnerOption(
-                    name, value, cpus=fitCpus() if cpus is None else cpus,
-                    processLimit=fitProcessLimit() if processLimit is None else processLimit)
-            except Refused as refused:
-                raise JobError(refused.message)
-            continue
-        if name not in fit_options.FIT_OPTIONS:
-            raise JobError(
-                "unknown fit option %r (refl1d's options for fit=%s: %s)"
-                % (name, fitterId, ", ".join(sorted(usable[1:] + list(RUNNER_OPTIONS))))
-            )
-        if name not in usable:
-            raise JobError(
-                "fit option %r does not apply to fit=%s (its options: %s)"
-                % (name, fitterId, ", ".join(sorted(usable[1:] + list(RUNNER_OPTIONS))))
-            )
-        cleaned[name] = _checkFitValue(name, value, fit_options.FIT_OPTIONS[name].stype, fit_options.Range)
-    return cleaned
-
-
-def _checkFitValue(name, value, stype, Range):
-    if isinstance(stype, list):
-        if value not in stype:
-            raise JobError("option %s=%r is not one of %s" % (name, value, ", ".join(stype)))
-        return value
-    if stype is bool:
-        if not isinstance(value, bool):
-            raise JobError("option %s must be true or false, not %r" % (name, value))
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise JobError("option %s must be a number, not %r" % (name, value))
-    if not math.isfinite(value):
-        raise JobError("option %s must be finite, not %r" % (name, value))
-    if stype is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise JobError("option %s must be an integer, not %r" % (name, value))
-        value = int(value)
-        if value < 0:
-            raise JobError("option %s must not be negative (%d)" % (name, value))
-        return value
-    value = float(value)
-    if isinstance(stype, Range) and not stype.min <= value <= stype.max:
-        raise JobError("option %s=%g is outside [%g, %g]" % (name, value, stype.min, stype.max))
-    if name == "time" and value < 0:
-        raise JobError("option time (hours) must not be negative (%g)" % (value,))
-    return value
-
-
-def _modelPath(jobDir, data):
-    if not isinstance(data, dict):
-        raise JobError('refl1d: data must be {"model": NAME, "options": {...}}, not %s' % (type(data).__name__,))
-    unknown = sorted(set(data) - {"model", "options", "args"})
-    if unknown:
-        raise JobError("refl1d: unknown data field(s) %s (expected model, options, args)" % (", ".join(unknown),))
-    model = data.get("model")
-    if not isinstance(model, str) or not model or "/" in model or "\\" in model or model.startswith("."):
-        raise JobError("refl1d: model must be the name of an uploaded .py or .json file, not %r" % (model,))
-    if not model.endswith((".py", ".json")):
-        raise JobError("refl1d: model %r must be a .py script or a .json serialized FitProblem" % (model,))
-    path = os.path.join(jobDir, model)
-    if not os.path.isfile(path):
-        raise JobError("refl1d: model file %r was not uploaded" % (model,))
-    return path
 
 
 def _seedNumbaSource():
@@ -270,21 +158,26 @@ class _FitEvents:
         )
 
 
-def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
+def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None, backend=None, rank=None):
     """Run ``refl1d --batch`` on the job's model, in this process; return the result summary.
 
     bumps saves the session file (``results/session.h5``, written to a
     temporary name and renamed) when the fit starts, every ``checkpointEvery``
     seconds while it runs, and at the end; ``checkpoint(relativePath)`` is
     called after each save during the fit, so that the worker can ship it
-    and a retry can resume from it (option ``resume``).
+    and a retry can resume from it (option ``resume``). ``backend`` is the
+    worker's; ``rank`` is 0 in rank 0 of a fit with ``mpi``.
     """
-    modelPath = _modelPath(jobDir, data)
+    path = modelPath(jobDir, data)
     try:
         args = modelArgs(data.get("args"))
     except Refused as refused:
         raise JobError("refl1d: " + refused.message)
-    options = checkOptions(data.get("options"))
+    options = checkOptions(data.get("options"), backend=backend)
+    mpi = options.pop("mpi", None)
+    if mpi and rank is None:
+        return mpifit.runRanks(jobDir, {"service": "refl1d", "data": data}, mpi, progress, checkpoint,
+                               checkpointEvery, backend)
     seed = options.pop("seed", None) or drawSeed()
     parallel = options.pop("parallel", 1)
     resume = options.pop("resume", False)
@@ -348,13 +241,14 @@ def runRefl1d(jobDir, data, progress, checkpointEvery=300, checkpoint=None):
     api.state.save = saveAndTell
 
     batch = cli.BumpsOptions(
-        filename=modelPath,
+        filename=path,
         args=args,
         fit_options=dict(options),
         session=sessionPath,
         export=resultsDir,
         seed=seed,
         parallel=parallel,
+        mpi=bool(mpi),
         checkpoint=checkpointEvery,
         resume=resume,
         mode="batch",
@@ -444,32 +338,35 @@ SERVICES = {"refl1d": runRefl1d, "count": runCount}
 """The services a worker offers, by the name a job asks for."""
 
 
-def runJob(jobDir, request, progress, checkpointEvery=300, checkpoint=None):
+def runJob(jobDir, request, progress, checkpointEvery=300, checkpoint=None, **host):
     """Run the service a job asks for in ``jobDir``; return its result summary.
 
     ``request`` is ``{"service": NAME, "data": ...}``; ``progress(dict)`` is
     called with ``{"step", "chisq", "parameters", "elapsed"}`` as the fit goes,
     ``checkpoint(path)`` (path relative to ``jobDir``) after each checkpoint of
-    the session file.
+    the session file. ``host`` says where it runs (``backend``, ``rank``).
     """
     if not isinstance(request, dict):
         raise JobError("the request must be an object with service and data")
     service = request.get("service")
     if service not in SERVICES:
         raise JobError("unknown service %r: this worker offers %s" % (service, ", ".join(sorted(SERVICES))))
-    return SERVICES[service](jobDir, request.get("data"), progress, checkpointEvery=checkpointEvery, checkpoint=checkpoint)
+    return SERVICES[service](jobDir, request.get("data"), progress, checkpointEvery=checkpointEvery,
+                             checkpoint=checkpoint, **host)
 
 
-def outcomeOf(jobDir, request, progress, checkpointEvery=300, checkpoint=None):
+def outcomeOf(jobDir, request, progress, checkpointEvery=300, checkpoint=None, **host):
     """Run the job and return its outcome record; never raises for the job's own failures."""
     try:
-        result = runJob(jobDir, request, progress, checkpointEvery=checkpointEvery, checkpoint=checkpoint)
+        result = runJob(jobDir, request, progress, checkpointEvery=checkpointEvery, checkpoint=checkpoint, **host)
+    except mpifit.RanksFailed as failed:
+        return failed.outcome
     except JobError as exc:
         return outcome.error(str(exc))
     except _FitThreadError as exc:
-        return _errorOutcome(exc.exc, jobDir)
+        return errorOutcome(exc.exc, jobDir)
     except (Exception, SystemExit) as exc:
-        return _errorOutcome(exc, jobDir)
+        return errorOutcome(exc, jobDir)
     return outcome.completed(result)
 
 
@@ -481,7 +378,7 @@ _PLUMBING = (
 )
 
 
-def _errorOutcome(exc, jobDir):
+def errorOutcome(exc, jobDir):
     message = "".join(traceback.format_exception_only(type(exc), exc)).strip()
     record = outcome.error(message, modelTraceback(exc, jobDir))
     if isinstance(exc, MemoryError):

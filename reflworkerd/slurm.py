@@ -40,6 +40,7 @@ from twisted.internet import defer, task, threads, utils
 from twisted.logger import Logger
 from twisted.python import failure
 
+from reflservd.fitoptions import requestedCpus
 from reflworkerd import outcome, sandbox
 from reflworkerd.local import fitEnvironment
 from reflworkerd.localrun import FitRun
@@ -151,7 +152,8 @@ class SlurmBackend(service.Service):
     the worker's work directory, which must also be shared with the nodes).
     ``partition``, ``account``, ``cpusPerJob``, ``timeLimit`` and ``extra``
     (more ``sbatch`` arguments) shape each Slurm job; a job asking for
-    ``parallel`` N gets at least N CPUs. ``commands`` runs Slurm's commands
+    ``parallel`` or ``mpi`` N gets at least N CPUs (one task: the ranks of
+    ``mpi`` start inside the fit's confinement, ``mpifit``). ``commands`` runs Slurm's commands
     (`SlurmCommands`); ``inThread`` a blocking call off the reactor thread.
     """
 
@@ -301,7 +303,7 @@ class SlurmBackend(service.Service):
     def _submit(self, fitRun):
         control = self._controlDir(fitRun.jobId)
         script = yield self._inThread(self._writeControl, fitRun, control)
-        cpus = max(self.cpusPerJob, _parallel(fitRun.request))
+        cpus = max(self.cpusPerJob, requestedCpus(fitRun.request))
         args = ["--parsable", "--job-name=reflworkerd-%d" % (fitRun.jobId,),
                 "--partition=" + self.partition, "--cpus-per-task=%d" % (cpus,),
                 "--output=" + os.path.join(control, OUTPUT_NAME), "--chdir=" + control,
@@ -331,7 +333,8 @@ class SlurmBackend(service.Service):
         command = {"op": "run", "run": fitRun.token, "jobId": fitRun.jobId, "jobDir": fitRun.jobDir,
                    "request": fitRun.request, "sandbox": self.sandboxMode,
                    "limits": {k: v for k, v in self.limits.items() if k != "wall"},
-                   "checkpointEvery": self.checkpointEvery, "uid": fitRun.uid, "gid": fitRun.gid}
+                   "checkpointEvery": self.checkpointEvery, "uid": fitRun.uid, "gid": fitRun.gid,
+                   "backend": "slurm"}
         _writeJSON(os.path.join(control, COMMAND_NAME), command)
         script = os.path.join(control, SCRIPT_NAME)
         with open(script, "w") as f:
@@ -450,13 +453,6 @@ class SlurmBackend(service.Service):
         else:
             fitRun.ended("%s: %s" % (ENDED_BY_SLURM.get(name, "the Slurm job ended before its fit did"),
                                      said))
-
-
-def _parallel(request):
-    data = (request or {}).get("data") if isinstance(request, dict) else None
-    options = data.get("options") if isinstance(data, dict) else None
-    value = options.get("parallel") if isinstance(options, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 1024 else 1
 
 
 def _writeJSON(path, value):

@@ -93,13 +93,58 @@ def test_parallelIsBoundedByTheFitsCpusAndProcessLimit(parallel, cpus, processLi
     assert runner.checkOptions({"fit": "dream", "parallel": 1}, cpus=1, processLimit=1)["parallel"] == 1
 
 
+@pytest.mark.parametrize(
+    "options, backend, message",
+    [
+        ({"mpi": 2}, None, "option mpi runs a fit under MPI on a worker with the slurm backend (--backend slurm); "
+                           "this worker's backend is local: use parallel for processes on one machine"),
+        ({"mpi": 1}, "slurm", "option mpi must be a number of MPI ranks, 2 or more, not 1 (leave it out"),
+        ({"mpi": 2.5}, "slurm", "option mpi must be an integer, not 2.5"),
+        ({"mpi": 3}, "slurm", "option mpi=3 is more than the 2 CPUs this fit was given"),
+        ({"mpi": 2, "parallel": 2}, "slurm", "options mpi=2 and parallel=2 cannot be combined"),
+    ],
+)
+def test_mpiIsRefusedOffSlurmAndBoundedLikeParallel(options, backend, message):
+    """mpi asks for MPI ranks: only where the worker's backend runs them (slurm), 2 or
+    more, no more than the fit's CPUs, not together with parallel."""
+    with pytest.raises(runner.JobError) as caught:
+        runner.checkOptions(dict(options, fit="dream"), cpus=2, processLimit=None, backend=backend)
+    assert message in str(caught.value)
+    assert runner.checkOptions({"fit": "dream", "mpi": 2, "parallel": 1}, cpus=2, backend="slurm")["mpi"] == 2
+
+
+def test_mpiRanksAndTheirThreadsFitUnderTheProcessLimit():
+    """Each rank counts with Open MPI's threads, and mpirun with its own."""
+    assert fitoptions.mpiTasks(2) == 16
+    with pytest.raises(runner.JobError) as caught:
+        runner.checkOptions({"fit": "dream", "mpi": 4}, cpus=8, processLimit=20, backend="slurm")
+    assert str(caught.value) == ("option mpi=4 needs about 24 processes and threads, past this worker's process "
+                                 "limit of 20 (mpi=3 at most)")
+
+
+def test_theCpusARequestAsksOfSlurm():
+    """A Slurm job gets the CPUs its fit asks for by parallel or mpi; a value the runner
+    will refuse asks for one (the runner then says why)."""
+    def request(**options):
+        return {"service": "refl1d", "data": {"model": "m.py", "options": options}}
+
+    assert fitoptions.requestedCpus(request(mpi=3)) == 3
+    assert fitoptions.requestedCpus(request(parallel=2)) == 2
+    assert fitoptions.requestedCpus(request(mpi=1, parallel=True, seed=5)) == 1
+    assert fitoptions.requestedCpus(request(mpi=10**6)) == 1
+    assert fitoptions.requestedCpus({"service": "count", "data": 5}) == 1
+
+
 def test_theSubmitFormAppliesTheSameRunnerRules():
     """The submit page's form reads seed and parallel by the runner's own rule (one
     place: reflservd.fitoptions), short of what only the worker knows (its CPUs)."""
     assert fitoptions.fitOptions({"fit": "dream", "seed": "7", "parallel": "2"}) == {
         "fit": "dream", "seed": 7, "parallel": 2}
+    assert fitoptions.fitOptions({"fit": "dream", "mpi": "4"}) == {"fit": "dream", "mpi": 4}
     for values, message in (({"seed": "0"}, "option seed must be in 1..4294967295, not 0"),
-                            ({"parallel": "0"}, "option parallel must be a number of processes, 1 or more")):
+                            ({"parallel": "0"}, "option parallel must be a number of processes, 1 or more"),
+                            ({"mpi": "1"}, "option mpi must be a number of MPI ranks, 2 or more"),
+                            ({"mpi": "2", "parallel": "3"}, "options mpi=2 and parallel=3 cannot be combined")):
         with pytest.raises(Refused) as caught:
             fitoptions.fitOptions(values)
         assert message in caught.value.message
@@ -113,6 +158,26 @@ def test_anOverlongTemporaryDirectoryIsRefusedForParallelNotCrashed():
     with pytest.raises(runner.JobError) as caught:
         runner._checkMapperSocket("/" + "w" * 80, 2)
     assert "the worker's --work-dir must be shorter" in str(caught.value)
+
+
+def test_mpiNeedsTheFitsOwnPidNamespace(jobDir, monkeypatch):
+    """A fit with mpi on a slurm worker that confines it without namespaces (this
+    process is not pid 1 of a namespace of its own) ends ERROR saying why, and
+    starts no rank: nothing would end them with it."""
+    from reflworkerd import mpifit, requestcheck
+
+    monkeypatch.setattr(requestcheck, "fitCpus", lambda: 2)
+    monkeypatch.setattr(mpifit, "launcherAvailable", lambda: True)
+    monkeypatch.setattr(mpifit.subprocess, "Popen", None)
+    with open(os.path.join(jobDir, "model.py"), "w") as f:
+        f.write("raise SystemExit('the model is not run')\n")
+    request = {"service": "refl1d", "data": {"model": "model.py", "options": {"fit": "dream", "mpi": 2}}}
+    record = runner.outcomeOf(jobDir, request, [].append, backend="slurm")
+    assert record["status"] == "ERROR"
+    assert record["error"] == ("option mpi=2 needs a worker whose fits run in namespaces (--sandbox namespaces "
+                               "or apparmor): there the fit is pid 1 of its own pid namespace, and every rank "
+                               "ends with it")
+    assert os.listdir(jobDir) == ["model.py"]
 
 
 def test_countServiceCountsToItsData(jobDir):
@@ -223,7 +288,7 @@ def test_readOutcomeRefusesWhatIsNotAnOutcome(jobDir, content, says):
 
 def test_memoryErrorIsMarkedForTheWorker(jobDir):
     """A MemoryError is marked so that the worker can name the memory limit in the job's error."""
-    record = runner._errorOutcome(MemoryError("Unable to allocate"), jobDir)
+    record = runner.errorOutcome(MemoryError("Unable to allocate"), jobDir)
     assert record["limit"] == "memory"
     assert record["error"] == "MemoryError: Unable to allocate"
 

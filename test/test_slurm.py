@@ -99,11 +99,21 @@ def test_a_fit_is_one_sbatch_job_running_the_fork_hosts_command(tmp_path):
                           "--time=1:00:00", "--qos=low", control + "/job.sh")
     command = json.loads((c.control(5) / "command.json").read_text())
     assert command["op"] == "run" and command["jobDir"] == str(tmp_path / "shared" / "jobs" / "5")
+    assert command["backend"] == "slurm"        # the runner runs mpi for this backend only
     assert command["limits"] == {"cpu": 60}         # the wall limit is the worker's to keep
     assert json.loads((c.control(5) / "slurm.json").read_text()) == {"jobId": 5, "slurmId": 101}
     assert oct(os.stat(c.control(5)).st_mode & 0o777) == "0o700"
     assert "-m reflworkerd.slurmjob " + control in (c.control(5) / "job.sh").read_text()
     assert fitRun.slurmId == 101 and fitRun.survives
+
+
+def test_a_fit_over_mpi_ranks_asks_for_a_cpu_per_rank_in_one_task(tmp_path):
+    """The ranks of mpi: N start inside the fit's confinement on one node (mpifit):
+    one Slurm task with N CPUs."""
+    c = Cluster(tmp_path)
+    c.run(6, {"service": "refl1d", "data": {"model": "m.py", "options": {"mpi": 4}}})
+    (sbatch,) = c.slurm.of("sbatch")
+    assert "--cpus-per-task=4" in sbatch and not any(a.startswith(("--ntasks", "-n")) for a in sbatch[1:])
 
 
 def test_one_squeue_call_per_poll_for_every_job(cluster):

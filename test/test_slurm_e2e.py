@@ -6,11 +6,14 @@ The same seeded fit gives the same result through Slurm as through the local
 backend; a cancelled DREAM fit leaves nothing in ``squeue``; a worker
 restarted while its fit runs in Slurm adopts it (one Slurm job, delivered);
 a node that fails under a fit hands the job back and it runs again; batch
-mode runs a fit with no worker daemon. Each waits through the server's state
-or Slurm's, with a bound.
+mode runs a fit with no worker daemon; a seeded DREAM fit over two MPI ranks
+(``mpi: 2``) gives the serial fit's parameters, in the same confinement.
+Each waits through the server's state or Slurm's, with a bound.
 """
 
 import pytest
+
+from reflworkerd import mpifit
 
 from test.conftest import nifilmFiles
 from test.test_worker_e2e import ENDLESS_DREAM, LM, ended, hasProgress, nifilmRequest
@@ -18,6 +21,7 @@ from test.test_worker_e2e import ENDLESS_DREAM, LM, ended, hasProgress, nifilmRe
 SEEDED_LM = dict(LM, seed=11)
 SLURM_DREAM = {"fit": "dream", "samples": 40000, "burn": 50, "seed": 7}
 """A DREAM fit of tens of seconds: long enough to restart a worker under it."""
+MPI_DREAM = {"fit": "dream", "samples": 2000, "burn": 20, "seed": 4321}
 
 
 @pytest.fixture(autouse=True)
@@ -52,11 +56,18 @@ def live(jobs):
 def test_a_seeded_fit_gives_the_same_result_through_slurm_as_locally(
         serverProcess, workerProcess, tmp_path, slurm):
     """The nickel LM fit, seeded, through the local backend and then through
-    Slurm: the same χ² and parameters, the same result files, in a Slurm job."""
+    Slurm: the same χ² and parameters, the same result files, in a Slurm job.
+    The local backend refuses a fit with ``mpi``, naming the backend that runs it."""
     server = serverProcess()
     local = workerProcess(server, queue="local")
     first = server.api.submit(nifilmRequest(SEEDED_LM), nifilmFiles())
     localRecord = server.api.waitFor(first["id"], ended, timeout=120, what="its end")
+    mpi = server.api.submit(nifilmRequest(dict(MPI_DREAM, mpi=2)), nifilmFiles())
+    refused = server.api.waitFor(mpi["id"], ended, timeout=120, what="its end")
+    assert refused["status"] == "ERROR", refused
+    assert refused["error"] == ("option mpi runs a fit under MPI on a worker with the slurm backend "
+                                "(--backend slurm); this worker's backend is local: use parallel for "
+                                "processes on one machine")
     local.stop(timeout=30)
     slurmWorker(workerProcess, server, tmp_path, slurm, queue="cluster")
     # The same determined fit: the result cache would answer it without running it.
@@ -152,3 +163,33 @@ def test_a_fit_whose_node_fails_is_handed_back_and_runs_again(serverProcess, wor
     assert server.api.waitFor(job["id"], ended, timeout=60, what="its end")["status"] == "CANCEL"
     states = [state for _, state in sorted(ourSlurmJobs(slurm, tmp_path, job["id"]), key=lambda j: int(j[0]))]
     assert states == ["NODE_FAIL"] * (record["attempts"] - 1) + ["CANCELLED"], states
+
+
+def test_a_seeded_dream_fit_over_two_mpi_ranks_gives_the_serial_parameters(
+        serverProcess, workerProcess, tmp_path, slurm):
+    """``mpi: 2``: a Slurm job of two CPUs whose fit, confined as the serial fit is
+    (namespaces, a slot's uid), runs over two MPI ranks (rank 0 reports a world of
+    2); the seeded DREAM fit ends with the serial fit's χ² and parameters."""
+    if not mpifit.launcherAvailable():
+        pytest.skip("no Open MPI launcher or no mpi4py for this Python: apt-get install openmpi-bin "
+                    "libopenmpi-dev; pip install -e '.[mpi]'")
+    if slurm.cpus < 2:
+        pytest.skip("needs two CPUs, this host has %d" % (slurm.cpus,))
+    server = serverProcess()
+    slurmWorker(workerProcess, server, tmp_path, slurm, sandbox="namespaces")
+    serial = server.api.submit(nifilmRequest(MPI_DREAM), nifilmFiles())
+    ranks = server.api.submit(nifilmRequest(dict(MPI_DREAM, mpi=2)), nifilmFiles())
+    serialRecord = server.api.waitFor(serial["id"], ended, timeout=300, what="its end")
+    record = server.api.waitFor(ranks["id"], ended, timeout=300, what="its end")
+    assert (serialRecord["status"], record["status"]) == ("COMPLETE", "COMPLETE"), record
+    assert record["confinement"] == serialRecord["confinement"]
+    assert record["confinement"].startswith("namespaces(mount,pid,net,ipc,uts)+seccomp+"), record
+    assert record["result"]["mpi"] == 2 and "mpi" not in serialRecord["result"]
+    # Rank 0's progress came through the fit (its FIFO) and the node's events, as a serial fit's does.
+    progress = [{k: v for k, v in r["progress"].items() if k != "elapsed"} for r in (record, serialRecord)]
+    assert progress[0] == progress[1] and progress[0]["step"] > 0, progress
+    assert record["result"]["chisq"] == serialRecord["result"]["chisq"]
+    assert record["result"]["parameters"] == serialRecord["result"]["parameters"]
+    [(slurmId, state)] = ourSlurmJobs(slurm, tmp_path, ranks["id"])
+    assert state == "COMPLETED"
+    assert slurm.run("squeue", "--noheader", "--states=all", "--format=%C", "--jobs=" + slurmId).stdout.split() == ["2"]
