@@ -13,7 +13,14 @@ compute node; its fits outlive the worker, which adopts them again when it
 restarts.
 """
 
+from twisted.internet import threads
 from zope.interface import Attribute, Interface
+
+
+def reactorThreads(reactor):
+    """``f(*args) -> Deferred``: ``f`` run in the reactor's thread pool, where
+    the backends and the poller do what blocks on the disk."""
+    return lambda f, *args: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
 
 class IBackend(Interface):

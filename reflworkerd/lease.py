@@ -22,7 +22,6 @@ a worker that restarts delivers what its previous run could not. A 409 (or
 """
 
 import enum
-import json
 import os
 import shutil
 
@@ -30,6 +29,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from reflworkerd import outcome
+from reflworkerd.statefile import writeDurably
 from reflworkerd.jobfiles import finite
 from reflworkerd.checkpoint import Checkpoints, resumeFrom
 from reflworkerd.heartbeat import Heartbeats
@@ -148,13 +148,8 @@ class LeasedJob:
                  "request": self.request, "outcome": self.outcome,
                  "uploaded": sorted(self.resultFiles.uploaded), "uid": self.uid,
                  "results": self.resultFiles.sizes}
-        temporary = self.statePath + ".tmp"
         try:
-            with open(temporary, "w") as f:
-                json.dump(finite(state), f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(temporary, self.statePath)
+            writeDurably(self.statePath, finite(state))
         except OSError as e:
             self._log.warn("job {jobId}: its state could not be saved ({why}); a restart "
                            "of the worker would lose it", jobId=self.jobId, why=e.strerror)

@@ -14,9 +14,10 @@ import signal
 import sys
 
 from twisted.application import service
-from twisted.internet import defer, error, protocol, threads
+from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
+from reflworkerd.backend import reactorThreads
 from reflworkerd import outcome, sandbox
 from reflworkerd.localrun import FitRun
 from reflworkerd.wire import COMMANDS_FD, EVENTS_FD, LineBuffer, encode, parseLine
@@ -92,13 +93,10 @@ class LocalBackend(service.Service):
         stopTimeout=10.0,
         inThread=None,
     ):
-        if sandboxMode not in ("apparmor", "namespaces", "none"):
-            raise ValueError("sandboxMode is what sandbox.choose returned, not %r" % (sandboxMode,))
         self._reactor = reactor
         self.python = python
-        self.sandboxMode = sandboxMode
-        self._inThread = inThread or (
-            lambda f, *args: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args))
+        self.sandboxMode = sandbox.checkApplied(sandboxMode)
+        self._inThread = inThread or reactorThreads(reactor)
         self.limits = dict(limits or {})
         self.env = env
         self.checkpointEvery = checkpointEvery

@@ -25,10 +25,11 @@ import shutil
 import socket
 
 from twisted.application import service
-from twisted.internet import defer, task, threads
+from twisted.internet import defer, task
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from reflworkerd.backend import reactorThreads
 from reflworkerd import jobfiles
 from reflworkerd.lease import LeasedJob
 from reflworkerd.resultfiles import PART_SIZE
@@ -78,8 +79,7 @@ class Poller(service.Service):
         self.slotUidBase = slotUidBase
         self.checkpointEvery = checkpointEvery
         self.onFatal = onFatal
-        self.inThread = inThread or (
-            lambda f, *args: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args))
+        self.inThread = inThread or reactorThreads(reactor)
         self.resultFilesQuota = resultFilesQuota
         self.resultBytesQuota = resultBytesQuota
         self.reachability = Reachability(client.baseURL)

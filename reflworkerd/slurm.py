@@ -36,15 +36,17 @@ import signal
 import sys
 
 from twisted.application import service
-from twisted.internet import defer, task, threads, utils
+from twisted.internet import defer, task, utils
 from twisted.logger import Logger
 from twisted.python import failure
 
 from reflservd.fitoptions import requestedCpus
+from reflworkerd.backend import reactorThreads
 from reflworkerd import outcome, sandbox
 from reflworkerd.local import fitEnvironment
 from reflworkerd.localrun import FitRun
 from reflworkerd.slurmjob import COMMAND_NAME, EVENTS_NAME
+from reflworkerd.statefile import writeDurably
 from reflworkerd.wire import LineBuffer, parseLine
 
 SLURM_ID_NAME = "slurm.json"
@@ -162,8 +164,6 @@ class SlurmBackend(service.Service):
     def __init__(self, reactor, sharedDir, partition, account=None, cpusPerJob=1, timeLimit=None,
                  extra=(), python=sys.executable, sandboxMode="none", limits=None, env=None,
                  checkpointEvery=300, pollInterval=2.0, inThread=None, commands=None):
-        if sandboxMode not in ("apparmor", "namespaces", "none"):
-            raise ValueError("sandboxMode is what sandbox.choose returned, not %r" % (sandboxMode,))
         self._reactor = reactor
         self.controlRoot = os.path.join(os.path.abspath(sharedDir), "slurm")
         self.partition = partition
@@ -172,12 +172,11 @@ class SlurmBackend(service.Service):
         self.timeLimit = timeLimit
         self.extra = list(extra)
         self.python = python
-        self.sandboxMode = sandboxMode
+        self.sandboxMode = sandbox.checkApplied(sandboxMode)
         self.limits = dict(limits or {})
         self.checkpointEvery = checkpointEvery
         self.pollInterval = pollInterval
-        self._inThread = inThread or (
-            lambda f, *args: threads.deferToThreadPool(reactor, reactor.getThreadPool(), f, *args))
+        self._inThread = inThread or reactorThreads(reactor)
         self.commands = commands or SlurmCommands(reactor, fitEnvironment(env))
         self.stopping = False
         self._runs = {}
@@ -314,7 +313,7 @@ class SlurmBackend(service.Service):
             args.append("--time=" + self.timeLimit)
         out = yield self.commands.run("sbatch", *(args + self.extra + [script]))
         slurmId = int(out.strip().split(";")[0])
-        yield self._inThread(_writeJSON, os.path.join(control, SLURM_ID_NAME),
+        yield self._inThread(writeDurably, os.path.join(control, SLURM_ID_NAME),
                              {"jobId": fitRun.jobId, "slurmId": slurmId})
         fitRun.slurmId = slurmId
         self._log.info("job {jobId}: Slurm job {slurmId} in partition {partition}",
@@ -335,7 +334,7 @@ class SlurmBackend(service.Service):
                    "limits": {k: v for k, v in self.limits.items() if k != "wall"},
                    "checkpointEvery": self.checkpointEvery, "uid": fitRun.uid, "gid": fitRun.gid,
                    "backend": "slurm"}
-        _writeJSON(os.path.join(control, COMMAND_NAME), command)
+        writeDurably(os.path.join(control, COMMAND_NAME), command)
         script = os.path.join(control, SCRIPT_NAME)
         with open(script, "w") as f:
             f.write("#!/bin/sh\nexec %s -m reflworkerd.slurmjob %s\n"
@@ -453,15 +452,6 @@ class SlurmBackend(service.Service):
         else:
             fitRun.ended("%s: %s" % (ENDED_BY_SLURM.get(name, "the Slurm job ended before its fit did"),
                                      said))
-
-
-def _writeJSON(path, value):
-    temporary = path + ".tmp"
-    with open(temporary, "w") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(temporary, path)
 
 
 def _readFrom(path, offset, limit):

@@ -20,6 +20,7 @@ from twisted.trial import unittest
 
 from reflworkerd import sandbox
 from reflworkerd.local import LocalBackend
+from reflworkerd.sandbox import SandboxUnavailable
 from test.support import sessionGenerations
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -681,7 +682,7 @@ class LocalBackendLogicTests(unittest.SynchronousTestCase):
         backend, proto, process = self.startedServer(sandboxMode="namespaces")
         backend.run(1, self.jobDir, {"service": "count", "data": 1}, lambda p: None)
         self.assertEqual((process.commands[0]["sandbox"], chosen), ("namespaces", []))
-        with self.assertRaises(ValueError):
+        with self.assertRaises(SandboxUnavailable):
             LocalBackend(self.reactor, sandboxMode="auto")
 
     def test_cancelSendsTermThenKillAfterGraceOnTheClock(self):

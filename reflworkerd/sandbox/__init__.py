@@ -71,7 +71,7 @@ from reflworkerd.sandbox.seccomp import applySeccomp, seccompProgram
 from reflworkerd.sandbox.syscalls import (PR_SET_DUMPABLE, PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG,
                                          SandboxUnavailable, closeFds, prctl)
 
-__all__ = ["FIT_PROFILE", "MODES", "SandboxUnavailable", "choose", "confine", "describe", "describeLimits",
+__all__ = ["FIT_PROFILE", "MODES", "SandboxUnavailable", "checkApplied", "choose", "confine", "describe", "describeLimits",
            "fitEnvironment"]
 
 FIT_PROFILE = "reflworkerd-fit"
@@ -161,8 +161,7 @@ def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None)
     @raise SandboxUnavailable: the mode cannot be had here, or the job
         directory lies where the fit would see its siblings.
     """
-    if mode not in ("apparmor", "namespaces", "none"):
-        raise SandboxUnavailable("confine needs the mode choose() returned, not %r" % (mode,))
+    checkApplied(mode)
     limits = dict(limits or {})
     unknown = set(limits) - set(LIMITS) - set(NOT_RLIMITS)
     if unknown:
@@ -222,4 +221,4 @@ def confine(jobDir, mode, limits, uid=None, gid=None, readOnly=(), keepFds=None)
     return describe(mode, limits, uid, isRoot, seccomp=seccomp)
 
 
-from reflworkerd.sandbox.probe import MODES, choose  # noqa: E402 (probe tries confine)
+from reflworkerd.sandbox.probe import MODES, checkApplied, choose  # noqa: E402 (probe tries confine)

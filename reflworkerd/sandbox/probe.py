@@ -11,6 +11,17 @@ from reflworkerd.sandbox.syscalls import SandboxUnavailable
 
 _log = Logger(namespace="reflworkerd.sandbox")
 MODES = ("auto", "apparmor", "namespaces", "none")
+APPLIED = MODES[1:]
+"""The modes a fit is confined in: what ``choose`` returns for ``auto``."""
+
+
+def checkApplied(mode):
+    """``mode`` if it is one ``choose`` returns; ``SandboxUnavailable`` if not
+    (``auto`` is chosen once, at the worker's start, never per fit)."""
+    if mode not in APPLIED:
+        raise SandboxUnavailable("the sandbox mode must be what choose() returned (%s), not %r"
+                                 % (", ".join(APPLIED), mode))
+    return mode
 
 
 def _appArmorMissing():
