@@ -2,7 +2,10 @@
 
 A job whose ``notify`` is an e-mail address gets one mail when it first
 becomes ACTIVE and one when it ends (COMPLETE, ERROR or CANCEL), each with a
-link to the job's page. The queue server calls `Notifier.jobChanged` on every
+link to the job's page. The members of a fit series are not mailed one by
+one: the series' owner gets one mail once every member has ended
+(`Notifier.seriesChanged`), with each member's status and χ² and a link to
+the series' page. The queue server calls `Notifier.jobChanged` on every
 status event; sending happens in the background through
 ``twisted.mail.smtp.sendmail``, and a mail that cannot be sent is logged and
 forgotten: it never changes the job, nor delays the answer to anyone (the old
@@ -11,7 +14,7 @@ jobqueue answered 500 to a worker when its notification failed).
 
 import re
 import socket
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
@@ -21,6 +24,9 @@ from twisted.logger import Logger
 from reflservd.format import displayText, formatDuration, formatParameter, formatValue, lastLine
 
 MAILED = ("ACTIVE", "COMPLETE", "ERROR", "CANCEL")
+ENDED = MAILED[1:]
+MAX_MEMBERS = 200
+"""Members a series' mail lists (the rest are on its page)."""
 ADDRESS = re.compile(r"^[^@\s<>,;:\"()\[\]\\\x00-\x1f\x7f\ud800-\udfff]{1,64}"
                      r"@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?$")
 SEND_TIMEOUT = 120.0
@@ -64,6 +70,7 @@ class Notifier:
         self.baseUrl = (baseUrl or "").rstrip("/")
         self._sendmail = sendmail
         self._mailed = OrderedDict()        # jobId -> the last status mailed
+        self._seriesMailed = OrderedDict()  # the series whose end was mailed
         self.sending = set()
 
     @classmethod
@@ -93,6 +100,46 @@ class Notifier:
         except Exception:
             self._log.failure("notification for job {jobId} not sent", jobId=getattr(job, "id", None))
             return None
+
+    def seriesChanged(self, series, members):
+        """A member of ``series`` changed status (``members``: its jobs, None
+        for a deleted one): its owner gets one mail when the last member has
+        ended, not two per member (a series of 500 would send 1,000). Never
+        raises."""
+        try:
+            live = [job for job in members if job is not None]
+            if (not live or any(job.status not in ENDED for job in live)
+                    or not isAddress(live[0].notify) or series.id in self._seriesMailed):
+                return None
+            self._seriesMailed[series.id] = True
+            while len(self._seriesMailed) > REMEMBERED:
+                self._seriesMailed.popitem(last=False)
+            return self.send(live[0].id, live[0].notify, self.seriesMessage(series, members, live[0].notify))
+        except Exception:
+            self._log.failure("notification for series {seriesId} not sent", seriesId=getattr(series, "id", None))
+            return None
+
+    def seriesMessage(self, series, members, address):
+        """The mail (bytes) saying that every member of ``series`` has ended."""
+        name = " ".join(displayText(series.name).split())[:200]
+        label = "series %d%s" % (series.id, " (%s)" % (name,) if name else "")
+        counts = Counter(job.status if job is not None else "DELETED" for job in members)
+        said = ", ".join("%d %s" % (counts[status], status) for status in ENDED + ("DELETED",)
+                         if counts[status])
+        lines = ["Every member of your refl1d %s has ended: %s." % (label, said), ""]
+        for k, (job, dataName) in enumerate(zip(members, series.labels), 1):
+            if k > MAX_MEMBERS:
+                lines.append("(%d more on the page)" % (len(members) - MAX_MEMBERS,))
+                break
+            status = job.status if job is not None else "DELETED"
+            result = job.result if job is not None and isinstance(job.result, dict) else {}
+            chisq = result.get("chisq") if status == "COMPLETE" else None
+            lines.append("%4d  job %-6s %-9s %s%s" % (
+                k, job.id if job is not None else "-", status, displayText(dataName, limit=100),
+                "  chi^2 = %s" % (formatValue(chisq, digits=4),) if chisq is not None else ""))
+        lines.extend(["", "Its page: %s/series/%d" % (self.baseUrl, series.id), "",
+                      "-- ", "reflservd (you asked for these mails with notify=%s)" % (address,)])
+        return self._mail(address, "%s ended" % (label,), "reflservd-series-%d" % (series.id,), lines)
 
     def pageURL(self, jobId):
         return "%s/jobs/%d" % (self.baseUrl, jobId)
@@ -131,12 +178,15 @@ class Notifier:
                 lines.append("Error: %s" % (lastLine(job.error)[:500],))
         lines.extend(["", "Its page: %s" % (self.pageURL(job.id),), "",
                       "-- ", "reflservd (you asked for these mails with notify=%s)" % (job.notify,)])
+        return self._mail(job.notify, subject, "reflservd-%d" % (job.id,), lines)
+
+    def _mail(self, address, subject, idString, lines):
         mail = EmailMessage()
         mail["From"] = self.sender
-        mail["To"] = job.notify
+        mail["To"] = address
         mail["Subject"] = "[reflservd] " + subject
         mail["Date"] = formatdate(self.reactor.seconds(), localtime=True)
-        mail["Message-ID"] = make_msgid("reflservd-%d" % (job.id,))
+        mail["Message-ID"] = make_msgid(idString)
         mail["Auto-Submitted"] = "auto-generated"
         mail.set_content("\n".join(lines) + "\n")
         return mail.as_bytes()

@@ -334,7 +334,12 @@ class QueueServer(service.Service):
         if waiters is not None:
             waiters.wakeAll()
         if self.notifier is not None and event[2] == "status":
-            self.notifier.jobChanged(job)
+            if job.series is None:
+                self.notifier.jobChanged(job)
+            else:
+                series = self.queue.series.series.get(job.series)   # None while its record applies
+                if series is not None:
+                    self.notifier.seriesChanged(series, [self.queue.jobs.get(i) for i in series.members])
         self.resultCache.jobChanged(job)
 
     # ---- workers

@@ -76,6 +76,38 @@ def test_mailsOnceWhenAJobStartsAndOnceWhenItEnds():
     assert "Run time: 0:01:03." in body
 
 
+def test_aSeriesIsMailedOnceWhenItsLastMemberEnds():
+    """A series' members are not mailed one by one (500 members would be 1,000
+    mails): nothing while they start and end, then one mail once the last has
+    ended, with each member's status and χ², and the series' page; a later
+    change (a member deleted) mails nothing more."""
+    outbox = Outbox()
+    n = notifier(outbox)
+    members = [fakeJob(id=10 + k, series=3) for k in range(3)]
+    series = types.SimpleNamespace(id=3, name="temperature\nscan", members=[10, 11, 12],
+                                   labels=["run-1.refl", "run-2.refl", "run-3.refl"])
+    for job in members:
+        job.status, job.started = "ACTIVE", 100.0
+        n.seriesChanged(series, members)
+    members[0].status, members[0].result = "COMPLETE", RESULT
+    n.seriesChanged(series, members)
+    members[1].status, members[1].error = "ERROR", "Traceback\nValueError: bad"
+    n.seriesChanged(series, members)
+    assert outbox.sent == []
+    members[2].status = "CANCEL"
+    n.seriesChanged(series, members)
+    n.seriesChanged(series, members[:2] + [None])
+    assert len(outbox.sent) == 1
+    _, _, _, recipients, mail = outbox.sent[0]
+    assert recipients == ["ann@example.org"]
+    assert mail["Subject"] == "[reflservd] series 3 (temperature scan) ended"
+    body = mail.get_content()
+    assert "has ended: 1 COMPLETE, 1 ERROR, 1 CANCEL." in body
+    assert "job 10     COMPLETE  run-1.refl  chi^2 = 1.031" in body
+    assert "job 11     ERROR     run-2.refl" in body
+    assert "Its page: http://fits.example.org:8080/series/3" in body
+
+
 def test_errorMailSaysWhyAndCancelIsMailed():
     """An ERROR mail carries the error's last line; a CANCEL is mailed as an end."""
     outbox = Outbox()

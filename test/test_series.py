@@ -177,6 +177,27 @@ def test_a_series_is_held_to_the_submitters_pending_limit_counting_every_member(
     result(server.stopService())
 
 
+def test_a_series_with_an_address_is_mailed_once_when_its_last_member_ends(tmp_path):
+    """Through the queue server: the members' starts and ends send nothing,
+    the end of the last one sends the series' one mail to its address."""
+    from reflservd.notify import Notifier
+    from test.test_notify import Outbox
+    outbox = Outbox()
+    clock = Clock()
+    server = makeServer(tmp_path, clock, notifier=Notifier(clock, "smtp", 25, "q@x.org", "http://q",
+                                                            sendmail=outbox))
+    document, files = fitSeries(["a.dat", "b.dat"])
+    document["job"]["notify"] = "ann@example.org"
+    result(SeriesDesk(server).submit(document, files, "10.0.0.1"))
+    first, second = result(server.lease("q")), result(server.lease("q"))
+    result(server.complete(first.id, first.lease, Q.COMPLETE, {"chisq": 1.5}))
+    assert outbox.sent == []
+    result(server.complete(second.id, second.lease, Q.ERROR, error="bad"))
+    assert [mail["Subject"] for *_, mail in outbox.sent] == ["[reflservd] series 1 (ni) ended"]
+    assert "1 COMPLETE, 1 ERROR" in outbox.sent[0][-1].get_content()
+    result(server.stopService())
+
+
 def test_the_table_has_a_row_per_member_with_chisq_and_each_parameter(tmp_path):
     server = makeServer(tmp_path, Clock())
     series, _ = result(SeriesDesk(server).submit(fitSeries(["a.dat", "b.dat", "c.dat"])[0],
