@@ -43,6 +43,8 @@ start does not use.) DREAM, DE and PT draw throughout: only a seed
 determines them."""
 WORKER_MEMORY = 3600.0
 """Seconds a worker's reported versions count after its last lease long-poll."""
+WORKERS_BEFORE_PRUNING = 1000
+"""Workers remembered before those long silent are forgotten at a lease long-poll."""
 INLINE_HASH = 256 * 1024
 
 
@@ -122,15 +124,22 @@ class ResultCache:
     # ---- the workers
 
     def heard(self, worker, versions, now):
-        """A worker long-polled for a lease reporting ``versions`` (None: it did not say)."""
+        """A worker long-polled for a lease reporting ``versions`` (None: it did not say).
+        Those not heard from within ``memory`` are forgotten here too, once
+        there are many, so that the list stays bounded without submits."""
         self._workers[worker] = (checkVersions(versions), now)
+        if len(self._workers) > WORKERS_BEFORE_PRUNING:
+            self._forgetSilent(now)
+
+    def _forgetSilent(self, now):
+        for worker, (_, when) in list(self._workers.items()):
+            if when < now - self.memory:
+                del self._workers[worker]
 
     def workerVersions(self, now):
         """The versions every worker heard from lately reports, or None (none heard,
         one that did not say, or two that disagree)."""
-        for worker, (_, when) in list(self._workers.items()):
-            if when < now - self.memory:
-                del self._workers[worker]
+        self._forgetSilent(now)
         reported = [versions for versions, _ in self._workers.values()]
         if not reported or any(v is None or v != reported[0] for v in reported):
             return None

@@ -96,6 +96,17 @@ def test_the_versions_of_todays_workers_are_those_all_recent_workers_report():
     assert cache.workerVersions(300) is None
 
 
+def test_the_workers_remembered_stay_bounded_without_submits():
+    """Long polls from ever new worker names (no determined submit ever asks
+    for the versions) keep the list to the workers heard within ``memory``,
+    past ``WORKERS_BEFORE_PRUNING``."""
+    from reflservd.resultcache import WORKERS_BEFORE_PRUNING
+    cache = ResultCache(memory=100)
+    for k in range(3 * WORKERS_BEFORE_PRUNING):
+        cache.heard("worker-%d" % (k,), VERSIONS, k)
+    assert len(cache._workers) <= WORKERS_BEFORE_PRUNING + 1
+
+
 def test_provenance_takes_inputs_times_and_queue_from_the_server_not_the_worker(tmp_path):
     """The result of a completed fit carries its provenance: the fit process's
     versions, seed and options, the worker's host, backend and limits, and what
