@@ -141,7 +141,9 @@ def seedNumbaCache(cacheDir, packages=NUMBA_PACKAGES):
     A rank is a fresh interpreter: without them it compiles refl1d's and
     DREAM's kernels again (about 25 s of CPU here), in every rank of every
     fit. In the fit's root the source tree is read-only, and numba uses no
-    cache directory it cannot write to."""
+    cache directory it cannot write to. A kernel the fit's uid cannot read
+    (numba wrote it with mode 0600 under a strict umask) is left out: the
+    ranks compile that one themselves."""
     import importlib
 
     from numba.core.caching import UserProvidedCacheLocator
@@ -157,7 +159,10 @@ def seedNumbaCache(cacheDir, packages=NUMBA_PACKAGES):
             target = os.path.join(cacheDir, UserProvidedCacheLocator.get_suitable_cache_subpath(source))
             os.makedirs(target, exist_ok=True)
             for kernel in kernels:
-                shutil.copyfile(os.path.join(directory, kernel), os.path.join(target, kernel))
+                try:
+                    shutil.copyfile(os.path.join(directory, kernel), os.path.join(target, kernel))
+                except OSError:
+                    continue        # not readable by the fit's uid (cached with mode 0600): compiled anew
                 copied += 1
     return copied
 

@@ -338,3 +338,31 @@ def test_refl1dHoldsModelArgumentsToTheDoorsRules(jobDir, args, message):
     result, _ = outcome(jobDir, {"service": "refl1d", "data": {"model": "model.py", "args": args}})
     assert result["status"] == "ERROR"
     assert message in result["error"]
+
+
+def test_the_mpi_ranks_numba_cache_leaves_out_kernels_the_fit_cannot_read(tmp_path, monkeypatch):
+    """``mpifit.seedNumbaCache`` copies the compiled kernels it can read and
+    leaves out one it cannot (a cache file numba wrote 0600, seen in a fresh
+    venv: the MPI fit ended ERROR on a PermissionError), instead of failing."""
+    import shutil
+
+    from reflworkerd import mpifit
+
+    package = tmp_path / "pkg"
+    (package / "__pycache__").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    for name in ("kernels.k-1.py311.nbi", "kernels.k-1.py311.1.nbc", "kernels.secret-2.py311.nbi"):
+        (package / "__pycache__" / name).write_bytes(b"x")
+    copy = shutil.copyfile
+
+    def refuse(source, target):
+        if "secret" in str(source):
+            raise PermissionError(13, "Permission denied", str(source))
+        return copy(source, target)
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(mpifit.shutil, "copyfile", refuse)
+    cache = tmp_path / "cache"
+    assert mpifit.seedNumbaCache(str(cache), packages=("pkg",)) == 2
+    copied = sorted(p.name for p in cache.rglob("*.nb*"))
+    assert copied == ["kernels.k-1.py311.1.nbc", "kernels.k-1.py311.nbi"]

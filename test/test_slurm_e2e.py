@@ -181,7 +181,7 @@ def test_a_seeded_dream_fit_over_two_mpi_ranks_gives_the_serial_parameters(
     ranks = server.api.submit(nifilmRequest(dict(MPI_DREAM, mpi=2)), nifilmFiles())
     serialRecord = server.api.waitFor(serial["id"], ended, timeout=300, what="its end")
     record = server.api.waitFor(ranks["id"], ended, timeout=300, what="its end")
-    assert (serialRecord["status"], record["status"]) == ("COMPLETE", "COMPLETE"), record
+    assert (serialRecord["status"], record["status"]) == ("COMPLETE", "COMPLETE"), (record.get("error"), record.get("trace"))
     assert record["confinement"] == serialRecord["confinement"]
     assert record["confinement"].startswith("namespaces(mount,pid,net,ipc,uts)+seccomp+"), record
     assert record["result"]["mpi"] == 2 and "mpi" not in serialRecord["result"]
