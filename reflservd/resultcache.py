@@ -178,13 +178,17 @@ class ResultCache:
 
     # ---- a submit
 
-    @defer.inlineCallbacks
     def lookUp(self, server, request, files):
-        """``(inputKey, source)`` for a submit: the key when it is determined
-        (else None), and the job to answer it from (else None)."""
-        useCache = wantsCache(request)
+        """``(inputKey, source)`` for a submit (a Deferred): the key when it is
+        determined (else None), and the job to answer it from (else None). A
+        request that cannot be cached is answered at once: every submit asks."""
         if not cacheable(request):
-            return None, None
+            return defer.succeed((None, None))
+        return self._lookUp(server, request, files)
+
+    @defer.inlineCallbacks
+    def _lookUp(self, server, request, files):
+        useCache = wantsCache(request)
         if all(isinstance(source, bytes) for _, source in files) and sum(
                 len(source) for _, source in files) <= INLINE_HASH:
             digests = uploadDigests(files)
